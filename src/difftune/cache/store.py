@@ -1,0 +1,86 @@
+"""Safetensors entry files shared by the caches: atomic writes, cheap checks, verified reads.
+
+An entry is one .safetensors file whose string metadata names what it holds. A file that is
+truncated, unparsable or whose metadata does not match what was asked for is deleted and treated as
+missing: a bad entry is rebuilt, never returned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+
+class CacheMiss(KeyError):
+    """The entry is not in the cache (or was corrupt and has been deleted)."""
+
+
+def write_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write tensors + metadata to path via a temporary file and os.replace (readers never see half a file)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    contiguous = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
+    try:
+        save_file(contiguous, str(temporary), metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def header_matches(path: Path, expected: dict[str, str]) -> bool:
+    """Whether path holds a complete safetensors file whose metadata includes `expected`.
+
+    Reads only the header; a bad file is deleted. Completeness = the file is as long as the header says.
+    """
+    metadata = _read_header(path)
+    if metadata is None:
+        return False
+    if any(metadata.get(key) != value for key, value in expected.items()):
+        path.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def read_entry(path: Path, expected: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a verified entry; raises CacheMiss (after deleting a bad file) otherwise."""
+    from safetensors import safe_open
+
+    if not header_matches(path, expected):
+        raise CacheMiss(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        path.unlink(missing_ok=True)
+        raise CacheMiss(str(path)) from error
+    return tensors, metadata
+
+
+def _read_header(path: Path) -> dict[str, str] | None:
+    """The metadata of a complete file, or None (and the file deleted) when it is damaged or absent."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            (header_length,) = struct.unpack("<Q", handle.read(8))
+            if header_length <= 0 or 8 + header_length > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(handle.read(header_length))
+        end = max(
+            (info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"), default=0
+        )
+        if 8 + header_length + end != size:
+            raise ValueError("file shorter or longer than its header says")
+        metadata = header.get("__metadata__") or {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
+        path.unlink(missing_ok=True)
+        return None
+    return {str(k): str(v) for k, v in metadata.items()}

@@ -1,0 +1,365 @@
+"""Load config.json (or config.toml) and multidatabackend.json into typed, checked settings.
+
+The path of a setting from file to schema: key spelling (`--key` or `key`, aliases) -> unknown keys
+(error with the nearest valid key, or a warning for keys of the original tool that difftune has not
+built) -> family defaults for keys the user did not set -> value coercion ("none", JSON strings) ->
+pydantic validation (lax: "true", "1e-4", "20") -> cross-key checks. Every problem found on the way
+is reported at once, each naming the file, the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from difftune.config import ConfigError, keys, validate
+from difftune.config.schema import DatasetConfig, TrainConfig, VideoConfig
+
+DEFAULT_CONFIG_PATHS = (Path("config/config.json"), Path("config/config.toml"))
+RESOLVED_FILE_NAME = "config.resolved.json"
+# A config file may hold its datasets inline under this key (config.resolved.json does).
+INLINE_DATASETS_KEY = "datasets"
+_CLI = "command line"
+
+
+@dataclass
+class LoadedConfig:
+    """A run's settings: the train config, its datasets and the warnings met while loading."""
+
+    train: TrainConfig
+    datasets: list[DatasetConfig]  # enabled ones, in file order
+    all_datasets: list[DatasetConfig]  # disabled ones included
+    warnings: list[str]
+    source: Path
+    text_embeds_dataset: DatasetConfig | None = None  # None: text cache under cache/text/<family>
+    data_backend_source: Path | None = None  # None when the datasets were inline in the config file
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    data_config_path: str | Path | None = None,
+) -> LoadedConfig:
+    """Read, check and type a config file (default config/config.json) and its data backend config.
+
+    `overrides` (e.g. from `parse_cli_overrides`) replace the file's values, with the same aliasing
+    and checks. Raises ConfigError listing every problem found.
+    """
+    source = Path(path) if path is not None else _default_config_path()
+    document = _read_document(source)
+    if not isinstance(document, dict):
+        raise ConfigError(
+            f'{source}: must hold one JSON object of settings ({{"key": value, ...}}), '
+            f"found {validate.describe_kind(document)}"
+        )
+    problems: list[str] = []
+    warnings: list[str] = []
+    train_keys = set(TrainConfig.model_fields)
+    known = train_keys | keys.ORIGINAL_TRAIN_KEYS | {INLINE_DATASETS_KEY}
+
+    values, origin = {}, {}
+    for where, raw in ((str(source), document), (_CLI, overrides or {})):
+        for key, value in validate.canonical_keys(raw, keys.TRAIN_ALIASES, known, where, problems).items():
+            values[key], origin[key] = value, where
+    inline_datasets = values.pop(INLINE_DATASETS_KEY, None)
+    _apply_lora_type(values, origin, problems)
+    values = validate.drop_unknown(
+        values, TrainConfig, keys.ORIGINAL_TRAIN_KEYS, keys.TRAIN_ALIASES, origin, problems, warnings
+    )
+    values = validate.prepare_values(values, TrainConfig)
+    if data_config_path is not None:
+        values["data_backend_config"] = str(data_config_path)
+
+    family = _check_family(values, origin, problems)
+    if family is not None:
+        for key, default in keys.FAMILY_DEFAULTS[family].items():
+            values.setdefault(key, default)
+    train = validate.validate_model(
+        TrainConfig,
+        values,
+        lambda key: origin.get(key, str(source)),
+        problems,
+        skip=frozenset({"model_family"}),
+    )
+    if train is not None and family is not None:
+        problems.extend(_cross_key_problems(train, family, origin))
+    _raise_if_any(problems)
+    assert train is not None and family is not None
+
+    if inline_datasets is not None and data_config_path is None:
+        data_source, raw_datasets, data_where = None, inline_datasets, f"{source} ({INLINE_DATASETS_KEY})"
+    else:
+        data_source = Path(train.data_backend_config)
+        raw_datasets, data_where = _read_document(data_source, what="data_backend_config"), str(data_source)
+    all_datasets = _load_datasets(raw_datasets, data_where, family, warnings)
+    enabled = [d for d in all_datasets if not d.disabled]
+    return LoadedConfig(
+        train=train,
+        datasets=enabled,
+        all_datasets=all_datasets,
+        warnings=warnings,
+        source=source,
+        text_embeds_dataset=_pick_text_embeds(enabled, data_where, warnings),
+        data_backend_source=data_source,
+    )
+
+
+def write_resolved(loaded: LoadedConfig, output_dir: str | Path) -> Path:
+    """Write output_dir/config.resolved.json: every setting as used (defaults included) and the datasets.
+
+    The file loads again with `load_config` (its datasets are inline), reproducing the run's settings.
+    """
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    document = loaded.train.model_dump(mode="json")
+    document[INLINE_DATASETS_KEY] = [d.model_dump(mode="json") for d in loaded.all_datasets]
+    target = folder / RESOLVED_FILE_NAME
+    partial = target.with_name(target.name + ".tmp")
+    partial.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    partial.replace(target)
+    return target
+
+
+def parse_cli_overrides(argv: list[str]) -> dict[str, str]:
+    """`--key value`, `--key=value` and a bare `--flag` ("true") -> {key: value}; the last one wins."""
+    overrides: dict[str, str] = {}
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(
+                f"command line: unexpected argument {token!r}; give settings as --key value or --key=value"
+            )
+        name, has_value, value = token[2:].partition("=")
+        if not name:
+            raise ConfigError(f"command line: {token!r} has no key name; write --key=value")
+        if not has_value:
+            following = argv[index + 1] if index + 1 < len(argv) else None
+            if following is not None and not following.startswith("--"):
+                value, index = following, index + 1
+            else:
+                value = "true"
+        overrides[name] = value
+        index += 1
+    return overrides
+
+
+# -- reading files ------------------------------------------------------------------------------
+def _default_config_path() -> Path:
+    for candidate in DEFAULT_CONFIG_PATHS:
+        if candidate.exists():
+            return candidate
+    return DEFAULT_CONFIG_PATHS[0]
+
+
+def _read_document(path: Path, what: str = "config") -> Any:
+    """Parse a JSON or TOML file; syntax errors name the file, line and column."""
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: {what} file not found (relative paths are read from the working directory "
+            f"{Path.cwd()}); create it (`difftune configure` writes one) or point to it"
+            + (" with --config PATH" if what == "config" else f" with the '{what}' key")
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if path.suffix.lower() == ".toml":
+        return _parse_toml(path, text)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}, line {exc.lineno}, column {exc.colno}: not valid JSON: {exc.msg} "
+            "(a trailing comma, a missing comma or quote, or a comment is the usual cause)"
+        ) from exc
+
+
+def _parse_toml(path: Path, text: str) -> Any:
+    try:
+        import tomllib
+    except ModuleNotFoundError as exc:  # Python 3.10
+        raise ConfigError(f"{path}: reading TOML needs Python 3.11 or newer; use a JSON config") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def _apply_lora_type(values: dict[str, Any], origin: dict[str, str], problems: list[str]) -> None:
+    """The original tool spells a LyCORIS run as model_type lora + lora_type lycoris."""
+    if "lora_type" not in values:
+        return
+    lora_type = str(values.pop("lora_type")).strip().lower()
+    if lora_type == "lycoris" and str(values.get("model_type", "")).strip().lower() == "lora":
+        values["model_type"] = "lycoris"
+    elif lora_type not in ("standard", "lycoris"):
+        problems.append(
+            f"{origin['lora_type']}: 'lora_type' is {lora_type!r}, but it must be 'standard' or 'lycoris'"
+        )
+
+
+def _raise_if_any(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(
+            f"{len(problems)} problems in the configuration:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+# -- checks across keys ---------------------------------------------------------------------------
+def _check_family(values: dict[str, Any], origin: dict[str, str], problems: list[str]) -> str | None:
+    """Canonical model_family (hyphenated) and a known model_flavour, or None after adding a problem."""
+    from difftune.families import REGISTRY, canonical_family_name
+
+    given = values.get("model_family")
+    valid = ", ".join(REGISTRY)
+    if given is None or not str(given).strip():
+        problems.append(
+            f"{origin.get('model_family', 'config')}: 'model_family' is required; use one of {valid}"
+        )
+        return None
+    family = canonical_family_name(str(given))
+    if family not in REGISTRY or family not in keys.FLAVOURS:
+        hint = keys.nearest(family, REGISTRY)
+        guess = f"did you mean '{hint}'? " if hint else ""
+        problems.append(
+            f"{origin['model_family']}: 'model_family' is {given!r}, which is not a family difftune "
+            f"trains; {guess}Valid families: {valid}"
+        )
+        return None
+    values["model_family"] = family
+    flavour = values.get("model_flavour")
+    if flavour is not None and str(flavour) not in keys.FLAVOURS[family]:
+        problems.append(f"{origin['model_flavour']}: {keys.unknown_flavour_message(family, str(flavour))}")
+    return family
+
+
+def _cross_key_problems(train: TrainConfig, family: str, origin: dict[str, str]) -> list[str]:
+    problems = []
+    if train.enable_group_offload and train.enable_model_cpu_offload:
+        where = origin.get("enable_model_cpu_offload", "config")
+        problems.append(
+            f"{where}: 'enable_group_offload' and 'enable_model_cpu_offload' are both true; both move weights "
+            "between CPU and GPU and conflict with each other. Pick one: group offload saves more memory "
+            "during training, model CPU offload is simpler; set the other to false"
+        )
+    frames = train.validation_num_video_frames
+    if frames is not None:
+        problem = _frame_count_problem(family, frames)
+        if problem:
+            problems.append(
+                f"{origin.get('validation_num_video_frames', 'config')}: 'validation_num_video_frames' "
+                f"is {frames}, but {problem}"
+            )
+    return problems
+
+
+def _frame_count_problem(family: str, frames: int) -> str | None:
+    """None if `frames` suits the family's VAE, else what to use instead (the two nearest valid counts)."""
+    step = keys.TEMPORAL_COMPRESSION.get(family)
+    if step is None or (frames - 1) % step == 0:
+        return None
+    lower = (frames - 1) // step * step + 1
+    return (
+        f"{family} needs (frames - 1) divisible by {step} (its VAE compresses time {step}x); "
+        f"use {lower} or {lower + step}"
+    )
+
+
+# -- datasets -------------------------------------------------------------------------------------
+def _load_datasets(raw: Any, where: str, family: str, warnings: list[str]) -> list[DatasetConfig]:
+    """Every entry of a multidatabackend list, checked; raises ConfigError listing all problems."""
+    if not isinstance(raw, list):
+        raise ConfigError(
+            f'{where}: must hold a JSON list of datasets ([{{"id": ...}}, ...]), found {validate.describe_kind(raw)}'
+        )
+    problems: list[str] = []
+    known = set(DatasetConfig.model_fields) | keys.ORIGINAL_DATASET_KEYS
+    known_video = set(VideoConfig.model_fields) | keys.ORIGINAL_VIDEO_KEYS
+    datasets = []
+    for index, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            problems.append(
+                f"{where}: the entry at index {index} must be a JSON object, found {validate.describe_kind(entry)}"
+            )
+            continue
+        name = entry.get("id")
+        label = f"{where}, dataset '{name}' (index {index})" if name else f"{where}, dataset at index {index}"
+        values = validate.canonical_keys(entry, keys.DATASET_ALIASES, known, label, problems)
+        values = validate.drop_unknown(
+            values, DatasetConfig, keys.ORIGINAL_DATASET_KEYS, keys.DATASET_ALIASES, label, problems, warnings
+        )
+        if isinstance(values.get("video"), dict):
+            video = validate.canonical_keys(values["video"], keys.VIDEO_ALIASES, known_video, label, problems)
+            video = validate.drop_unknown(
+                video,
+                VideoConfig,
+                keys.ORIGINAL_VIDEO_KEYS,
+                keys.VIDEO_ALIASES,
+                label,
+                problems,
+                warnings,
+                "video.",
+            )
+            values["video"] = validate.prepare_values(video, VideoConfig)
+        strategy = values.get("caption_strategy")
+        if isinstance(strategy, str):
+            values["caption_strategy"] = keys.CAPTION_STRATEGY_ALIASES.get(strategy, strategy)
+        dataset = validate.validate_model(
+            DatasetConfig,
+            validate.prepare_values(values, DatasetConfig),
+            lambda _key, label=label: label,
+            problems,
+        )
+        if dataset is None:
+            continue
+        datasets.append(dataset)
+        if dataset.video is not None and not dataset.disabled and dataset.dataset_type == "video":
+            problem = _frame_count_problem(family, dataset.video.num_frames)
+            if problem:
+                problems.append(f"{label}: 'video.num_frames' is {dataset.video.num_frames}, but {problem}")
+    for dataset_id, count in Counter(d.id for d in datasets).items():
+        if count > 1:
+            where_used = [
+                str(i) for i, e in enumerate(raw) if isinstance(e, dict) and e.get("id") == dataset_id
+            ]
+            problems.append(
+                f"{where}: dataset id '{dataset_id}' is used {count} times (indexes "
+                f"{', '.join(where_used)}); each dataset needs its own id"
+            )
+    enabled = [d for d in datasets if not d.disabled]
+    if not problems and not any(d.dataset_type in ("image", "video") for d in enabled):
+        problems.append(
+            f'{where}: no enabled image or video dataset; add an entry with "dataset_type": '
+            '"image" (or "video") and "instance_data_dir", or set "disabled": false on one'
+        )
+    _raise_if_any(problems)
+    return datasets
+
+
+def _pick_text_embeds(enabled: list[DatasetConfig], where: str, warnings: list[str]) -> DatasetConfig | None:
+    """The one text_embeds dataset that holds the text cache (the `default` one when several are enabled)."""
+    candidates = [d for d in enabled if d.dataset_type == "text_embeds"]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    defaults = [d for d in candidates if d.default]
+    ids = ", ".join(f"'{d.id}'" for d in candidates)
+    if len(defaults) != 1:
+        raise ConfigError(
+            f"{where}: {len(candidates)} enabled text_embeds datasets ({ids}) and "
+            f'{len(defaults)} of them marked "default": true; difftune keeps one text cache, '
+            "so mark exactly one as default or disable the others"
+        )
+    chosen = defaults[0]
+    unused = ", ".join(f"'{d.id}'" for d in candidates if d is not chosen)
+    warnings.append(
+        f"{where}: text_embeds dataset(s) {unused} are not used; difftune keeps one text cache, "
+        f"in the default one '{chosen.id}'"
+    )
+    return chosen

@@ -1,0 +1,262 @@
+"""Typed schema of config.json (TrainConfig) and multidatabackend.json (DatasetConfig).
+
+Attribute names are the original tool's key names (the quickstarts' spelling). Aliases (older or
+newer names of the same key) are mapped in `difftune.config.load` before validation; values that
+arrive as strings ("true", "1e-4", "20") are converted by pydantic's lax mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+Precision = Literal[
+    "no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto",
+    "int8-torchao", "fp8-torchao", "nf4-bnb",
+]
+
+
+def parse_resolutions(value: str | int | float) -> list[tuple[int, int]]:
+    """'1024x1024,1280x768' or '1024' -> [(width, height), ...]."""
+    sizes = []
+    for part in str(value).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "x" in part.lower():
+                w, h = part.lower().split("x", 1)
+                sizes.append((int(float(w)), int(float(h))))
+            else:
+                side = int(float(part))
+                sizes.append((side, side))
+        except ValueError:
+            raise ValueError(f"'{part}' is not a size; expected sizes like '1024x1024' or '1024x1024,1280x768'") from None
+    if not sizes:
+        raise ValueError("expected sizes like '1024x1024' or '1024x1024,1280x768'")
+    return sizes
+
+
+class TrainConfig(_Strict):
+    """Every setting of config.json that difftune honours."""
+
+    # model
+    model_family: str
+    model_flavour: str | None = None
+    model_type: Literal["lora", "full", "lycoris"] = "full"
+    pretrained_model_name_or_path: str | None = None
+    pretrained_vae_model_name_or_path: str | None = None
+    revision: str | None = None
+    prediction_type: Literal["epsilon", "v_prediction", "sample", "flow_matching"] | None = None
+
+    # files
+    output_dir: str = "output/models"
+    data_backend_config: str = "config/multidatabackend.json"
+    user_prompt_library: str | None = None
+    lycoris_config: str = "config/lycoris_config.json"
+    webhook_config: str | dict[str, Any] | list[dict[str, Any]] | None = None
+
+    # batch and schedule
+    train_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_train_steps: int | None = Field(None, ge=0)
+    num_train_epochs: int = Field(1, ge=0)
+    seed: int | None = None
+    learning_rate: float = Field(4e-7, gt=0)
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_num_cycles: float = 1.0
+    lr_power: float = 1.0
+    optimizer: Literal["adamw_bf16", "adamw", "optimi-adamw", "optimi-lion", "prodigy"] = "adamw_bf16"
+    optimizer_config: str | None = None  # "key=value,key=value" passed to the optimizer
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = Field(2.0, ge=0)
+
+    # precision and memory
+    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
+    gradient_checkpointing: bool = True
+    gradient_checkpointing_interval: int | None = Field(None, ge=1)
+    attention_mechanism: Literal["diffusers", "sdpa", "xformers", "flash", "sageattention"] = "sdpa"
+    base_model_precision: Precision = "no_change"
+    text_encoder_1_precision: Precision = "no_change"
+    text_encoder_2_precision: Precision = "no_change"
+    text_encoder_3_precision: Precision = "no_change"
+    text_encoder_4_precision: Precision = "no_change"
+    base_model_default_dtype: Literal["bf16", "fp32"] = "bf16"
+    enable_group_offload: bool = False
+    group_offload_type: Literal["block_level", "leaf_level"] = "block_level"
+    group_offload_blocks_per_group: int = Field(1, ge=1)
+    group_offload_use_stream: bool = False
+    group_offload_to_disk_path: str | None = None
+    enable_model_cpu_offload: bool = False
+    offload_during_startup: bool = False
+    vae_enable_patch_conv: bool = False
+    vae_enable_tiling: bool = False
+    vae_enable_slicing: bool = False
+    vae_batch_size: int = Field(4, ge=1)
+    vae_cache_ondemand: bool = False
+    vae_cache_disable: bool = False
+    compile_model: bool = False
+
+    # adapters
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: float | None = None  # defaults to lora_rank
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    use_dora: bool = False
+    lora_format: Literal["diffusers", "comfyui"] = "diffusers"  # comfyui also writes the kohya layout
+
+    # objective
+    snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float = 0.0
+    caption_dropout_probability: float = Field(0.0, ge=0, le=1)
+    flow_schedule_shift: float = Field(3.0, gt=0)
+    flow_schedule_auto_shift: bool = False
+    flow_use_uniform_schedule: bool = False
+    flow_sigmoid_scale: float = 1.0
+    tread_config: dict[str, Any] | None = None
+
+    # CREPA temporal regulariser (video DiTs), see difftune.training.crepa
+    crepa_enabled: bool = False
+    crepa_block_index: int = 8
+    crepa_lambda: float = Field(0.5, ge=0)
+    crepa_adjacent_distance: int = Field(1, ge=0)
+    crepa_adjacent_tau: float = Field(1.0, gt=0)
+    crepa_model: str = "dinov2_vitg14"
+    crepa_encoder_image_size: int = Field(518, ge=14)
+    crepa_drop_vae_encoder: bool = False
+
+    # validation
+    validation_prompt: str | None = None
+    validation_negative_prompt: str = "blurry, cropped, ugly"
+    validation_resolution: str = "1024x1024"
+    validation_guidance: float = 7.5
+    validation_guidance_rescale: float = 0.0
+    validation_num_inference_steps: int = Field(30, ge=1)
+    validation_steps: int = Field(100, ge=0)
+    validation_seed: int | None = None
+    validation_disable: bool = False
+    validation_num_video_frames: int | None = Field(None, ge=1)
+    validation_preview: bool = False
+    validation_preview_steps: int = Field(1, ge=1)
+    num_validation_images: int = Field(1, ge=1)
+    framerate: int = Field(24, ge=1)
+
+    # checkpoints
+    checkpointing_steps: int = Field(500, ge=0)
+    checkpoints_total_limit: int | None = Field(None, ge=1)
+    resume_from_checkpoint: str | None = None
+
+    # tracking
+    report_to: Literal["tensorboard", "wandb", "none", "all"] = "tensorboard"
+    tracker_project_name: str = "difftune"
+    tracker_run_name: str | None = None
+    logging_dir: str = "logs"
+    webhook_reporting_interval: int = Field(10, ge=1)
+
+    # hub
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    push_checkpoints_to_hub: bool = False
+    hub_private: bool | None = None
+
+    # EMA of the trained weights
+    use_ema: bool = False
+    ema_decay: float = Field(0.995, gt=0, lt=1)
+    ema_device: Literal["cpu", "accelerator"] = "cpu"
+
+    # evaluation: stable eval loss on a fixed slice at fixed timesteps and noise; CLIP score
+    eval_steps_interval: int = Field(0, ge=0)  # 0: at every validation
+    eval_batches: int = Field(2, ge=1)  # a fixed slice of the training batches
+    evaluation_type: Literal["none", "clip"] = "none"
+    pretrained_evaluation_model_name_or_path: str = "openai/clip-vit-large-patch14"
+
+    @field_validator("validation_resolution", mode="before")
+    @classmethod
+    def _check_resolution(cls, value: Any) -> str:
+        parse_resolutions(value)
+        return str(value)
+
+    @field_validator("max_train_steps", mode="before")
+    @classmethod
+    def _zero_steps_means_epochs(cls, value: Any) -> Any:
+        return None if value in (0, "0", "", None) else value
+
+    @property
+    def validation_sizes(self) -> list[tuple[int, int]]:
+        """validation_resolution as [(width, height), ...]."""
+        return parse_resolutions(self.validation_resolution)
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+
+class VideoConfig(_Strict):
+    """The `video` block of a video dataset."""
+
+    num_frames: int = Field(125, ge=1)
+    min_frames: int | None = Field(None, ge=1)  # defaults to num_frames
+    max_frames: int | None = Field(None, ge=1)
+    frame_rate: float | None = Field(None, gt=0)  # resample to this rate; None keeps the source's
+    bucket_strategy: Literal["aspect_ratio", "resolution_frames"] = "aspect_ratio"
+    frame_interval: int | None = Field(None, ge=1)
+    is_i2v: bool | None = None
+
+
+class DatasetConfig(_Strict):
+    """One entry of multidatabackend.json."""
+
+    id: str
+    type: Literal["local"] = "local"
+    dataset_type: Literal["image", "video", "text_embeds", "image_embeds", "conditioning", "eval"] = "image"
+    instance_data_dir: str | None = None
+    disabled: bool = False
+    default: bool = False
+    probability: float = Field(1.0, ge=0)
+    repeats: int = Field(0, ge=0)
+
+    caption_strategy: Literal["filename", "textfile", "instanceprompt", "jsonl", "csv", "parquet"] = "filename"
+    instance_prompt: str | None = None
+    prepend_instance_prompt: bool = False
+    metadata_file: str | None = None  # jsonl/csv captions: file with file_name + caption columns
+
+    resolution: float | None = None
+    resolution_type: Literal["pixel", "area", "pixel_area"] = "pixel_area"
+    crop: bool = False
+    crop_aspect: Literal["square", "preserve", "closest", "random"] = "square"
+    crop_aspect_buckets: list[float] | None = None
+    crop_style: Literal["center", "centre", "random", "corner"] = "random"
+    minimum_image_size: float | None = None
+    maximum_image_size: float | None = None
+    target_downsample_size: float | None = None
+    minimum_aspect_ratio: float | None = None
+    maximum_aspect_ratio: float | None = None
+
+    cache_dir_vae: str | None = None
+    cache_dir: str | None = None
+    metadata_backend: Literal["discovery", "json"] = "discovery"
+    write_batch_size: int = Field(128, ge=1)
+    skip_file_discovery: str = ""  # words among: vae aspect text metadata
+
+    video: VideoConfig | None = None
+    conditioning_data: str | list[str] | None = None  # id(s) of linked conditioning datasets
+
+    @model_validator(mode="after")
+    def _needs_a_folder(self) -> DatasetConfig:
+        if self.dataset_type in ("image", "video", "conditioning", "eval") and not self.disabled:
+            if not self.instance_data_dir:
+                raise ValueError(f"dataset '{self.id}' ({self.dataset_type}) needs instance_data_dir")
+        if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
+            if self.dataset_type in ("image", "video"):
+                raise ValueError(f"dataset '{self.id}': caption_strategy instanceprompt needs instance_prompt")
+        return self

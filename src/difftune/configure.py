@@ -1,0 +1,384 @@
+"""`difftune configure`: a question-and-answer wizard that writes config/config.json and
+config/multidatabackend.json with the quickstarts' defaults for the chosen family and GPU memory.
+
+Answers come from `input_fn`, so the wizard runs in a terminal and with answers piped on stdin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from difftune.config.schema import DatasetConfig, TrainConfig, parse_resolutions
+
+CONFIG_FILE = Path("config/config.json")
+DATASETS_FILE = Path("config/multidatabackend.json")
+VRAM_TIERS_GB = (12, 16, 24, 48)
+
+_GROUP_OFFLOAD = {
+    "enable_group_offload": True,
+    "group_offload_type": "block_level",
+    "group_offload_blocks_per_group": 1,
+    "group_offload_use_stream": True,  # CUDA only; elsewhere the trainer warns and goes without
+    "offload_during_startup": True,
+}
+
+
+@dataclass(frozen=True)
+class FamilyPreset:
+    """What the quickstart of one model family recommends."""
+
+    title: str
+    flavours: dict[str, str]  # model_flavour -> one-line description
+    default_flavour: str
+    is_video: bool
+    resolution: int
+    validation_prompt: str
+    config: dict[str, Any]  # family defaults written into config.json
+    memory: dict[int, dict[str, Any]]  # VRAM tier (GB) -> memory settings
+    dataset: dict[str, Any] = field(default_factory=dict)
+    minimum_vram_gb: int = 12
+    validation_resolution: str | None = None  # None: square, at the training resolution
+
+
+FAMILY_PRESETS: dict[str, FamilyPreset] = {
+    "sdxl": FamilyPreset(
+        title="Stable Diffusion XL",
+        flavours={"base-1.0": "SDXL 1.0 base"},
+        default_flavour="base-1.0",
+        is_video=False,
+        resolution=1024,
+        validation_prompt="a photo of a cat sitting on a windowsill, soft morning light",
+        config={"validation_guidance": 4.2},
+        memory={
+            48: {},
+            24: {},
+            16: {"vae_enable_slicing": True},
+            12: {
+                "base_model_precision": "int8-quanto",
+                "optimizer": "optimi-lion",
+                "vae_enable_slicing": True,
+            },
+        },
+        dataset={"crop": True, "crop_aspect": "square", "crop_style": "random", "repeats": 0},
+    ),
+    "kandinsky5-image": FamilyPreset(
+        title="Kandinsky 5.0 Image",
+        flavours={
+            "t2i-lite-sft": "standard SFT checkpoint; best for styles and characters",
+            "t2i-lite-pretrain": "pretraining checkpoint; for teaching new concepts from scratch",
+            "i2i-lite-sft": "image-to-image (needs conditioning images)",
+            "i2i-lite-pretrain": "image-to-image pretraining checkpoint (needs conditioning images)",
+        },
+        default_flavour="t2i-lite-sft",
+        is_video=False,
+        resolution=1024,
+        validation_prompt="A high quality portrait of a woman, cinematic lighting, 8k",
+        config={"validation_guidance": 5.0, "flow_schedule_shift": 1.0},
+        memory={
+            48: {},
+            24: dict(_GROUP_OFFLOAD),
+            16: {**_GROUP_OFFLOAD, "base_model_precision": "int8-quanto", "base_model_default_dtype": "bf16"},
+            12: {
+                **_GROUP_OFFLOAD,
+                "base_model_precision": "int8-quanto",
+                "base_model_default_dtype": "bf16",
+                "vae_enable_tiling": True,
+            },
+        },
+        dataset={"crop": True, "crop_aspect": "square", "repeats": 10},
+        minimum_vram_gb=16,
+    ),
+    "kandinsky5-video": FamilyPreset(
+        title="Kandinsky 5.0 Video",
+        flavours={
+            "t2v-lite-sft-5s": "Lite, ~5 s clips",
+            "t2v-lite-pretrain-5s": "Lite pretraining checkpoint, ~5 s",
+            "t2v-lite-sft-10s": "Lite, ~10 s clips",
+            "t2v-lite-pretrain-10s": "Lite pretraining checkpoint, ~10 s",
+            "t2v-pro-sft-5s-hd": "Pro, ~5 s, high definition (needs group offload on one GPU)",
+            "t2v-pro-sft-10s-hd": "Pro, ~10 s, high definition (needs group offload on one GPU)",
+            "t2v-pro-pretrain-5s-hd": "Pro pretraining checkpoint, ~5 s",
+            "t2v-pro-pretrain-10s-hd": "Pro pretraining checkpoint, ~10 s",
+            "i2v-lite-5s": "image-to-video Lite, 5 s (first frame conditions the clip)",
+            "i2v-pro-sft-5s": "image-to-video Pro SFT, 5 s",
+        },
+        default_flavour="t2v-lite-sft-5s",
+        is_video=True,
+        resolution=512,
+        validation_resolution="512x768",
+        validation_prompt="a cat walking through a sunny garden, camera pans right",
+        config={
+            "validation_guidance": 5.0,
+            "flow_schedule_shift": 1.0,
+            "validation_num_video_frames": 61,
+            "framerate": 24,
+        },
+        memory={
+            48: {},
+            24: dict(_GROUP_OFFLOAD),
+            16: {**_GROUP_OFFLOAD, "vae_enable_patch_conv": True},
+            12: {
+                **_GROUP_OFFLOAD,
+                "vae_enable_patch_conv": True,
+                "vae_enable_tiling": True,
+                "base_model_precision": "int8-quanto",
+            },
+        },
+        dataset={
+            "repeats": 10,
+            "video": {
+                "num_frames": 61,
+                "min_frames": 61,
+                "frame_rate": 24,
+                "bucket_strategy": "aspect_ratio",
+            },
+        },
+    ),
+}
+CAPTION_STRATEGIES = {
+    "textfile": "a .txt file next to each image/video holds its caption",
+    "filename": "the file name is the caption",
+    "instanceprompt": "one prompt for every file",
+}
+LEARNING_RATES = {"lora": 1e-4, "lycoris": 1e-4, "full": 1e-5}
+
+
+def vram_tier(gigabytes: float) -> int:
+    """The preset tier for a GPU with this much memory: 12, 16, 24 or 48 (GB)."""
+    tiers = [tier for tier in VRAM_TIERS_GB if gigabytes >= tier - 1]  # a "16 GB" card reports ~15.9
+    return tiers[-1] if tiers else VRAM_TIERS_GB[0]
+
+
+def build_files(answers: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """config.json and multidatabackend.json contents for the wizard's answers."""
+    family = answers["model_family"]
+    preset = FAMILY_PRESETS[family]
+    steps = int(answers["max_train_steps"])
+    config: dict[str, Any] = {
+        "model_family": family,
+        "model_flavour": answers["model_flavour"],
+        "model_type": answers["model_type"],
+        "output_dir": answers["output_dir"],
+        "data_backend_config": DATASETS_FILE.as_posix(),
+        "train_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "max_train_steps": steps,
+        "learning_rate": LEARNING_RATES[answers["model_type"]],
+        "lr_scheduler": "constant",
+        "mixed_precision": "bf16",
+        "gradient_checkpointing": True,
+        "checkpointing_steps": max(1, min(500, steps // 4)),
+        "checkpoints_total_limit": 5,
+        "validation_prompt": answers["validation_prompt"],
+        "validation_resolution": answers["validation_resolution"],
+        "validation_steps": max(1, min(250, steps // 10)),
+        "seed": 42,
+        "report_to": "tensorboard",
+        **preset.config,
+        **preset.memory[answers["vram_tier"]],
+    }
+    if answers["model_type"] == "lora":
+        config["lora_rank"] = 16
+    dataset_id = "my-videos" if preset.is_video else "my-images"
+    dataset: dict[str, Any] = {
+        "id": dataset_id,
+        "type": "local",
+        "dataset_type": "video" if preset.is_video else "image",
+        "instance_data_dir": answers["dataset_folder"],
+        "caption_strategy": answers["caption_strategy"],
+        "resolution": answers["resolution"],
+        "resolution_type": "pixel_area",
+        "cache_dir_vae": f"cache/vae/{family}/{dataset_id}",
+        **preset.dataset,
+    }
+    if answers.get("instance_prompt"):
+        dataset["instance_prompt"] = answers["instance_prompt"]
+    text_embeds = {
+        "id": "text-embeds",
+        "type": "local",
+        "dataset_type": "text_embeds",
+        "default": True,
+        "cache_dir": f"cache/text/{family}",
+        "disabled": False,
+    }
+    return config, [dataset, text_embeds]
+
+
+class _Asker:
+    """Asks one question at a time; an empty answer takes the default, a bad one is asked again."""
+
+    def __init__(self, input_fn: Callable[[str], str], output_fn: Callable[[str], None]) -> None:
+        self.input_fn = input_fn
+        self.output_fn = output_fn
+
+    def text(self, question: str, default: str, check: Callable[[str], Any] | None = None) -> str:
+        while True:
+            answer = self.input_fn(f"{question} [{default}]: ").strip() or default
+            if check is None:
+                return answer
+            try:
+                check(answer)
+                return answer
+            except (ValueError, TypeError) as exc:
+                self.output_fn(f"  '{answer}' is not valid: {exc}")
+
+    def choice(self, question: str, options: dict[str, str], default: str) -> str:
+        names = list(options)
+        self.output_fn(question)
+        for number, name in enumerate(names, 1):
+            self.output_fn(f"  {number}) {name}: {options[name]}" if options[name] else f"  {number}) {name}")
+        while True:
+            answer = self.input_fn(f"choose 1-{len(names)} or a name [{default}]: ").strip() or default
+            if answer.isdigit() and 1 <= int(answer) <= len(names):
+                return names[int(answer) - 1]
+            if answer in options:
+                return answer
+            self.output_fn(f"  '{answer}' is not one of: {', '.join(names)}")
+
+    def yes(self, question: str, default: bool = False) -> bool:
+        while True:
+            answer = self.input_fn(f"{question} [{'Y/n' if default else 'y/N'}]: ").strip().lower()
+            if not answer:
+                return default
+            if answer in ("y", "yes", "n", "no"):
+                return answer.startswith("y")
+            self.output_fn("  answer y or n")
+
+
+def _positive_number(text: str) -> float:
+    value = float(text.lower().removesuffix("+").removesuffix("gb").strip())
+    if value <= 0:
+        raise ValueError("give the GPU memory in GB, e.g. 24")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def ask_questions(ask: _Asker) -> dict[str, Any]:
+    """Every question of the wizard, in order; returns the answers."""
+    families = {name: preset.title for name, preset in FAMILY_PRESETS.items()}
+    answers: dict[str, Any] = {"model_family": ask.choice("Model family:", families, "sdxl")}
+    preset = FAMILY_PRESETS[answers["model_family"]]
+    answers["model_flavour"] = ask.choice("Model flavour:", preset.flavours, preset.default_flavour)
+    answers["model_type"] = ask.choice(
+        "Training type:",
+        {
+            "lora": "low-rank adapter (small file, least memory)",
+            "lycoris": "LyCORIS adapter (config/lycoris_config.json)",
+            "full": "every weight (much more memory)",
+        },
+        "lora",
+    )
+    media = "videos" if preset.is_video else "images"
+    answers["dataset_folder"] = ask.text(f"Folder with your {media}", f"datasets/my_{media}")
+    answers["caption_strategy"] = ask.choice("Captions:", CAPTION_STRATEGIES, "textfile")
+    if answers["caption_strategy"] == "instanceprompt":
+        answers["instance_prompt"] = ask.text("The prompt for every file", "a photo of sks person")
+    answers["resolution"] = int(
+        ask.text("Training resolution (pixels, short side)", str(preset.resolution), _positive_int)
+    )
+    square = f"{answers['resolution']}x{answers['resolution']}"
+    suggested = preset.validation_resolution if answers["resolution"] == preset.resolution else None
+    answers["validation_resolution"] = ask.text(
+        "Validation resolution (WxH, comma-separated for several)", suggested or square, parse_resolutions
+    )
+    vram = _positive_number(ask.text("GPU memory in GB (12, 16, 24, 48+)", "24", _positive_number))
+    answers["vram_tier"] = vram_tier(vram)
+    answers["max_train_steps"] = int(ask.text("Training steps", "2000", _positive_int))
+    answers["validation_prompt"] = ask.text("Validation prompt", preset.validation_prompt)
+    answers["output_dir"] = ask.text("Output folder", "output/models")
+    answers["vram_gb"] = vram
+    return answers
+
+
+def run_wizard(
+    input_fn: Callable[[str], str] = input,
+    output_fn: Callable[[str], None] = print,
+    workdir: Path = Path("."),
+) -> list[Path]:
+    """Ask, then write config/config.json and config/multidatabackend.json under `workdir`.
+
+    Returns the files written; an empty list if the user declined to overwrite existing ones.
+    EOFError from `input_fn` (answers ran out) propagates, with nothing written.
+    """
+    ask = _Asker(input_fn, output_fn)
+    targets = [Path(workdir) / CONFIG_FILE, Path(workdir) / DATASETS_FILE]
+    existing = [path for path in targets if path.exists()]
+    if existing:
+        names = " and ".join(str(path) for path in existing)
+        if not ask.yes(
+            f"{names} already exist{'s' if len(existing) == 1 else ''}. Overwrite?", default=False
+        ):
+            output_fn("Nothing written; existing files kept.")
+            return []
+    answers = ask_questions(ask)
+    preset = FAMILY_PRESETS[answers["model_family"]]
+    config, datasets = build_files(answers)
+    try:  # the same checks `difftune train` makes: never write a file it would refuse
+        TrainConfig.model_validate(config)
+        for entry in datasets:
+            DatasetConfig.model_validate(entry)
+    except ValidationError as exc:
+        raise ValueError(f"the answers make an invalid config: {exc}") from exc
+
+    memory = preset.memory[answers["vram_tier"]]
+    output_fn(
+        f"\nMemory settings for {answers['vram_gb']:g} GB (the {answers['vram_tier']} GB preset): "
+        + (", ".join(f"{k}={v}" for k, v in memory.items()) or "none needed")
+    )
+    if answers["vram_gb"] < preset.minimum_vram_gb:
+        output_fn(
+            f"Note: {preset.title} wants at least {preset.minimum_vram_gb} GB; expect to run out of "
+            "memory, or lower the resolution."
+        )
+    if not (Path(workdir) / answers["dataset_folder"]).is_dir():
+        output_fn(
+            f"Note: {answers['dataset_folder']} does not exist yet; create it and put your files there "
+            "(with .txt captions when captions come from text files)."
+        )
+    for path, data in zip(targets, (config, datasets)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        output_fn(f"wrote {path}")
+    output_fn("Next: difftune train   (or difftune server for the web UI)")
+    return targets
+
+
+def _echoing_input(prompt: str) -> str:
+    """input() for piped answers: show each answer after its question, as a terminal would."""
+    answer = input(prompt)
+    print(answer)
+    return answer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`difftune configure [--workdir DIR]`; 0 when the files were written."""
+    parser = argparse.ArgumentParser(prog="difftune configure", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default=".", help="folder that gets config/ (default: the current one)")
+    args = parser.parse_args(argv)
+    input_fn = input if sys.stdin.isatty() else _echoing_input
+    try:
+        written = run_wizard(input_fn=input_fn, workdir=Path(args.workdir))
+    except EOFError:
+        print(
+            "\ndifftune configure: the answers ended before the last question; nothing was written",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print("\ndifftune configure: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0 if written else 1

@@ -1,0 +1,162 @@
+"""Captions of a dataset's samples, by the dataset's caption_strategy.
+
+Strategies: textfile (a sibling .txt; each non-empty line is one caption), filename (the file's stem,
+underscores to spaces, trailing counters such as "-1", "_3" or "(2)" removed), instanceprompt,
+jsonl / csv (metadata_file with a file_name column and a caption or text column). A sample may have
+several captions; `pick_caption` chooses one per epoch, the same one for the same (seed, epoch, path).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from difftune.data.errors import DataError
+
+if TYPE_CHECKING:
+    from difftune.config.schema import DatasetConfig
+    from difftune.data.discovery import SampleInfo
+
+_TRAILING_COUNTER = re.compile(r"(?:\s*\(\d+\)|[-_]\d+)$")
+_CAPTION_COLUMNS = ("caption", "text")
+
+
+@dataclass
+class Captions:
+    """Captions per sample (aligned with the samples given), and the samples that fell back to the filename."""
+
+    per_sample: list[list[str]]
+    fallbacks: list[Path] = field(default_factory=list)
+
+    def fallback_message(self, dataset_id: str, strategy: str) -> str | None:
+        """One line for the event bus when some samples had no caption of their own, else None."""
+        if not self.fallbacks:
+            return None
+        examples = ", ".join(p.name for p in self.fallbacks[:3])
+        more = f" and {len(self.fallbacks) - 3} more" if len(self.fallbacks) > 3 else ""
+        source = ".txt file" if strategy == "textfile" else "row in the metadata file"
+        return (
+            f"dataset '{dataset_id}': {len(self.fallbacks)} file(s) have no {source} ({examples}{more}); "
+            "their file names are used as captions"
+        )
+
+
+def caption_from_filename(path: str | Path) -> str:
+    """'a_red_ball-2.jpg' -> 'a red ball': the stem, trailing counters removed, underscores as spaces."""
+    stem = Path(path).stem.strip()
+    previous = None
+    while previous != stem:
+        previous = stem
+        stripped = _TRAILING_COUNTER.sub("", stem).strip()
+        stem = stripped or stem  # a name that is only a counter stays as it is
+    return re.sub(r"\s+", " ", stem.replace("_", " ")).strip()
+
+
+def read_textfile(path: Path) -> list[str] | None:
+    """The non-empty lines of the .txt beside path, or None when there is none (or it holds no text)."""
+    caption_file = path.with_suffix(".txt")
+    if not caption_file.is_file():
+        return None
+    lines = [line.strip() for line in caption_file.read_text(encoding="utf-8", errors="replace").splitlines()]
+    lines = [line for line in lines if line]
+    return lines or None
+
+
+def load_captions(dataset: DatasetConfig, samples: Sequence[SampleInfo], root: Path) -> Captions:
+    """Captions of each sample as the dataset's caption_strategy says, prepend_instance_prompt applied."""
+    strategy = dataset.caption_strategy
+    result = Captions(per_sample=[])
+    table = _read_metadata_table(dataset, root) if strategy in ("jsonl", "csv", "parquet") else {}
+    for sample in samples:
+        if strategy == "instanceprompt":
+            captions = [dataset.instance_prompt or ""]
+        elif strategy == "filename":
+            captions = [caption_from_filename(sample.path)]
+        else:
+            found = read_textfile(sample.path) if strategy == "textfile" else _lookup(table, sample)
+            if found is None:
+                result.fallbacks.append(sample.path)
+                found = [caption_from_filename(sample.path)]
+            captions = found
+        if dataset.prepend_instance_prompt and dataset.instance_prompt and strategy != "instanceprompt":
+            captions = [f"{dataset.instance_prompt} {caption}".strip() for caption in captions]
+        result.per_sample.append(captions)
+    return result
+
+
+def pick_caption(captions: Sequence[str], seed: int, epoch: int, relative_path: str) -> str:
+    """One of a sample's captions, chosen by (seed, epoch, path): stable across runs and resumes."""
+    if len(captions) == 1:
+        return captions[0]
+    digest = hashlib.sha256(f"{seed}:{epoch}:{relative_path}".encode()).digest()
+    return captions[int.from_bytes(digest[:8], "big") % len(captions)]
+
+
+def _lookup(table: dict[str, list[str]], sample: SampleInfo) -> list[str] | None:
+    return table.get(sample.relative_path) or table.get(sample.path.name)
+
+
+def _metadata_file(dataset: DatasetConfig, root: Path) -> Path:
+    if dataset.metadata_file:
+        given = Path(dataset.metadata_file).expanduser()
+        for candidate in (given, root / given):
+            if candidate.is_file():
+                return candidate
+        raise DataError(
+            f"dataset '{dataset.id}': metadata_file {given} not found (looked in the working folder and in "
+            f"{root}); fix the path or use caption_strategy textfile"
+        )
+    default = (
+        root / f"metadata.{'jsonl' if dataset.caption_strategy == 'jsonl' else dataset.caption_strategy}"
+    )
+    if default.is_file():
+        return default
+    raise DataError(
+        f"dataset '{dataset.id}': caption_strategy {dataset.caption_strategy} needs metadata_file "
+        f"(a file with file_name and caption columns); none given and {default} does not exist"
+    )
+
+
+def _read_metadata_table(dataset: DatasetConfig, root: Path) -> dict[str, list[str]]:
+    """{file_name: captions} from a jsonl or csv file; file_name relative to the dataset folder or bare."""
+    if dataset.caption_strategy == "parquet":
+        raise DataError(
+            f"dataset '{dataset.id}': caption_strategy parquet is not supported; export the captions to "
+            'metadata.jsonl (one {"file_name": ..., "caption": ...} per line) and use caption_strategy jsonl'
+        )
+    path = _metadata_file(dataset, root)
+    rows: list[dict[str, Any]] = []
+    if dataset.caption_strategy == "jsonl":
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as error:
+                raise DataError(
+                    f"{path} line {number} is not valid JSON ({error}); fix or remove that line"
+                ) from error
+    else:
+        with path.open(encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    table: dict[str, list[str]] = {}
+    for number, row in enumerate(rows, start=1):
+        name = row.get("file_name") if isinstance(row, dict) else None
+        column = next((c for c in _CAPTION_COLUMNS if isinstance(row, dict) and row.get(c) is not None), None)
+        if not name or column is None:
+            raise DataError(
+                f"{path} row {number}: needs a file_name and a caption (or text) value; got keys "
+                f"{sorted(row) if isinstance(row, dict) else type(row).__name__}"
+            )
+        value = row[column]
+        captions = [str(v).strip() for v in value] if isinstance(value, list) else [str(value).strip()]
+        captions = [c for c in captions if c]
+        if captions:
+            table[Path(str(name)).as_posix().removeprefix("./")] = captions
+    return table

@@ -1,0 +1,167 @@
+"""The Family protocol: everything the trainer needs to know about one kind of model.
+
+A family answers for its models: how to load them, how to turn prompts and pixels into the tensors
+that are cached, what the training objective is, how the denoiser is called, which modules an
+adapter wraps, and how validation images (or videos) are generated through the stock diffusers
+pipeline. The trainer knows nothing of a family beyond this class.
+
+Tensor layouts at this boundary:
+- pixels: (B, C, H, W) for images, (B, C, T, H, W) for videos, float in [-1, 1]
+- latents: whatever the family's VAE gives, already scaled (and shifted) for the denoiser,
+  (B, C, H, W) for 2D VAEs and (B, C, T, H, W) for 3D VAEs
+- timesteps: (B,) in the convention of the family's denoiser (0..999 for SDXL, 0..1 for flow models)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from difftune.config.schema import TrainConfig
+
+
+@dataclass
+class Components:
+    """The loaded parts of a model. `denoiser` is the module that is trained (UNet or transformer)."""
+
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
+    scheduler: Any
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Objective(ABC):
+    """What the denoiser learns to predict, and how noise levels are drawn and applied."""
+
+    @abstractmethod
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:
+        ...
+
+    @abstractmethod
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        ...
+
+    @abstractmethod
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        ...
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights (B,), e.g. min-SNR; None means uniform."""
+        return None
+
+
+class Family(ABC):
+    """Base class of model families; a family module subclasses it and fills in the class data."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    flavours: ClassVar[dict[str, str]] = {}  # model_flavour -> Hub id
+    default_flavour: ClassVar[str | None] = None
+    config_defaults: ClassVar[dict[str, Any]] = {}  # family defaults win over the global ones
+    pixel_multiple: ClassVar[int] = 64  # bucket width/height must be multiples of this
+    is_video: ClassVar[bool] = False
+    adapter_prefix: ClassVar[str] = "unet"  # key prefix of saved LoRA weights ("unet" / "transformer")
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    # -- identity -----------------------------------------------------------------------------
+    def model_id(self) -> str:
+        """Hub id or local folder the weights come from."""
+        if self.config.pretrained_model_name_or_path:
+            return str(self.config.pretrained_model_name_or_path)
+        flavour = self.config.model_flavour or self.default_flavour
+        return self.flavours[flavour]
+
+    def cache_identity(self) -> str:
+        """A string that changes whenever cached embeddings or latents would change."""
+        path = Path(self.model_id())
+        if path.exists():
+            return f"{self.name}:{path.resolve()}:{_tree_mtime(path)}"
+        return f"{self.name}:{self.model_id()}:{self.config.revision or 'main'}"
+
+    # -- loading ------------------------------------------------------------------------------
+    @abstractmethod
+    def load(self, device: torch.device, weight_dtype: torch.dtype) -> Components:
+        ...
+
+    # -- conditioning -------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, components: Components, texts: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Encode prompts; one dict of tensors per text, without a batch dimension (what is cached)."""
+        ...
+
+    def collate_prompts(self, embeds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Batch cached prompt tensors; the default stacks each key."""
+        return {key: torch.stack([e[key] for e in embeds]) for key in embeds[0]}
+
+    @abstractmethod
+    def encode_pixels(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+        ...
+
+    @abstractmethod
+    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        ...
+
+    # -- training -----------------------------------------------------------------------------
+    @abstractmethod
+    def objective(self, components: Components) -> Objective:
+        ...
+
+    @abstractmethod
+    def model_forward(
+        self,
+        components: Components,
+        denoiser: torch.nn.Module,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        batch: dict[str, Any],
+    ) -> torch.Tensor:
+        """Run the denoiser on a batch; returns a prediction shaped like the latents."""
+        ...
+
+    def loss_mask(self, batch: dict[str, Any], latents: torch.Tensor) -> torch.Tensor | None:
+        """Mask broadcastable to the latents (1 = counted in the loss); None means all of it."""
+        return None
+
+    @abstractmethod
+    def lora_targets(self) -> list[str]:
+        """Module names (peft target_modules) that a LoRA wraps."""
+        ...
+
+    # -- output -------------------------------------------------------------------------------
+    @abstractmethod
+    def pipeline(self, components: Components, denoiser: torch.nn.Module):
+        """The stock diffusers pipeline around these components, the trained denoiser in place."""
+        ...
+
+    @abstractmethod
+    def generate(self, pipeline, *, prompt: str, negative_prompt: str | None, width: int, height: int,
+                 num_inference_steps: int, guidance_scale: float, generator: torch.Generator,
+                 **kwargs) -> list:
+        """Generate with the pipeline; a list of PIL images (one video: a list of frames in a list)."""
+        ...
+
+    @abstractmethod
+    def save_lora(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor]) -> Path:
+        """Write pytorch_lora_weights.safetensors that the pipeline's load_lora_weights reads."""
+        ...
+
+    def validate_config(self) -> list[str]:
+        """Family-specific checks of the config; returns warnings, raises ConfigError for errors."""
+        return []
+
+
+def _tree_mtime(path: Path) -> int:
+    """Newest modification time (ns) of the weight files under a local model folder."""
+    if path.is_file():
+        return path.stat().st_mtime_ns
+    times = [p.stat().st_mtime_ns for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".json")]
+    return max(times, default=0)

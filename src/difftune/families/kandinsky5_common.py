@@ -1,0 +1,191 @@
+"""What Kandinsky 5.0 image and video families share: prompt encoding, batching, the transformer call.
+
+Prompt tensors (one prompt, as cached):
+- "prompt_embeds_qwen": (L, D_qwen) Qwen2.5-VL last hidden states after the template crop; L varies
+- "prompt_embeds_clip": (D_clip,) CLIP pooled output
+Batched (see `collate_prompt_embeds`): "prompt_embeds_qwen" (B, L_max, D) zero-padded,
+"prompt_cu_seqlens" (B + 1,) int32 cumulative lengths, "prompt_embeds_clip" (B, D_clip).
+
+The transformer works on channels-last latents (B, T, H, W, C) and has no text attention mask, so
+padding would change its output; `transformer_forward` therefore runs each group of equal text
+length on its own, which is what the pipelines do for a single prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+# Attention and feed-forward projections of the text and visual blocks. Suffixes with the parent
+# name, because "out_layer" alone would also match the modulation, time-embedding and output layers.
+LORA_TARGETS: tuple[str, ...] = (
+    "self_attention.to_query",
+    "self_attention.to_key",
+    "self_attention.to_value",
+    "self_attention.out_layer",
+    "cross_attention.to_query",
+    "cross_attention.to_key",
+    "cross_attention.to_value",
+    "cross_attention.out_layer",
+    "feed_forward.in_layer",
+    "feed_forward.out_layer",
+)
+
+# Sigma in [0, 1] -> the `timestep` the pipelines pass (FlowMatchEulerDiscreteScheduler timesteps).
+DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
+
+
+def text_pipeline(pipeline_cls: type, text_encoder, tokenizer, text_encoder_2, tokenizer_2):
+    """A stock Kandinsky 5 pipeline holding only the text encoders, to call its own `encode_prompt`."""
+    return pipeline_cls(
+        transformer=None,
+        vae=None,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        scheduler=None,
+    )
+
+
+@torch.no_grad()
+def encode_prompt_embeds(
+    pipeline,
+    texts: Sequence[str],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    images: Sequence[Any] | None = None,
+    max_sequence_length: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Encode each text alone through `pipeline.encode_prompt` (template, crop, CLIP pooling as the pipeline).
+
+    `images` (one PIL image per text) are for the image-conditioned pipelines, whose Qwen template
+    holds the source image. Returns one dict per text, tensors on the CPU, without a batch dimension.
+    """
+    if images is not None and len(images) != len(texts):
+        raise ValueError(
+            f"got {len(images)} conditioning images for {len(texts)} prompts; pass one per prompt"
+        )
+    results = []
+    for index, text in enumerate(texts):
+        kwargs: dict[str, Any] = {"prompt": [text], "device": device, "dtype": dtype}
+        if images is not None:
+            kwargs["image"] = images[index]
+        if max_sequence_length is not None:
+            kwargs["max_sequence_length"] = max_sequence_length
+        qwen, clip, cu_seqlens = pipeline.encode_prompt(**kwargs)
+        length = int(cu_seqlens[1] - cu_seqlens[0])
+        results.append({"prompt_embeds_qwen": qwen[0, :length].cpu(), "prompt_embeds_clip": clip[0].cpu()})
+    return results
+
+
+def collate_prompt_embeds(embeds: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Batch cached prompts: zero-pad Qwen embeddings to the longest and record cumulative lengths."""
+    qwen = [e["prompt_embeds_qwen"] for e in embeds]
+    lengths = torch.tensor([q.shape[0] for q in qwen], dtype=torch.int32)
+    padded = qwen[0].new_zeros(len(qwen), int(lengths.max()), qwen[0].shape[-1])
+    for row, tensor in enumerate(qwen):
+        padded[row, : tensor.shape[0]] = tensor
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+    return {
+        "prompt_embeds_qwen": padded,
+        "prompt_cu_seqlens": cu_seqlens,
+        "prompt_embeds_clip": torch.stack([e["prompt_embeds_clip"] for e in embeds]),
+    }
+
+
+def visual_rope_positions(transformer, latents_bthwc: torch.Tensor) -> list[torch.Tensor]:
+    """RoPE positions per axis (T, H, W) in patches, as the pipelines build them."""
+    patch = transformer.config.patch_size
+    _, frames, height, width, _ = latents_bthwc.shape
+    device = latents_bthwc.device
+    return [
+        torch.arange(frames // patch[0], device=device),
+        torch.arange(height // patch[1], device=device),
+        torch.arange(width // patch[2], device=device),
+    ]
+
+
+def with_visual_condition(
+    transformer,
+    latents_bthwc: torch.Tensor,
+    condition_bthwc: torch.Tensor | None,
+    mask_bthwc: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Append [condition latents, mask] channels when the transformer has `visual_cond`.
+
+    Mirrors the pipelines: image-conditioned models get the encoded source and a mask of ones;
+    a visual_cond model without a source gets zeros for both. `mask_bthwc` (B, T, H, W, 1), when
+    given, replaces that mask (the I2V pipeline marks only the first frame). Returns (B, T, H, W, C').
+    """
+    if not transformer.config.visual_cond:
+        if condition_bthwc is not None or mask_bthwc is not None:
+            raise ValueError("conditioning latents were given but this transformer has no visual_cond input")
+        return latents_bthwc
+    if condition_bthwc is None:
+        condition = torch.zeros_like(latents_bthwc)
+        mask = torch.zeros_like(latents_bthwc[..., :1])
+    else:
+        condition = condition_bthwc.to(latents_bthwc.dtype)
+        mask = torch.ones_like(latents_bthwc[..., :1])
+    if mask_bthwc is not None:
+        mask = mask_bthwc.to(device=latents_bthwc.device, dtype=latents_bthwc.dtype).expand_as(mask)
+    return torch.cat([latents_bthwc, condition, mask], dim=-1)
+
+
+def text_length_groups(cu_seqlens: torch.Tensor) -> list[list[int]]:
+    """Batch rows grouped by prompt length, shortest first: the order `transformer_forward` calls in."""
+    lengths = cu_seqlens.diff().tolist()
+    return [[i for i, n in enumerate(lengths) if n == length] for length in sorted(set(lengths))]
+
+
+def transformer_forward(
+    transformer,
+    latents_bthwc: torch.Tensor,
+    sigmas: torch.Tensor,
+    prompt: dict[str, torch.Tensor],
+    *,
+    condition_bthwc: torch.Tensor | None = None,
+    mask_bthwc: torch.Tensor | None = None,
+    scale_factor: Sequence[float] = (1.0, 1.0, 1.0),
+    sparse_params: dict[str, Any] | None = None,
+    num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS,
+) -> torch.Tensor:
+    """Call the transformer as the pipelines' denoising loop does; returns the velocity (B, T, H, W, C).
+
+    latents_bthwc: (B, T, H, W, C) noisy latents; sigmas: (B,) in [0, 1] (passed as sigma * 1000,
+    the scheduler's timesteps); prompt: the output of `collate_prompt_embeds`; condition_bthwc and
+    mask_bthwc: see `with_visual_condition`.
+    """
+    hidden = with_visual_condition(transformer, latents_bthwc, condition_bthwc, mask_bthwc)
+    dtype = latents_bthwc.dtype
+    timestep = (sigmas.to(device=hidden.device, dtype=torch.float32) * num_train_timesteps).to(dtype)
+    qwen = prompt["prompt_embeds_qwen"].to(device=hidden.device, dtype=dtype)
+    clip = prompt["prompt_embeds_clip"].to(device=hidden.device, dtype=dtype)
+    lengths = prompt["prompt_cu_seqlens"].diff().tolist()
+    rope = visual_rope_positions(transformer, latents_bthwc)
+
+    outputs, order = [], []
+    for rows in text_length_groups(prompt["prompt_cu_seqlens"]):
+        length = lengths[rows[0]]
+        index = torch.tensor(rows, device=hidden.device)
+        out = transformer(
+            hidden_states=hidden[index],
+            encoder_hidden_states=qwen[index, :length],
+            pooled_projections=clip[index],
+            timestep=timestep[index],
+            visual_rope_pos=rope,
+            text_rope_pos=torch.arange(length, device=hidden.device),
+            scale_factor=list(scale_factor),
+            sparse_params=sparse_params,
+            return_dict=True,
+        ).sample
+        outputs.append(out)
+        order.extend(rows)
+    prediction = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    if order != sorted(order):
+        prediction = prediction[torch.argsort(torch.tensor(order, device=prediction.device))]
+    return prediction

@@ -1,0 +1,319 @@
+"""Stable Diffusion XL: two CLIP text encoders, a UNet with size/crop conditioning, a 4-channel VAE.
+
+Layouts at the Family boundary: latents (B, 4, H/f, W/f) times the VAE's scaling_factor, where f is
+the VAE's downsampling (8 for SDXL, read from vae.config); timesteps are integers 0..999.
+Prompt embeddings per text: "prompt_embeds" (77, D1 + D2), the penultimate hidden states of both
+encoders side by side (2048 for SDXL), and "pooled_prompt_embeds" (D2p,), the projected pooled
+output of encoder 2 (1280 for SDXL), as StableDiffusionXLPipeline.encode_prompt computes them.
+
+Batches for `model_forward` carry, besides the collated prompt tensors, SDXL's micro-conditioning
+as (B, 2) tensors or lists of pairs: "original_sizes" (height, width) of the source image,
+"crop_coords" (top, left) of the crop taken from it, "target_sizes" (height, width) trained at.
+
+The VAE runs in fp32 (SDXL's overflows in fp16) unless a replacement VAE is given with
+pretrained_vae_model_name_or_path (such as an fp16-fixed one), which runs in the weight dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftune.families.base import Components, Family, Objective
+from difftune.families.objectives import EpsilonObjective
+
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+MICRO_CONDITIONING_KEYS = ("original_sizes", "crop_coords", "target_sizes")
+ENCODE_CHUNK = 16  # prompts per text-encoder call
+
+
+def _config_error(message: str) -> Exception:
+    """difftune.config.ConfigError when that module defines it, else ValueError."""
+    try:
+        from difftune.config import ConfigError
+    except ImportError:
+        return ValueError(message)
+    return ConfigError(message)
+
+
+def _pairs(value: Any, key: str, batch_size: int) -> torch.Tensor:
+    """A batch's (B, 2) size or crop entry as a float tensor; errors name the key."""
+    pairs = torch.as_tensor(value if isinstance(value, torch.Tensor) else [list(v) for v in value])
+    if pairs.shape != (batch_size, 2):
+        raise ValueError(
+            f"batch['{key}'] must hold one (height, width) or (top, left) pair per sample, "
+            f"shape ({batch_size}, 2); got {tuple(pairs.shape)}"
+        )
+    return pairs.float()
+
+
+class SDXLFamily(Family):
+    """Stable Diffusion XL base 1.0 and models that share its layout."""
+
+    name = "sdxl"
+    aliases = ("sd-xl", "stable-diffusion-xl")
+    flavours = {"base-1.0": "stabilityai/stable-diffusion-xl-base-1.0"}
+    default_flavour = "base-1.0"
+    config_defaults = {"validation_resolution": "1024x1024", "validation_guidance": 7.5}
+    pixel_multiple = 64
+    adapter_prefix = "unet"
+
+    def __init__(self, config):
+        super().__init__(config)
+        seed = config.seed if config.seed is not None else 0
+        self._latent_generator = torch.Generator().manual_seed(seed)
+
+    # -- loading ------------------------------------------------------------------------------
+    def load(self, device: torch.device, weight_dtype: torch.dtype) -> Components:
+        """Each part from its subfolder of a Hub id or local folder; frozen parts in eval mode."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        model_id, revision = self.model_id(), self.config.revision
+        part = {"revision": revision}
+        unet = UNet2DConditionModel.from_pretrained(
+            model_id, subfolder="unet", torch_dtype=weight_dtype, **part
+        )
+        vae_source = self.config.pretrained_vae_model_name_or_path
+        if vae_source:
+            vae = AutoencoderKL.from_pretrained(vae_source, torch_dtype=weight_dtype)
+        else:
+            vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=torch.float32, **part)
+        text_encoder = CLIPTextModel.from_pretrained(
+            model_id, subfolder="text_encoder", dtype=weight_dtype, **part
+        )
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            model_id, subfolder="text_encoder_2", dtype=weight_dtype, **part
+        )
+        for module in (vae, text_encoder, text_encoder_2):
+            module.requires_grad_(False)
+            module.to(device).eval()
+        return Components(
+            denoiser=unet.to(device),
+            vae=vae,
+            text_encoders=[text_encoder, text_encoder_2],
+            tokenizers=[
+                CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **part),
+                CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2", **part),
+            ],
+            scheduler=self._load_scheduler(model_id, revision),
+        )
+
+    def _load_scheduler(self, model_id: str, revision: str | None):
+        from diffusers import EulerDiscreteScheduler
+
+        return EulerDiscreteScheduler.from_pretrained(model_id, subfolder="scheduler", revision=revision)
+
+    # -- conditioning -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, components: Components, texts: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Per text: {"prompt_embeds": (77, D1 + D2), "pooled_prompt_embeds": (D2p,)} (see module doc)."""
+        results: list[dict[str, torch.Tensor]] = []
+        for start in range(0, len(texts), ENCODE_CHUNK):
+            prompt_embeds, pooled = self._encode_chunk(components, list(texts[start : start + ENCODE_CHUNK]))
+            results += [
+                {"prompt_embeds": e.clone(), "pooled_prompt_embeds": p.clone()}
+                for e, p in zip(prompt_embeds, pooled)
+            ]
+        return results
+
+    def _encode_chunk(self, components: Components, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 77, D1 + D2) penultimate hidden states of both encoders and (B, D2p) pooled of encoder 2."""
+        hidden_states, pooled = [], None
+        for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
+            input_ids = tokenizer(
+                texts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            output = encoder(input_ids.to(encoder.device), output_hidden_states=True)
+            if output[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds come first
+                pooled = output[0]
+            hidden_states.append(output.hidden_states[-2])
+        if pooled is None:
+            raise ValueError(
+                "SDXL's second text encoder must be a CLIPTextModelWithProjection (pooled output)"
+            )
+        dtype = components.text_encoders[-1].dtype
+        return torch.cat(hidden_states, dim=-1).to(dtype), pooled.to(dtype)
+
+    def vae_scale_factor(self, components: Components) -> int:
+        """Pixels per latent along each side, from the VAE's number of levels (8 for SDXL)."""
+        return 2 ** (len(components.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_pixels(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 4, H/f, W/f) latents * scaling_factor.
+
+        A sample of the VAE's posterior (as SDXL training does), drawn from a generator seeded with
+        the config's seed: the same images encoded in the same order give the same latents.
+        """
+        vae = components.vae
+        posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        return posterior.sample(generator=self._latent_generator) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 4, h, w) scaled latents -> (B, 3, f*h, f*w) pixels in [-1, 1] (unclamped)."""
+        vae = components.vae
+        return vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor).sample
+
+    # -- training -----------------------------------------------------------------------------
+    def objective(self, components: Components) -> Objective:
+        """Epsilon (or the config's / scheduler's prediction type) with optional min-SNR weighting."""
+        prediction_type = self.config.prediction_type or components.scheduler.config.prediction_type
+        if prediction_type == "flow_matching":
+            raise _config_error(
+                "prediction_type 'flow_matching' does not apply to SDXL; "
+                "use epsilon or v_prediction (or leave it unset)"
+            )
+        return EpsilonObjective(
+            components.scheduler, snr_gamma=self.config.snr_gamma, prediction_type=prediction_type
+        )
+
+    def add_time_ids(self, batch: dict[str, Any], batch_size: int) -> torch.Tensor:
+        """(B, 6): original (h, w), crop (top, left), target (h, w), the pipeline's _get_add_time_ids order."""
+        missing = [key for key in MICRO_CONDITIONING_KEYS if key not in batch]
+        if missing:
+            raise KeyError(
+                f"SDXL batches need {', '.join(MICRO_CONDITIONING_KEYS)}; missing {', '.join(missing)}"
+            )
+        return torch.cat([_pairs(batch[key], key, batch_size) for key in MICRO_CONDITIONING_KEYS], dim=1)
+
+    def model_forward(
+        self,
+        components: Components,
+        denoiser: torch.nn.Module,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        batch: dict[str, Any],
+    ) -> torch.Tensor:
+        """UNet prediction (B, 4, h, w) for noisy latents (B, 4, h, w) and integer timesteps (B,)."""
+        device = noisy_latents.device
+        dtype = next(denoiser.parameters()).dtype
+        time_ids = self.add_time_ids(batch, noisy_latents.shape[0]).to(device=device, dtype=dtype)
+        added = {
+            "text_embeds": batch["pooled_prompt_embeds"].to(device=device, dtype=dtype),
+            "time_ids": time_ids,
+        }
+        return denoiser(
+            noisy_latents.to(dtype),
+            timesteps.to(device),
+            encoder_hidden_states=batch["prompt_embeds"].to(device=device, dtype=dtype),
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+
+    def lora_targets(self) -> list[str]:
+        """The attention projections of every transformer block (diffusers' SDXL LoRA recipe)."""
+        return list(LORA_TARGETS)
+
+    # -- output -------------------------------------------------------------------------------
+    def pipeline(self, components: Components, denoiser: torch.nn.Module):
+        """StableDiffusionXLPipeline with `denoiser` as its UNet and its own copy of the scheduler."""
+        from diffusers import StableDiffusionXLPipeline
+
+        scheduler = type(components.scheduler).from_config(components.scheduler.config)
+        if self.config.prediction_type in ("epsilon", "v_prediction", "sample"):
+            scheduler.register_to_config(prediction_type=self.config.prediction_type)
+        text_encoder, text_encoder_2 = components.text_encoders
+        pipeline = StableDiffusionXLPipeline(
+            vae=components.vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=components.tokenizers[0],
+            tokenizer_2=components.tokenizers[1],
+            unet=denoiser,
+            scheduler=scheduler,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def generate(
+        self,
+        pipeline,
+        *,
+        prompt: str,
+        negative_prompt: str | None,
+        width: int,
+        height: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator,
+        **kwargs,
+    ) -> list:
+        """PIL images at width x height (multiples of 8).
+
+        When the VAE's dtype differs from the latents' (fp32 VAE beside bf16 weights) the pipeline
+        stops at latents and they are decoded in the VAE's dtype, as the pipeline itself does
+        when it upcasts its VAE.
+        """
+        arguments = dict(
+            prompt=prompt,
+            negative_prompt=negative_prompt or None,
+            width=width,
+            height=height,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            **kwargs,
+        )
+        if pipeline.vae.dtype == pipeline.text_encoder_2.dtype:  # the pipeline's latents take that dtype
+            return list(pipeline(**arguments).images)
+        latents = pipeline(output_type="latent", **arguments).images
+        with torch.no_grad():
+            vae = pipeline.vae
+            image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        if getattr(pipeline, "watermark", None) is not None:
+            image = pipeline.watermark.apply_watermark(image)
+        return list(pipeline.image_processor.postprocess(image, output_type="pil"))
+
+    def lora_metadata(self) -> dict[str, Any]:
+        """peft LoraConfig arguments stored with the weights, so loaders scale by lora_alpha / r."""
+        return {
+            "r": self.config.lora_rank,
+            "lora_alpha": self.config.effective_lora_alpha,
+            "target_modules": self.lora_targets(),
+            "use_dora": self.config.use_dora,
+            "lora_dropout": self.config.lora_dropout,
+        }
+
+    def save_lora(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor]) -> Path:
+        """Write pytorch_lora_weights.safetensors ("unet."-prefixed peft keys + LoraConfig metadata).
+
+        `lora_state_dict` is peft's state dict of the UNet, keys with or without "unet.".
+        """
+        from diffusers import StableDiffusionXLPipeline
+
+        prefix = f"{self.adapter_prefix}."
+        layers = {
+            key.removeprefix(prefix): value.detach().contiguous() for key, value in lora_state_dict.items()
+        }
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        StableDiffusionXLPipeline.save_lora_weights(
+            output_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=self.lora_metadata()
+        )
+        return output_dir / "pytorch_lora_weights.safetensors"
+
+    def validate_config(self) -> list[str]:
+        """Unknown flavours are errors; a validation size off the 8-pixel grid too."""
+        flavour = self.config.model_flavour
+        if (
+            flavour is not None
+            and flavour not in self.flavours
+            and not self.config.pretrained_model_name_or_path
+        ):
+            raise _config_error(
+                f"model_flavour '{flavour}' is not an SDXL flavour; use one of {sorted(self.flavours)}"
+            )
+        for width, height in self.config.validation_sizes:
+            if width % 8 or height % 8:
+                raise _config_error(
+                    f"validation_resolution {width}x{height}: SDXL sizes must be multiples of 8"
+                )
+        return []

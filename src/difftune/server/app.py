@@ -1,0 +1,334 @@
+"""The web UI's FastAPI app: config and dataset editing, dataset browser, job control, progress, gallery.
+
+Files it reads and writes, relative to `workdir`: config/config.json, config/multidatabackend.json, and
+the configured output_dir (events.jsonl, job.log, validation/<step>/). Off loopback every request needs
+the token (`Authorization: Bearer TOKEN` or `?token=TOKEN`); on loopback it refuses requests whose Host
+is not a loopback name (DNS rebinding) and cross-site writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import math
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from difftune.server.files import list_folder, resolve_inside, thumbnail_png
+from difftune.server.forms import normalize_keys, schema_groups, validate_datasets, validate_train
+from difftune.server.jobs import JobBusy, JobRunner, TrainCommand, default_train_command
+from difftune.server.progress import LineTail, loss_series, parse_event, validation_gallery
+
+HERE = Path(__file__).parent
+CONFIG_FILE = Path("config/config.json")
+DATASETS_FILE = Path("config/multidatabackend.json")
+DEFAULT_OUTPUT_DIR = "output/models"
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1 (with or without a port or brackets)."""
+    name = host.strip()
+    if name.startswith("["):
+        name = name[1:].split("]", 1)[0]
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None, recursively, so that the browser's JSON.parse accepts the event."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def _unprocessable(file: Path, errors: list[dict[str, Any]]) -> JSONResponse:
+    return JSONResponse({"file": file.as_posix(), "detail": _finite(errors)}, status_code=422)
+
+
+def create_app(
+    workdir: Path | str,
+    token: str | None,
+    train_command: TrainCommand | None = None,
+    poll_seconds: float = 0.25,
+) -> FastAPI:
+    """The app for `workdir`; `token` None means loopback mode. `train_command` is replaceable for tests."""
+    workdir = Path(workdir).resolve()
+    runner = JobRunner(workdir, train_command or default_train_command)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(runner.stop)  # no orphaned training process once the UI is gone
+
+    app = FastAPI(title="difftune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.runner = runner
+    app.state.workdir = workdir
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if token is not None:
+            header = request.headers.get("authorization", "")
+            given = (
+                header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token", "")
+            )
+            if not secrets.compare_digest(given.encode(), token.encode()):
+                return JSONResponse(
+                    {
+                        "detail": "missing or wrong token: open the URL printed at start "
+                        "(it ends in ?token=...) or send 'Authorization: Bearer TOKEN'"
+                    },
+                    status_code=401,
+                )
+        else:
+            host = request.headers.get("host", "")
+            if not is_loopback_host(host):
+                return JSONResponse(
+                    {
+                        "detail": f"Host '{host}' refused: open the UI as http://localhost:PORT, "
+                        "or start the server with --host 0.0.0.0 to use a token"
+                    },
+                    status_code=403,
+                )
+            origin = request.headers.get("origin")
+            if request.method not in ("GET", "HEAD") and origin and urlsplit(origin).netloc != host:
+                return JSONResponse(
+                    {"detail": f"cross-site request from '{origin}' refused"}, status_code=403
+                )
+        return await call_next(request)
+
+    # -- files of the working directory -------------------------------------------------------
+    def read_json(relative: Path, empty: Any) -> Any:
+        path = workdir / relative
+        if not path.is_file():
+            return empty
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise HTTPException(
+                422,
+                f"{relative.as_posix()} is not valid JSON (line {exc.lineno}, column "
+                f"{exc.colno}: {exc.msg}); fix the file or save the form again",
+            ) from None
+
+    def output_dir() -> Path:
+        """The running (or last) job's output_dir, else the configured one."""
+        if runner.job is not None:
+            return runner.job.output_dir
+        raw = read_json(CONFIG_FILE, {})
+        configured = normalize_keys(raw).get("output_dir") if isinstance(raw, dict) else None
+        return workdir / str(configured or DEFAULT_OUTPUT_DIR)
+
+    def dataset_root(dataset_id: str) -> Path:
+        entries = read_json(DATASETS_FILE, [])
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and entry.get("id") == dataset_id:
+                folder = entry.get("instance_data_dir")
+                if not folder:
+                    raise HTTPException(404, f"dataset '{dataset_id}' has no instance_data_dir to browse")
+                return workdir / str(folder)
+        raise HTTPException(404, f"no dataset with id '{dataset_id}' in {DATASETS_FILE.as_posix()}")
+
+    # -- page -----------------------------------------------------------------------------------
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        page = (HERE / "templates" / "index.html").read_text(encoding="utf-8")
+        return page.replace("{{token_query}}", f"?token={token}" if token else "")
+
+    # -- config and datasets ----------------------------------------------------------------------
+    @app.get("/api/schema")
+    def schema() -> dict[str, Any]:
+        from difftune.configure import FAMILY_PRESETS
+
+        return schema_groups({name: list(preset.flavours) for name, preset in FAMILY_PRESETS.items()})
+
+    @app.get("/api/config")
+    def get_config() -> dict[str, Any]:
+        return {
+            "file": CONFIG_FILE.as_posix(),
+            "exists": (workdir / CONFIG_FILE).is_file(),
+            "config": read_json(CONFIG_FILE, {}),
+        }
+
+    @app.put("/api/config")
+    async def put_config(request: Request) -> Response:
+        body = await _json_body(request, CONFIG_FILE)
+        config, errors = validate_train(body)
+        if errors:
+            return _unprocessable(CONFIG_FILE, errors)
+        _write_json(workdir / CONFIG_FILE, config)
+        return JSONResponse({"file": CONFIG_FILE.as_posix(), "config": config})
+
+    @app.get("/api/datasets")
+    def get_datasets() -> dict[str, Any]:
+        return {
+            "file": DATASETS_FILE.as_posix(),
+            "exists": (workdir / DATASETS_FILE).is_file(),
+            "datasets": read_json(DATASETS_FILE, []),
+        }
+
+    @app.put("/api/datasets")
+    async def put_datasets(request: Request) -> Response:
+        body = await _json_body(request, DATASETS_FILE)
+        entries, errors = validate_datasets(body)
+        if errors:
+            return _unprocessable(DATASETS_FILE, errors)
+        _write_json(workdir / DATASETS_FILE, entries)
+        return JSONResponse({"file": DATASETS_FILE.as_posix(), "datasets": entries})
+
+    # -- dataset browser --------------------------------------------------------------------------
+    @app.get("/api/datasets/{dataset_id}/files")
+    def dataset_files(dataset_id: str, path: str = "") -> dict[str, Any]:
+        return {"dataset": dataset_id, **list_folder(dataset_root(dataset_id), path)}
+
+    @app.get("/api/datasets/{dataset_id}/file")
+    def dataset_file(dataset_id: str, path: str) -> FileResponse:
+        target = resolve_inside(dataset_root(dataset_id), path)
+        if not target.is_file():
+            raise HTTPException(400, f"'{path}' is a folder, not a file")
+        return FileResponse(target)
+
+    @app.get("/api/datasets/{dataset_id}/thumbnail")
+    def dataset_thumbnail(dataset_id: str, path: str, size: int = 160) -> Response:
+        target = resolve_inside(dataset_root(dataset_id), path)
+        return Response(thumbnail_png(target, max(16, min(size, 1024))), media_type="image/png")
+
+    # -- job ----------------------------------------------------------------------------------------
+    def start(resume: bool) -> Response:
+        raw = read_json(CONFIG_FILE, None)
+        if raw is None:
+            raise HTTPException(409, f"{CONFIG_FILE.as_posix()} does not exist yet: save the config first")
+        config, errors = validate_train(raw)
+        if errors:
+            return _unprocessable(CONFIG_FILE, errors)
+        out = workdir / str(config.get("output_dir") or DEFAULT_OUTPUT_DIR)
+        try:
+            return JSONResponse(runner.start(CONFIG_FILE, out, resume=resume))
+        except JobBusy as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    @app.post("/api/job/start")
+    def job_start() -> Response:
+        return start(resume=False)
+
+    @app.post("/api/job/resume")
+    def job_resume() -> Response:
+        return start(resume=True)
+
+    @app.post("/api/job/stop")
+    def job_stop() -> dict[str, Any]:
+        return runner.stop()
+
+    @app.get("/api/job")
+    def job_state() -> dict[str, Any]:
+        return runner.state()
+
+    # -- progress -----------------------------------------------------------------------------------
+    @app.get("/api/loss")
+    def loss() -> dict[str, Any]:
+        return _finite(loss_series(output_dir() / "events.jsonl"))
+
+    @app.get("/api/validation")
+    def validation() -> dict[str, Any]:
+        return {"output_dir": str(output_dir()), "steps": validation_gallery(output_dir())}
+
+    @app.get("/api/output/file")
+    def output_file(path: str) -> FileResponse:
+        target = resolve_inside(output_dir(), path)
+        if not target.is_file():
+            raise HTTPException(400, f"'{path}' is a folder, not a file")
+        return FileResponse(target)
+
+    @app.get("/api/events")
+    async def events(
+        request: Request, backlog: int = 200, max_seconds: float | None = None
+    ) -> StreamingResponse:
+        """`max_seconds` ends the stream after that long (the browser's EventSource reconnects)."""
+        return StreamingResponse(
+            _event_stream(request, runner, output_dir, backlog, poll_seconds, max_seconds),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return app
+
+
+async def _json_body(request: Request, file: Path) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HTTPException(400, f"the body for {file.as_posix()} is not valid JSON: {exc}") from None
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(_finite(data), default=str)}\n\n"
+
+
+async def _event_stream(
+    request: Request,
+    runner: JobRunner,
+    output_dir: Callable[[], Path],
+    backlog: int,
+    poll_seconds: float,
+    max_seconds: float | None,
+) -> AsyncIterator[str]:
+    """Server-sent events: each events.jsonl line as is, job log lines as {"type": "joblog", "line"},
+    and {"type": "job", ...state} whenever the job's state changes."""
+    yield "retry: 2000\n\n"
+    events_tail: LineTail | None = None
+    log_tail: LineTail | None = None
+    last_state: dict[str, Any] | None = None
+    last_sent = time.monotonic()
+    deadline = None if max_seconds is None else last_sent + max_seconds
+    while not await request.is_disconnected() and (deadline is None or time.monotonic() < deadline):
+        sent = []
+        events_path = output_dir() / "events.jsonl"
+        if events_tail is None or events_tail.path != events_path:
+            events_tail = LineTail(events_path, backlog)
+        sent += [_sse(event) for event in map(parse_event, events_tail.read_new()) if event]
+        job = runner.job
+        if job is not None and (log_tail is None or log_tail.path != job.log_path):
+            log_tail = LineTail(job.log_path, backlog)
+        if log_tail is not None:
+            sent += [_sse({"type": "joblog", "line": line}) for line in log_tail.read_new()]
+        state = runner.state()
+        if state != last_state:
+            sent.append(_sse({"type": "job", **state}))
+            last_state = state
+        if sent:
+            yield "".join(sent)
+            last_sent = time.monotonic()
+        elif time.monotonic() - last_sent > 15:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        await asyncio.sleep(poll_seconds)

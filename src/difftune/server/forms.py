@@ -1,0 +1,204 @@
+"""The config schema as form fields (grouped for the web UI), and validation of what a form sends.
+
+Validation goes through the same pydantic schema as `difftune train`, so an error names the same key
+and gives the same reason; errors come back as a list of {"key", "value", "message"}.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from typing import Any, Literal
+
+import annotated_types
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+
+from difftune.config.schema import DatasetConfig, TrainConfig
+
+GROUPS = ("model", "training", "memory", "validation", "datasets")
+
+# Keys that users' files spell differently (older or quickstart names) -> the schema's name.
+KEY_ALIASES = {
+    "checkpoint_step_interval": "checkpointing_steps",
+    "validation_step_interval": "validation_steps",
+    "use_gradient_checkpointing": "gradient_checkpointing",
+    "frame_rate": "framerate",
+}
+
+_MODEL_KEYS = {
+    "model_family",
+    "model_flavour",
+    "model_type",
+    "pretrained_model_name_or_path",
+    "pretrained_vae_model_name_or_path",
+    "revision",
+    "prediction_type",
+    "output_dir",
+    "data_backend_config",
+    "lycoris_config",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "use_dora",
+    "lora_format",
+}
+_MEMORY_KEYS = {
+    "mixed_precision",
+    "gradient_checkpointing",
+    "gradient_checkpointing_interval",
+    "attention_mechanism",
+    "base_model_default_dtype",
+    "offload_during_startup",
+    "compile_model",
+}
+_MEMORY_PREFIXES = ("text_encoder_", "base_model_precision", "group_offload", "enable_", "vae_")
+_VALIDATION_KEYS = {"num_validation_images", "framerate", "user_prompt_library"}
+
+
+def group_of(key: str) -> str:
+    """Which form group a TrainConfig key belongs to."""
+    if key in _MODEL_KEYS:
+        return "model"
+    if key in _MEMORY_KEYS or key.startswith(_MEMORY_PREFIXES):
+        return "memory"
+    if key in _VALIDATION_KEYS or key.startswith("validation_"):
+        return "validation"
+    return "training"
+
+
+def _constraints(field: FieldInfo) -> dict[str, float]:
+    names = {
+        annotated_types.Ge: "ge",
+        annotated_types.Gt: "gt",
+        annotated_types.Le: "le",
+        annotated_types.Lt: "lt",
+    }
+    found = {}
+    for item in field.metadata:
+        for cls, name in names.items():
+            if isinstance(item, cls):
+                found[name] = getattr(item, name)
+    return found
+
+
+def _describe_type(annotation: Any) -> dict[str, Any]:
+    """JSON-friendly type of an annotation: string, integer, number, boolean, choice, object or json."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        described = _describe_type(members[0]) if len(members) == 1 else {"type": "json"}
+        return {**described, "nullable": type(None) in args}
+    if origin is Literal:
+        return {"type": "choice", "choices": list(args)}
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {
+            "type": "object",
+            "fields": [describe_field(k, f) for k, f in annotation.model_fields.items()],
+        }
+    simple = {bool: "boolean", int: "integer", float: "number", str: "string"}
+    return {"type": simple.get(annotation, "json")}
+
+
+def describe_field(name: str, field: FieldInfo) -> dict[str, Any]:
+    """One form field: name, type, default, choices, bounds, whether it is required."""
+    described = {"name": name, "nullable": False, **_describe_type(field.annotation)}
+    described["required"] = field.is_required()
+    described["default"] = None if field.is_required() else field.get_default(call_default_factory=True)
+    described.update(_constraints(field))
+    return described
+
+
+def schema_groups(families: dict[str, list[str]]) -> dict[str, Any]:
+    """Fields of config.json grouped as the form shows them, plus the dataset entry's fields.
+
+    `families` maps model_family -> its flavours; it becomes the choices of model_family/model_flavour.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {name: [] for name in GROUPS}
+    for name, field in TrainConfig.model_fields.items():
+        described = describe_field(name, field)
+        if name == "model_family":
+            described.update(type="choice", choices=sorted(families))
+        if name == "model_flavour":
+            described["choices_by_family"] = families
+        groups[group_of(name)].append(described)
+    groups["datasets"] = [describe_field(name, field) for name, field in DatasetConfig.model_fields.items()]
+    return {"groups": groups, "aliases": KEY_ALIASES}
+
+
+def normalize_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """Drop a leading `--` and map older spellings to the schema's key names."""
+    normalized = {}
+    for key, value in raw.items():
+        name = str(key).lstrip("-")
+        normalized[KEY_ALIASES.get(name, name)] = value
+    return normalized
+
+
+def _message(error: dict[str, Any], model: type[BaseModel]) -> str:
+    key = str(error["loc"][-1]) if error["loc"] else ""
+    if error["type"] == "extra_forbidden":
+        near = difflib.get_close_matches(key, model.model_fields, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else "; remove it"
+        return f"unknown key '{key}'{hint}"
+    if error["type"] == "missing":
+        return f"'{key}' is required"
+    return error["msg"].removeprefix("Value error, ")
+
+
+def _errors(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[dict[str, Any]]:
+    found = []
+    for error in exc.errors(include_url=False):
+        key = ".".join(str(part) for part in error["loc"])
+        found.append(
+            {
+                "key": prefix + key if key else prefix.rstrip("."),
+                "value": error.get("input"),
+                "message": _message(error, model),
+            }
+        )
+    return found
+
+
+def validate_train(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Check a config.json body; returns (the keys given, converted to their types; errors)."""
+    if not isinstance(raw, dict):
+        return {}, [{"key": "", "value": None, "message": "config.json must be a JSON object of key: value"}]
+    normalized = normalize_keys(raw)
+    try:
+        config = TrainConfig.model_validate(normalized)
+    except ValidationError as exc:
+        return {}, _errors(exc, TrainConfig)
+    return config.model_dump(include=set(normalized), mode="json"), []
+
+
+def validate_datasets(raw: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Check a multidatabackend.json body (a list of dataset entries); returns (entries, errors)."""
+    if not isinstance(raw, list):
+        return [], [
+            {"key": "", "value": None, "message": "multidatabackend.json must be a JSON list of datasets"}
+        ]
+    entries, errors, seen = [], [], set()
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            errors.append({"key": f"{index}", "value": item, "message": "each dataset must be a JSON object"})
+            continue
+        given = {str(k).lstrip("-"): v for k, v in item.items()}
+        if given.get("id") is not None and given["id"] in seen:
+            errors.append(
+                {
+                    "key": f"{index}.id",
+                    "value": given["id"],
+                    "message": f"dataset id '{given['id']}' is used twice; give each dataset its own id",
+                }
+            )
+        seen.add(given.get("id"))
+        try:
+            entry = DatasetConfig.model_validate(given)
+        except ValidationError as exc:
+            errors += _errors(exc, DatasetConfig, prefix=f"{index}.")
+            continue
+        entries.append(entry.model_dump(include=set(given), mode="json", exclude_none=False))
+    return entries, errors

@@ -1,0 +1,125 @@
+"""The training job the web UI starts: one child process at a time, in its own process group."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# (config path, resume?) -> argv of the training process
+TrainCommand = Callable[[Path, bool], list[str]]
+
+
+def default_train_command(config_path: Path, resume: bool) -> list[str]:
+    """`python -m difftune train --config PATH [--resume_from_checkpoint latest]`."""
+    argv = [sys.executable, "-m", "difftune", "train", "--config", str(config_path)]
+    return argv + (["--resume_from_checkpoint", "latest"] if resume else [])
+
+
+class JobBusy(RuntimeError):
+    """A job is already running."""
+
+
+@dataclass
+class Job:
+    argv: list[str]
+    output_dir: Path
+    log_path: Path
+    process: subprocess.Popen
+    started_at: float = field(default_factory=time.time)
+    stopped: bool = False
+    exit_code: int | None = None
+
+
+class JobRunner:
+    """Starts, stops and reports the training process; its stdout and stderr go to output_dir/job.log."""
+
+    def __init__(self, workdir: Path, train_command: TrainCommand = default_train_command) -> None:
+        self.workdir = workdir
+        self.train_command = train_command
+        self.job: Job | None = None
+        self._lock = threading.Lock()
+
+    def start(self, config_path: Path, output_dir: Path, resume: bool = False) -> dict[str, Any]:
+        """Run the train command; raises JobBusy if one is running."""
+        with self._lock:
+            if self.job is not None and self.job.exit_code is None:
+                raise JobBusy(f"a job is already running (pid {self.job.process.pid}); stop it first")
+            output_dir.mkdir(parents=True, exist_ok=True)
+            log_path = output_dir / "job.log"
+            argv = self.train_command(config_path, resume)
+            with log_path.open("ab") as log:
+                log.write(f"$ {' '.join(argv)}\n".encode())
+                log.flush()
+                # start_new_session: the job and its workers (dataloader, compile) form one process
+                # group, so stop() reaches all of them.
+                process = subprocess.Popen(
+                    argv,
+                    cwd=self.workdir,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
+            job = Job(argv=argv, output_dir=output_dir, log_path=log_path, process=process)
+            self.job = job
+        threading.Thread(target=self._reap, args=(job,), daemon=True).start()
+        return self.state()
+
+    def _reap(self, job: Job) -> None:
+        code = job.process.wait()
+        with job.log_path.open("ab") as log:
+            log.write(f"[job exited with code {code}]\n".encode())
+        job.exit_code = code
+
+    def stop(self, grace_seconds: float = 10.0) -> dict[str, Any]:
+        """SIGTERM the job's process group; SIGKILL it if it has not ended after `grace_seconds`."""
+        job = self.job
+        if job is None or job.exit_code is not None:
+            return self.state()
+        job.stopped = True
+        self._signal(job, signal.SIGTERM)
+        try:
+            job.process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            self._signal(job, signal.SIGKILL)
+            job.process.wait()
+        deadline = time.monotonic() + 2.0
+        while job.exit_code is None and time.monotonic() < deadline:  # let _reap record it
+            time.sleep(0.01)
+        return self.state()
+
+    @staticmethod
+    def _signal(job: Job, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.killpg(job.process.pid, sig)
+
+    def state(self) -> dict[str, Any]:
+        """{"state": idle|running|finished|failed|stopped, "pid", "exit_code", "command", ...}."""
+        job = self.job
+        if job is None:
+            return {"state": "idle", "pid": None, "exit_code": None, "command": None}
+        if job.exit_code is None:
+            name = "running"
+        elif job.stopped:
+            name = "stopped"
+        else:
+            name = "finished" if job.exit_code == 0 else "failed"
+        return {
+            "state": name,
+            "pid": job.process.pid,
+            "exit_code": job.exit_code,
+            "command": job.argv,
+            "started_at": job.started_at,
+            "output_dir": str(job.output_dir),
+            "log": str(job.log_path),
+        }

@@ -1,0 +1,392 @@
+// difftune web UI: config and dataset forms built from /api/schema, dataset browser, job controls,
+// live progress over server-sent events, loss plot (SVG) and validation gallery. No build step.
+"use strict";
+
+const TOKEN = new URLSearchParams(location.search).get("token") || sessionStorage.getItem("difftune-token");
+if (TOKEN) sessionStorage.setItem("difftune-token", TOKEN);
+const $ = (id) => document.getElementById(id);
+let schema = null;
+let loadedConfig = {};
+let datasets = [];
+let totalSteps = null;
+const lossPoints = new Map();
+
+// -- helpers -----------------------------------------------------------------------------------
+function withToken(url) {
+  if (!TOKEN) return url;
+  return url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(TOKEN);
+}
+
+async function api(method, url, body) {
+  const options = { method, headers: {} };
+  if (TOKEN) options.headers.Authorization = "Bearer " + TOKEN;
+  if (body !== undefined) {
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  const response = await fetch(url, options);
+  let data = null;
+  try { data = await response.json(); } catch (e) { data = null; }
+  return { ok: response.ok, status: response.status, data };
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function showErrors(listId, payload) {
+  const list = $(listId);
+  list.replaceChildren();
+  document.querySelectorAll(".field.invalid").forEach((f) => f.classList.remove("invalid"));
+  let details = payload && payload.detail;
+  if (!details) return;
+  if (!Array.isArray(details)) details = [{ key: "", message: String(details) }];
+  for (const error of details) {
+    const where = payload.file ? payload.file + (error.key ? ": " + error.key : "") : error.key;
+    list.append(el("li", {}, (where ? where + ": " : "") + error.message));
+    const field = document.querySelector(`[data-key="${CSS.escape(error.key || "")}"]`);
+    if (field) field.closest(".field").classList.add("invalid");
+  }
+}
+
+function normalizeKeys(raw) {
+  const out = {};
+  for (const [key, value] of Object.entries(raw || {})) {
+    const name = key.replace(/^-+/, "");
+    out[(schema.aliases && schema.aliases[name]) || name] = value;
+  }
+  return out;
+}
+
+// -- generic form fields -------------------------------------------------------------------------
+function fieldInput(desc, value, key) {
+  let input;
+  if (desc.type === "choice") {
+    input = el("select");
+    input.append(el("option", { value: "" }, desc.default == null ? "(none)" : `(default: ${desc.default})`));
+    for (const choice of desc.choices || []) input.append(el("option", { value: String(choice) }, String(choice)));
+    input.value = value == null ? "" : String(value);
+  } else if (desc.type === "boolean") {
+    input = el("select");
+    input.append(el("option", { value: "" }, `(default: ${desc.default})`),
+      el("option", { value: "true" }, "true"), el("option", { value: "false" }, "false"));
+    input.value = value == null ? "" : String(value === true || value === "true");
+  } else if (desc.type === "json" || desc.type === "object") {
+    input = el("textarea", { rows: "2" });
+    input.value = value == null ? "" : (typeof value === "string" ? value : JSON.stringify(value));
+  } else {
+    input = el("input", { type: desc.type === "string" ? "text" : "number" });
+    if (desc.type !== "string") input.step = desc.type === "integer" ? "1" : "any";
+    if (desc.default != null) input.placeholder = String(desc.default);
+    input.value = value == null ? "" : String(value);
+  }
+  input.dataset.key = key;
+  input.name = key;
+  return el("label", { class: "field" }, el("span", { class: "name" }, desc.name + (desc.required ? " *" : "")), input);
+}
+
+// The value an input holds: {set: false} when empty (the key is left out, so the default applies).
+function readInput(desc, input) {
+  const raw = input.value.trim();
+  if (raw === "") return { set: false };
+  if (desc.type === "boolean") return { set: true, value: raw === "true" };
+  if (desc.type === "integer") return { set: true, value: Number.isInteger(Number(raw)) ? Number(raw) : raw };
+  if (desc.type === "number") return { set: true, value: Number.isFinite(Number(raw)) ? Number(raw) : raw };
+  if (desc.type === "json" || desc.type === "object") {
+    try { return { set: true, value: JSON.parse(raw) }; } catch (e) { return { set: true, value: raw }; }
+  }
+  if (desc.type === "choice") {
+    const numeric = (desc.choices || []).find((c) => String(c) === raw);
+    return { set: true, value: numeric === undefined ? raw : numeric };
+  }
+  return { set: true, value: raw };
+}
+
+// -- config form -------------------------------------------------------------------------------------
+function updateFlavours() {
+  const family = document.querySelector('#config-form [data-key="model_family"]').value;
+  const select = document.querySelector('#config-form [data-key="model_flavour"]');
+  const current = select.value || loadedConfig.model_flavour || "";
+  const flavours = (schema.groups.model.find((f) => f.name === "model_flavour").choices_by_family || {})[family] || [];
+  select.replaceChildren(el("option", { value: "" }, "(family default)"));
+  for (const flavour of flavours) select.append(el("option", { value: flavour }, flavour));
+  if (current && !flavours.includes(current)) select.append(el("option", { value: current }, current));
+  select.value = flavours.includes(current) || current ? current : "";
+}
+
+function buildConfigForm() {
+  const form = $("config-form");
+  form.replaceChildren();
+  for (const group of ["model", "training", "memory", "validation"]) {
+    const box = el("fieldset", { class: "group" }, el("legend", {}, group));
+    for (const desc of schema.groups[group]) {
+      const shown = desc.name === "model_flavour" ? { ...desc, type: "choice", choices: [] } : desc;
+      box.append(fieldInput(shown, loadedConfig[desc.name], desc.name));
+    }
+    form.append(box);
+  }
+  form.querySelector('[data-key="model_family"]').addEventListener("change", updateFlavours);
+  updateFlavours();
+}
+
+function readConfigForm() {
+  const config = {};
+  for (const [key, value] of Object.entries(loadedConfig)) config[key] = value;
+  for (const group of ["model", "training", "memory", "validation"]) {
+    for (const desc of schema.groups[group]) {
+      const result = readInput(desc, document.querySelector(`#config-form [data-key="${desc.name}"]`));
+      if (result.set) config[desc.name] = result.value;
+      else delete config[desc.name];
+    }
+  }
+  return config;
+}
+
+async function loadConfig() {
+  const result = await api("GET", "/api/config");
+  if (!result.ok) { showErrors("config-errors", result.data); return; }
+  loadedConfig = normalizeKeys(result.data.config);
+  buildConfigForm();
+  $("config-status").textContent = result.data.exists ? "" : "no config yet: fill in and save";
+}
+
+async function saveConfig() {
+  const result = await api("PUT", "/api/config", readConfigForm());
+  if (result.ok) {
+    loadedConfig = result.data.config;
+    showErrors("config-errors", null);
+    $("config-status").textContent = "saved " + result.data.file;
+  } else {
+    $("config-status").textContent = "not saved";
+    showErrors("config-errors", result.data);
+  }
+}
+
+// -- datasets ---------------------------------------------------------------------------------------
+const MAIN_DATASET_KEYS = ["id", "dataset_type", "instance_data_dir", "caption_strategy", "instance_prompt",
+  "resolution", "resolution_type", "crop", "crop_aspect", "repeats", "cache_dir_vae", "cache_dir", "default", "disabled"];
+
+function datasetCard(entry, index) {
+  const main = el("div", { class: "fields" });
+  const more = el("div", { class: "fields" });
+  for (const desc of schema.groups.datasets) {
+    const target = MAIN_DATASET_KEYS.includes(desc.name) ? main : more;
+    target.append(fieldInput(desc, entry[desc.name], `${index}.${desc.name}`));
+  }
+  const remove = el("button", { type: "button", onclick: () => { datasets = readDatasets(); datasets.splice(index, 1); renderDatasets(); } }, "Remove");
+  return el("fieldset", { class: "group dataset", "data-index": String(index) },
+    el("legend", {}, entry.id || "new dataset"), main, el("details", {}, el("summary", {}, "more settings"), more), remove);
+}
+
+function renderDatasets() {
+  $("dataset-list").replaceChildren(...datasets.map(datasetCard));
+  const select = $("browser-dataset");
+  const previous = select.value;
+  select.replaceChildren(...datasets.filter((d) => d.instance_data_dir).map((d) => el("option", { value: d.id }, d.id)));
+  if (previous) select.value = previous;
+}
+
+function readDatasets() {
+  return datasets.map((entry, index) => {
+    const out = {};
+    for (const desc of schema.groups.datasets) {
+      const result = readInput(desc, document.querySelector(`[data-key="${CSS.escape(index + "." + desc.name)}"]`));
+      if (result.set) out[desc.name] = result.value;
+    }
+    return out;
+  });
+}
+
+async function loadDatasets() {
+  const result = await api("GET", "/api/datasets");
+  if (!result.ok) { showErrors("datasets-errors", result.data); return; }
+  datasets = Array.isArray(result.data.datasets) ? result.data.datasets : [];
+  renderDatasets();
+}
+
+async function saveDatasets() {
+  const result = await api("PUT", "/api/datasets", readDatasets());
+  if (result.ok) {
+    datasets = result.data.datasets;
+    renderDatasets();
+    showErrors("datasets-errors", null);
+    $("datasets-status").textContent = "saved " + result.data.file;
+  } else {
+    $("datasets-status").textContent = "not saved";
+    showErrors("datasets-errors", result.data);
+  }
+}
+
+// -- dataset browser ----------------------------------------------------------------------------------
+async function browse(path) {
+  const id = $("browser-dataset").value;
+  $("browser-error").textContent = "";
+  if (!id) return;
+  const base = `/api/datasets/${encodeURIComponent(id)}`;
+  const result = await api("GET", `${base}/files?path=${encodeURIComponent(path)}`);
+  if (!result.ok) { $("browser-error").textContent = result.data ? result.data.detail : "error " + result.status; return; }
+  const listing = result.data;
+  const crumbs = [el("a", { href: "#", onclick: (e) => { e.preventDefault(); browse(""); } }, id)];
+  let sofar = "";
+  for (const part of listing.path ? listing.path.split("/") : []) {
+    sofar = sofar ? sofar + "/" + part : part;
+    const target = sofar;
+    crumbs.push(" / ", el("a", { href: "#", onclick: (e) => { e.preventDefault(); browse(target); } }, part));
+  }
+  $("browser-path").replaceChildren(...crumbs);
+  $("browser-dirs").replaceChildren(...listing.dirs.map((d) =>
+    el("li", {}, el("a", { href: "#", onclick: (e) => { e.preventDefault(); browse(d.path); } }, d.name + "/"))));
+  $("browser-files").replaceChildren(...listing.files.filter((f) => f.kind !== "text").map((f) => {
+    const url = withToken(`${base}/file?path=${encodeURIComponent(f.path)}`);
+    const preview = f.kind === "image"
+      ? el("img", { src: withToken(`${base}/thumbnail?path=${encodeURIComponent(f.path)}&size=160`), alt: f.name, loading: "lazy" })
+      : el("a", { href: url, target: "_blank" }, f.kind === "video" ? "▶ video" : "open");
+    return el("figure", {}, preview, el("figcaption", {}, f.name + (f.caption ? " — " + f.caption : "")));
+  }));
+}
+
+// -- training --------------------------------------------------------------------------------------
+function setJobState(state) {
+  const text = state.state + (state.exit_code != null ? ` (exit code ${state.exit_code})` : "");
+  $("job-badge").textContent = state.state;
+  $("job-badge").className = "badge " + state.state;
+  $("job-status").textContent = text;
+  $("job-start").disabled = $("job-resume").disabled = state.state === "running";
+  $("job-stop").disabled = state.state !== "running";
+}
+
+async function jobAction(action) {
+  const result = await api("POST", `/api/job/${action}`);
+  if (result.ok) setJobState(result.data);
+  else $("job-status").textContent = result.data && result.data.detail
+    ? (Array.isArray(result.data.detail) ? result.data.detail.map((e) => `${e.key}: ${e.message}`).join("; ") : result.data.detail)
+    : "error " + result.status;
+}
+
+function appendLog(line) {
+  const log = $("log");
+  const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+  log.append(line + "\n");
+  while (log.childNodes.length > 2000) log.removeChild(log.firstChild);
+  if (atBottom) log.scrollTop = log.scrollHeight;
+}
+
+function formatSeconds(seconds) {
+  if (seconds == null || !isFinite(seconds)) return "–";
+  const s = Math.round(seconds);
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60);
+  return h ? `${h}h${String(m).padStart(2, "0")}m` : `${m}m${String(s % 60).padStart(2, "0")}s`;
+}
+
+function showProgress(event) {
+  $("stat-step").textContent = totalSteps ? `${event.step} / ${totalSteps}` : String(event.step);
+  $("stat-loss").textContent = event.loss == null ? "–" : Number(event.loss).toFixed(4);
+  $("stat-lr").textContent = event.lr == null ? "–" : Number(event.lr).toExponential(2);
+  $("stat-rate").textContent = event.it_per_s == null ? "–" : Number(event.it_per_s).toFixed(2);
+  $("stat-eta").textContent = formatSeconds(event.eta_s);
+  if (totalSteps) { $("stat-bar").max = totalSteps; $("stat-bar").value = event.step; }
+  if (event.loss != null) { lossPoints.set(Number(event.step), Number(event.loss)); drawLoss(); }
+}
+
+function drawLoss() {
+  const svg = $("loss-plot");
+  const ns = "http://www.w3.org/2000/svg";
+  const steps = [...lossPoints.keys()].sort((a, b) => a - b);
+  svg.replaceChildren();
+  if (steps.length === 0) return;
+  const losses = steps.map((s) => lossPoints.get(s));
+  const [w, h, pad] = [600, 220, 30];
+  const [x0, x1] = [steps[0], Math.max(steps[steps.length - 1], steps[0] + 1)];
+  const [y0, y1] = [Math.min(...losses), Math.max(...losses, Math.min(...losses) + 1e-9)];
+  const x = (s) => pad + ((s - x0) / (x1 - x0)) * (w - 2 * pad);
+  const y = (v) => h - pad - ((v - y0) / (y1 - y0)) * (h - 2 * pad);
+  const line = document.createElementNS(ns, "polyline");
+  line.setAttribute("points", steps.map((s, i) => `${x(s).toFixed(1)},${y(losses[i]).toFixed(1)}`).join(" "));
+  line.setAttribute("class", "loss-line");
+  svg.append(line);
+  const labels = [[pad, h - 8, String(x0)], [w - pad, h - 8, String(x1)], [2, pad, y1.toPrecision(3)], [2, h - pad, y0.toPrecision(3)]];
+  for (const [lx, ly, text] of labels) {
+    const label = document.createElementNS(ns, "text");
+    label.setAttribute("x", lx); label.setAttribute("y", ly); label.setAttribute("class", "axis");
+    label.textContent = text;
+    svg.append(label);
+  }
+}
+
+async function loadLoss() {
+  const result = await api("GET", "/api/loss");
+  if (!result.ok) return;
+  result.data.steps.forEach((s, i) => { if (result.data.loss[i] != null) lossPoints.set(s, result.data.loss[i]); });
+  drawLoss();
+}
+
+// -- gallery ----------------------------------------------------------------------------------------
+async function loadGallery() {
+  const result = await api("GET", "/api/validation");
+  if (!result.ok) { $("gallery-note").textContent = result.data ? result.data.detail : "error"; return; }
+  $("gallery-note").textContent = result.data.steps.length ? "" : "no validation samples yet in " + result.data.output_dir;
+  $("gallery").replaceChildren(...result.data.steps.map((entry) => el("section", { class: "step" },
+    el("h3", {}, "step " + entry.step),
+    el("div", { class: "grid" }, ...entry.files.map((f) => {
+      const url = withToken(`/api/output/file?path=${encodeURIComponent(f.path)}`);
+      const media = f.kind === "video" ? el("video", { src: url, controls: "", loop: "" }) : el("img", { src: url, alt: f.name });
+      return el("figure", {}, media, el("figcaption", {}, f.name));
+    })))));
+}
+
+// -- live events --------------------------------------------------------------------------------------
+function connectEvents() {
+  const source = new EventSource(withToken("/api/events"));
+  source.onmessage = (message) => {
+    const event = JSON.parse(message.data);
+    if (event.type === "joblog") appendLog(event.line);
+    else if (event.type === "job") { setJobState(event); if (event.state !== "running") loadGallery(); }
+    else if (event.type === "start") { totalSteps = event.total_steps || null; appendLog(`[start] ${event.total_steps || "?"} steps`); }
+    else if (event.type === "progress") showProgress(event);
+    else if (event.type === "validation") { appendLog(`[validation] step ${event.step}`); loadGallery(); }
+    else if (event.message) appendLog(`[${event.type}] ${event.message}`);
+    else if (event.type === "checkpoint") appendLog(`[checkpoint] step ${event.step}: ${event.path || ""}`);
+    else if (event.type === "finished") { appendLog(`[finished] step ${event.step}`); loadGallery(); }
+  };
+}
+
+// -- start ---------------------------------------------------------------------------------------------
+function showTab(name) {
+  document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
+  document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t.id === "tab-" + name));
+  if (name === "gallery") loadGallery();
+  if (name === "browser") browse("");
+}
+
+async function main() {
+  document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
+  $("config-save").addEventListener("click", saveConfig);
+  $("datasets-save").addEventListener("click", saveDatasets);
+  $("dataset-add").addEventListener("click", () => {
+    datasets = readDatasets();
+    datasets.push({ id: `dataset-${datasets.length + 1}`, type: "local", dataset_type: "image" });
+    renderDatasets();
+  });
+  $("browser-dataset").addEventListener("change", () => browse(""));
+  $("job-start").addEventListener("click", () => jobAction("start"));
+  $("job-resume").addEventListener("click", () => jobAction("resume"));
+  $("job-stop").addEventListener("click", () => jobAction("stop"));
+  $("gallery-refresh").addEventListener("click", loadGallery);
+  const result = await api("GET", "/api/schema");
+  if (!result.ok) { document.body.prepend(el("p", { class: "errors" }, "cannot load /api/schema: " + (result.data && result.data.detail))); return; }
+  schema = result.data;
+  await Promise.all([loadConfig(), loadDatasets(), loadLoss()]);
+  const job = await api("GET", "/api/job");
+  if (job.ok) setJobState(job.data);
+  connectEvents();
+  document.body.dataset.ready = "true";
+}
+
+main();

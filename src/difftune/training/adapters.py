@@ -1,0 +1,120 @@
+"""LoRA / DoRA adapters through peft: attach to a denoiser, read out, export to the ComfyUI layout.
+
+Saved weights use peft's key names under the denoiser's prefix ("unet.<module>.lora_A.weight",
+"lora_B", DoRA's "lora_magnitude_vector"), which the diffusers pipelines' `load_lora_weights` read
+as they are; the LoraConfig (rank, alpha, targets) travels in the file's metadata.
+
+The ComfyUI / kohya layout names each wrapped module "<prefix>_<module path, dots as underscores>"
+with ".lora_down.weight" (= lora_A), ".lora_up.weight" (= lora_B), ".alpha" (a scalar tensor) and,
+for DoRA, ".dora_scale" (the magnitude, one value per output feature, shaped (out, 1)). diffusers
+reads it back through its non-diffusers LoRA converter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from difftune.config.schema import TrainConfig
+    from difftune.families.base import Family
+
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # where diffusers stores the LoraConfig in safetensors
+_PEFT_SUFFIXES = {
+    ".lora_A.weight": ".lora_down.weight",
+    ".lora_B.weight": ".lora_up.weight",
+    ".lora_magnitude_vector": ".dora_scale",
+}
+
+
+def attach_lora(denoiser: torch.nn.Module, family: Family, config: TrainConfig) -> None:
+    """Wrap the family's target modules in a LoRA (DoRA with use_dora); only the adapter trains, in fp32.
+
+    Uses lora_rank, lora_alpha (default: the rank), lora_dropout and use_dora; peft's gaussian init
+    (A random, B zero) so the wrapped model starts equal to the base model.
+    """
+    from peft import LoraConfig
+
+    lora_config = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.effective_lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_dora=config.use_dora,
+        init_lora_weights="gaussian",
+        target_modules=family.lora_targets(),
+    )
+    denoiser.add_adapter(lora_config)
+    for parameter in denoiser.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(torch.float32)
+
+
+def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights with peft's key names (no adapter name, no "unet." prefix), detached."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(denoiser)
+    return {key: value.detach().contiguous() for key, value in state.items()}
+
+
+def _read_lora_file(lora_file: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and the LoraConfig metadata (keys without their "unet." / "transformer." prefix)."""
+    from safetensors import safe_open
+
+    tensors = {}
+    with safe_open(str(lora_file), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        for key in handle.keys():
+            tensors[key] = handle.get_tensor(key)
+    packed = json.loads(metadata.get(ADAPTER_METADATA_KEY, "{}"))
+    config = {key.split(".", 1)[1]: value for key, value in packed.items() if "." in key}
+    return tensors, config
+
+
+def _module_alpha(module: str, rank: int, config: dict) -> float:
+    """lora_alpha of one module: alpha_pattern match, else lora_alpha, else its rank (diffusers' default)."""
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.search(rf"(^|\.){pattern}$", module):
+            return float(alpha)
+    return float(config.get("lora_alpha", rank))
+
+
+def export_comfyui(lora_file: Path, out_file: Path, prefix: str = "lora_unet") -> Path:
+    """Rewrite a pytorch_lora_weights.safetensors in the ComfyUI / kohya key layout; returns out_file."""
+    from safetensors.torch import save_file
+
+    lora_file, out_file = Path(lora_file), Path(out_file)
+    tensors, config = _read_lora_file(lora_file)
+    exported: dict[str, torch.Tensor] = {}
+    ranks: set[int] = set()
+    for key, value in tensors.items():
+        module_key = key.split(".", 1)[1] if key.startswith(("unet.", "transformer.")) else key
+        suffix = next((s for s in _PEFT_SUFFIXES if module_key.endswith(s)), None)
+        if suffix is None:
+            raise ValueError(
+                f"{lora_file}: key '{key}' is not a peft LoRA weight (lora_A / lora_B / "
+                "lora_magnitude_vector); export needs a file written by save_lora"
+            )
+        module = module_key[: -len(suffix)]
+        name = f"{prefix}_{module.replace('.', '_')}"
+        if suffix == ".lora_magnitude_vector":
+            value = value.reshape(-1, 1)
+        exported[name + _PEFT_SUFFIXES[suffix]] = value.contiguous()
+        if suffix == ".lora_A.weight":
+            rank = value.shape[0]
+            ranks.add(rank)
+            exported[name + ".alpha"] = torch.tensor(_module_alpha(module, rank, config))
+    if not ranks:
+        raise ValueError(f"{lora_file}: no LoRA weights (lora_A) found to export")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max(ranks)),
+        "ss_network_alpha": str(config.get("lora_alpha", max(ranks))),
+    }
+    save_file(exported, str(out_file), metadata=metadata)
+    return out_file

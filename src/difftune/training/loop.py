@@ -1,0 +1,209 @@
+"""The training recipe: one run, top to bottom.
+
+set up (accelerator, family, components, data, adapter, optimizer) -> resume -> for each step:
+batch -> noise and timesteps -> family.model_forward -> loss -> backward -> optimizer step -> events
+(-> checkpoint, validation) -> final weights, validation and loss plot.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from difftune.config import LoadedConfig, write_resolved
+from difftune.events import EventBus
+from difftune.families import get_family
+from difftune.training.checkpoints import (
+    TrainerState,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    trainable_state,
+)
+from difftune.training.features import TrainingFeatures
+from difftune.training.losses import build_crepa, crepa_loss, per_sample_loss
+from difftune.training.optim import build_lr_scheduler, build_optimizer
+from difftune.training.setup import (
+    build_accelerator,
+    default_bus,
+    prepare_denoiser,
+    save_final_weights,
+    text_cache_dir,
+    weight_dtype_for,
+)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    lora_path: Path | None = None
+    model_path: Path | None = None
+    validation_paths: list[Path] = field(default_factory=list)
+    loss_plot: Path | None = None
+    losses: list[float] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def train(loaded: LoadedConfig, bus: EventBus | None = None, stop_after_steps: int | None = None) -> TrainResult:
+    """Train as the config says. `stop_after_steps` ends early as if interrupted (for tests)."""
+    from difftune.data.pipeline import prepare_training_data
+    from difftune.validation.generate import run_validation
+    from difftune.validation.prompts import validation_prompts
+
+    config = loaded.train
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved(loaded, output_dir)
+
+    # -- set up -------------------------------------------------------------------------------
+    accelerator = build_accelerator(config)
+    bus = bus or default_bus(config, output_dir, accelerator.is_main_process)
+    for warning in loaded.warnings:
+        bus.emit("warning", {"message": warning})
+    if config.seed is not None:
+        from accelerate.utils import set_seed
+
+        set_seed(config.seed)
+    family = get_family(config)
+    for warning in family.validate_config():
+        bus.emit("warning", {"message": warning})
+    if hasattr(family, "check_datasets"):
+        family.check_datasets(loaded.datasets)
+    weight_dtype = weight_dtype_for(config, accelerator.device)
+    bus.emit("log", {"message": f"loading {family.name} from {family.model_id()}"})
+    components = family.load(accelerator.device, weight_dtype)
+
+    prompts = validation_prompts(config)
+    extra_prompts = [p for _, p in prompts] + [config.validation_negative_prompt, ""]
+    data = prepare_training_data(
+        config, loaded.datasets, text_cache_dir(loaded), family, components, accelerator.device, bus.emit,
+        num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+        extra_prompts=extra_prompts,
+    )
+
+    denoiser = prepare_denoiser(family, components, config, weight_dtype)
+    crepa = build_crepa(config, denoiser, components, accelerator.device)
+    optimizer = build_optimizer(list(denoiser.parameters()) + (crepa.trainable_parameters() if crepa else []),
+                                config)
+    steps_per_epoch = max(1, data.sampler.batches_per_epoch // config.gradient_accumulation_steps)
+    total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    lr_scheduler = build_lr_scheduler(optimizer, config, total_steps)
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+    model = accelerator.unwrap_model(denoiser)
+    objective = family.objective(components)
+
+    # -- resume -------------------------------------------------------------------------------
+    noise_generator = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
+    state = TrainerState()
+    resume_path = resolve_resume(output_dir, config.resume_from_checkpoint)
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, model, optimizer, lr_scheduler)
+        noise_generator.set_state(state.noise_generator)
+        data.sampler.load_state_dict(state.sampler)
+        if crepa is not None and "crepa" in state.extra:
+            crepa.load_state_dict(state.extra["crepa"])
+        bus.emit("log", {"message": f"resumed from {resume_path} at step {state.global_step}"})
+    elif config.resume_from_checkpoint:
+        bus.emit("log", {"message": "no checkpoint to resume from yet; starting at step 0"})
+    features = TrainingFeatures.build(family, components, data, config, model, accelerator.device,
+                                      noise_generator, state)
+
+    # -- steps --------------------------------------------------------------------------------
+    result = TrainResult(output_dir=output_dir, global_step=state.global_step)
+    bus.emit("start", {"total_steps": total_steps, "first_step": state.global_step,
+                       "samples": data.num_samples, "family": family.name, "model_type": config.model_type})
+    micro_batches = data.sampler.iter_forever()
+    accumulated, micro_count, started = 0.0, 0, time.perf_counter()
+    first_step = state.global_step
+    denoiser.train()
+    while state.global_step < total_steps:
+        indices = next(micro_batches)
+        batch = data.load_batch(indices)
+        with accelerator.accumulate(denoiser):
+            latents = batch["latents"].to(accelerator.device)
+            noise = torch.randn(latents.shape, generator=noise_generator).to(accelerator.device)
+            timesteps = objective.sample_timesteps(latents.shape[0], noise_generator, accelerator.device)
+            noisy = objective.add_noise(latents, noise, timesteps)
+            with accelerator.autocast():
+                prediction = family.model_forward(components, denoiser, noisy, timesteps, batch)
+            losses = per_sample_loss(prediction, objective.target(latents, noise, timesteps),
+                                     family.loss_mask(batch, latents))
+            weights = objective.loss_weights(timesteps)
+            loss = (losses * weights).mean() if weights is not None else losses.mean()
+            if crepa is not None:
+                loss = loss + crepa_loss(crepa, family, components, batch, latents)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(denoiser.parameters(), config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            features.after_optimizer_step(model)
+        accumulated += loss.detach().item()
+        micro_count += 1
+        if not accelerator.sync_gradients:
+            continue
+
+        state.global_step += 1
+        step_loss = accumulated / micro_count
+        accumulated, micro_count = 0.0, 0
+        result.losses.append(step_loss)
+        elapsed = time.perf_counter() - started
+        rate = (state.global_step - first_step) / max(elapsed, 1e-9)
+        bus.emit("progress", {"step": state.global_step, "loss": step_loss,
+                              "lr": lr_scheduler.get_last_lr()[0], "it_per_s": rate,
+                              "eta_s": (total_steps - state.global_step) / max(rate, 1e-9)})
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss became {step_loss} at step {state.global_step}; lower "
+                                     "learning_rate or use mixed_precision bf16 instead of fp16")
+
+        if config.checkpointing_steps and state.global_step % config.checkpointing_steps == 0:
+            state.sampler = data.sampler.state_dict()
+            state.noise_generator = noise_generator.get_state()
+            state.extra = features.state_dict() | ({"crepa": crepa.state_dict()} if crepa else {})
+            if accelerator.is_main_process:
+                path = save_checkpoint(output_dir, trainable_state(model), optimizer, lr_scheduler, state,
+                                       config.checkpoints_total_limit)
+                bus.emit("checkpoint", {"step": state.global_step, "path": str(path)})
+        if (config.validation_steps and not config.validation_disable and prompts
+                and state.global_step % config.validation_steps == 0 and state.global_step < total_steps
+                and accelerator.is_main_process):
+            with features.validation_weights(model):
+                paths = run_validation(family, components, model, config, state.global_step, output_dir,
+                                       bus.emit)
+            result.validation_paths += paths
+            features.after_validation(model, paths, prompts, state.global_step, bus.emit)
+        features.maybe_evaluate(model, state.global_step, bus.emit)
+        if stop_after_steps is not None and state.global_step >= stop_after_steps:
+            result.interrupted = True
+            break
+
+    # -- output -------------------------------------------------------------------------------
+    result.global_step = state.global_step
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not result.interrupted:
+        result.lora_path, result.model_path = save_final_weights(family, model, config, output_dir)
+        bus.emit("saved", {"step": state.global_step,
+                           "path": str(result.lora_path or result.model_path)})
+        if prompts and not config.validation_disable:
+            with features.validation_weights(model):
+                paths = run_validation(family, components, model, config, state.global_step, output_dir,
+                                       bus.emit)
+            result.validation_paths += paths
+            features.after_validation(model, paths, prompts, state.global_step, bus.emit)
+        from difftune.training.plot import plot_loss
+
+        result.loss_plot = plot_loss(output_dir / "events.jsonl", output_dir / "loss.png")
+        features.finish(output_dir, model, result, loaded, bus.emit)
+        bus.emit("finished", {"step": state.global_step, "lora": str(result.lora_path or ""),
+                              "model": str(result.model_path or ""), "loss_plot": str(result.loss_plot or "")})
+    features.close()
+    bus.close()
+    accelerator.end_training()
+    return result

@@ -1,0 +1,313 @@
+"""TREAD token routing (config key `tread_config`): a random share of visual tokens skips a span of blocks.
+
+From "TREAD: Token Routing for Efficient Architecture-agnostic Diffusion Training" (Krause et al.):
+for each route, at the input of block `start_layer_idx` every sample keeps a random subset of
+round(N * (1 - selection_ratio)) of its N visual tokens; only those run through blocks start..end
+(both included), each with its own RoPE positions; after block `end_layer_idx` they are written back
+into the full sequence, where the routed-around tokens still hold the values they had at the start.
+Negative layer indices count from the end of the visual block list (-1 is the last block).
+
+Routing happens only while the transformer is training and gradients are on; in eval mode or under
+`torch.no_grad()` (validation pipelines) the blocks see every token and the output is unchanged.
+
+It is built from forward hooks on the Kandinsky 5 visual blocks, whose forward is
+`(visual_embed (B, N, D), text_embed, time_embed (B, time_dim), rope (B, N, 1, head_dim/2, 2, 2),
+sparse_params)`. The routing of one transformer call is found again from its `time_embed`, which the
+transformer passes unchanged to every visual block; with gradient checkpointing the blocks are run
+again in the backward pass and must see the same tokens, so the routing is kept until then.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+ROUTE_KEYS = ("selection_ratio", "start_layer_idx", "end_layer_idx")
+BLOCK_LIST_NAME = "visual_transformer_blocks"
+# Positions (and names) of the visual block forward's arguments.
+_HIDDEN, _TIME, _ROPE, _SPARSE = (0, "visual_embed"), (2, "time_embed"), (3, "rope"), (4, "sparse_params")
+
+
+def _config_error(message: str) -> Exception:
+    """difftune.config.ConfigError when that module defines it, else ValueError."""
+    try:
+        from difftune.config import ConfigError
+    except ImportError:
+        return ValueError(message)
+    return ConfigError(message)
+
+
+@dataclass(frozen=True)
+class TreadRoute:
+    """One route with its block indices resolved (0-based, both ends included)."""
+
+    selection_ratio: float
+    start: int
+    end: int
+
+
+def parse_routes(tread_config: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The `routes` list of a `tread_config` value; an error names what is missing."""
+    if not isinstance(tread_config, Mapping):
+        raise _config_error(
+            f"tread_config must be an object like "
+            f'{{"routes": [{{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}}]}}, '
+            f"got {tread_config!r}"
+        )
+    unknown = sorted(set(tread_config) - {"routes"})
+    if unknown:
+        raise _config_error(f"tread_config: unknown key(s) {unknown}; the only key is 'routes'")
+    routes = tread_config.get("routes")
+    if not isinstance(routes, Sequence) or isinstance(routes, str) or not routes:
+        raise _config_error(
+            f"tread_config.routes must be a non-empty list of routes, got {routes!r}; e.g. "
+            '[{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]'
+        )
+    return list(routes)
+
+
+def resolve_routes(routes: Sequence[Mapping[str, Any]], num_blocks: int) -> list[TreadRoute]:
+    """Check the routes against a model with `num_blocks` visual blocks and resolve negative indices."""
+    resolved: list[TreadRoute] = []
+    for index, route in enumerate(routes):
+        where = f"tread_config.routes[{index}]"
+        if not isinstance(route, Mapping):
+            raise _config_error(f"{where} must be an object with keys {list(ROUTE_KEYS)}, got {route!r}")
+        unknown = sorted(set(route) - set(ROUTE_KEYS))
+        if unknown:
+            raise _config_error(f"{where}: unknown key(s) {unknown}; a route has keys {list(ROUTE_KEYS)}")
+        missing = [key for key in ROUTE_KEYS if key not in route]
+        if missing:
+            raise _config_error(f"{where}: missing key(s) {missing}; a route has keys {list(ROUTE_KEYS)}")
+        ratio = route["selection_ratio"]
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 < ratio < 1.0:
+            raise _config_error(
+                f"{where}.selection_ratio is {ratio!r}; it must be a number strictly between 0 and 1 "
+                "(the share of tokens that skip the routed blocks, e.g. 0.5)"
+            )
+        start = _resolve_layer(route["start_layer_idx"], num_blocks, f"{where}.start_layer_idx")
+        end = _resolve_layer(route["end_layer_idx"], num_blocks, f"{where}.end_layer_idx")
+        if start > end:
+            raise _config_error(
+                f"{where}: start_layer_idx {route['start_layer_idx']} (block {start}) comes after "
+                f"end_layer_idx {route['end_layer_idx']} (block {end}) of {num_blocks} visual blocks; "
+                "start_layer_idx must not be after end_layer_idx"
+            )
+        resolved.append(TreadRoute(float(ratio), start, end))
+    spans = sorted(enumerate(resolved), key=lambda item: item[1].start)
+    for (first_index, first), (second_index, second) in zip(spans, spans[1:]):
+        if second.start <= first.end:
+            raise _config_error(
+                f"tread_config.routes[{first_index}] (blocks {first.start}..{first.end}) and "
+                f"tread_config.routes[{second_index}] (blocks {second.start}..{second.end}) overlap; "
+                "routes must cover separate block ranges"
+            )
+    return resolved
+
+
+def _resolve_layer(value: Any, num_blocks: int, key: str) -> int:
+    """A block index in [0, num_blocks) from a possibly negative one."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _config_error(f"{key} must be an integer block index, got {value!r}")
+    resolved = value + num_blocks if value < 0 else value
+    if not 0 <= resolved < num_blocks:
+        raise _config_error(
+            f"{key} is {value}, outside the model's {num_blocks} visual blocks; use 0..{num_blocks - 1} "
+            f"or -{num_blocks}..-1 (negative indices count from the end)"
+        )
+    return resolved
+
+
+class TreadRouter:
+    """Resolved routes and the random draws of which tokens each sample keeps.
+
+    `seed` is an int or a torch.Generator (shared, e.g. with the noise draws, so that a checkpoint
+    of that generator's state also resumes the routing); every draw comes from it alone.
+    """
+
+    def __init__(
+        self, routes: Sequence[Mapping[str, Any]], num_blocks: int, seed: int | torch.Generator = 0
+    ) -> None:
+        self.routes = resolve_routes(routes, num_blocks)
+        self.num_blocks = num_blocks
+        if isinstance(seed, torch.Generator):
+            self.generator = seed
+        else:
+            self.generator = torch.Generator().manual_seed(int(seed))
+
+    def kept_tokens(self, route_index: int, num_tokens: int) -> int:
+        """How many of `num_tokens` tokens run through the route's blocks (at least one)."""
+        ratio = self.routes[route_index].selection_ratio
+        return min(num_tokens, max(1, round(num_tokens * (1.0 - ratio))))
+
+    def select(
+        self, route_index: int, batch_size: int, num_tokens: int, device: torch.device
+    ) -> torch.Tensor:
+        """Indices (B, K) of the tokens each sample keeps, ascending, drawn independently per sample."""
+        kept = self.kept_tokens(route_index, num_tokens)
+        scores = torch.rand(batch_size, num_tokens, generator=self.generator, device=self.generator.device)
+        return scores.topk(kept, dim=1).indices.sort(dim=1).values.to(device)
+
+
+@dataclass
+class _Routing:
+    """One transformer call's routing for one route."""
+
+    indices: torch.Tensor  # (B, K) kept token indices
+    full: torch.Tensor  # (B, N, D) tokens entering the start block
+    rope: torch.Tensor  # (B, K, ...) RoPE of the kept tokens
+    keep_for_recompute: bool
+
+
+class _RouteHooks:
+    """The hooks of one route: gather at the start block, RoPE at the inner ones, scatter after the end."""
+
+    def __init__(self, router: TreadRouter, route_index: int, transformer: torch.nn.Module) -> None:
+        self.router = router
+        self.route_index = route_index
+        self.transformer = transformer
+        self.calls: WeakIdKeyDictionary = WeakIdKeyDictionary()  # time_embed -> _Routing
+
+    def enter(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Start block pre-hook: draw the kept tokens (or find this call's draw again) and gather them."""
+        time_embed = _get(args, kwargs, _TIME)
+        routing = self.calls.get(time_embed)
+        if routing is None:
+            if not (block.training and torch.is_grad_enabled()):
+                return None
+            routing = self._new_routing(args, kwargs)
+            self.calls[time_embed] = routing
+        hidden = _take_tokens(_get(args, kwargs, _HIDDEN), routing.indices)
+        return _set(_set((args, kwargs), _HIDDEN, hidden), _ROPE, routing.rope)
+
+    def inner(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Pre-hook of the blocks after the start one: give them the kept tokens' RoPE."""
+        routing = self.calls.get(_get(args, kwargs, _TIME))
+        if routing is None:
+            return None
+        return _set((args, kwargs), _ROPE, routing.rope)
+
+    def leave(
+        self, block: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor
+    ) -> torch.Tensor | None:
+        """End block hook: write the kept tokens back into the full sequence (B, N, D)."""
+        time_embed = _get(args, kwargs, _TIME)
+        routing = self.calls.get(time_embed)
+        if routing is None:
+            return None
+        if not routing.keep_for_recompute:
+            del self.calls[time_embed]
+        rows = torch.arange(output.shape[0], device=output.device).unsqueeze(1)
+        return routing.full.index_put((rows, routing.indices), output.to(routing.full.dtype))
+
+    def _new_routing(self, args: tuple, kwargs: dict) -> _Routing:
+        hidden, rope = _get(args, kwargs, _HIDDEN), _get(args, kwargs, _ROPE)
+        if _get(args, kwargs, _SPARSE) is not None:
+            raise ValueError(
+                "tread_config cannot be used with sparse (nabla) attention: its block mask covers the full "
+                "token grid; train with attention_type 'regular' or remove tread_config"
+            )
+        batch_size, num_tokens = hidden.shape[:2]
+        if rope.shape[0] != batch_size:
+            rope = rope.expand(batch_size, *rope.shape[1:])
+        indices = self.router.select(self.route_index, batch_size, num_tokens, hidden.device)
+        # With gradient checkpointing the routed blocks run again during backward and need these
+        # indices then; the routing is dropped once the gradient of the start block's input is known
+        # (a checkpointed forward that is never backpropagated keeps it until the handle is removed).
+        keep = bool(getattr(self.transformer, "gradient_checkpointing", False))
+        routing = _Routing(indices, hidden, _take_tokens(rope, indices), keep)
+        if keep and hidden.requires_grad:
+            calls, time_key = self.calls, weakref.ref(_get(args, kwargs, _TIME))
+            hidden.register_hook(lambda grad: _forget(calls, time_key))
+        return routing
+
+    def clear(self) -> None:
+        """Forget every kept routing."""
+        self.calls.clear()
+
+
+def _forget(calls: WeakIdKeyDictionary, key: weakref.ref) -> None:
+    """Drop a routing once backward is past its start block (a gradient hook; returns no new gradient)."""
+    tensor = key()
+    if tensor is not None:
+        calls.pop(tensor, None)
+
+
+def _take_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """(B, N, ...) -> (B, K, ...): each sample's tokens at its own indices (B, K)."""
+    rows = torch.arange(tensor.shape[0], device=tensor.device).unsqueeze(1)
+    return tensor[rows, indices.to(tensor.device)]
+
+
+def _get(args: tuple, kwargs: dict, slot: tuple[int, str]) -> Any:
+    position, name = slot
+    return args[position] if len(args) > position else kwargs.get(name)
+
+
+def _set(call: tuple[tuple, dict], slot: tuple[int, str], value: Any) -> tuple[tuple, dict]:
+    args, kwargs = call
+    position, name = slot
+    if len(args) > position:
+        return (*args[:position], value, *args[position + 1 :]), kwargs
+    return args, {**kwargs, name: value}
+
+
+class TreadHandle:
+    """What `apply_tread` returns: the router, and `remove()` to take the routing off the model."""
+
+    def __init__(self, router: TreadRouter, hooks: list, route_hooks: list[_RouteHooks]) -> None:
+        self.router = router
+        self._hooks = hooks
+        self._route_hooks = route_hooks
+
+    def remove(self) -> None:
+        """Remove every hook; the transformer then runs all tokens through all blocks again."""
+        for hook in self._hooks:
+            hook.remove()
+        for route in self._route_hooks:
+            route.clear()
+        self._hooks, self._route_hooks = [], []
+
+    def __enter__(self) -> TreadHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+
+def find_visual_blocks(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """The module holding `visual_transformer_blocks` (inside peft/accelerate wrappers too) and that list."""
+    for module in model.modules():
+        blocks = getattr(module, BLOCK_LIST_NAME, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            return module, blocks
+    raise ValueError(
+        f"tread_config: {type(model).__name__} has no {BLOCK_LIST_NAME}; TREAD routing is built for the "
+        "Kandinsky 5 transformer, remove tread_config for this model family"
+    )
+
+
+def apply_tread(
+    transformer: torch.nn.Module, tread_config: Mapping[str, Any], generator: int | torch.Generator = 0
+) -> TreadHandle:
+    """Route tokens around the configured visual blocks while `transformer` trains; returns the handle.
+
+    `tread_config` is the config value {"routes": [{"selection_ratio", "start_layer_idx",
+    "end_layer_idx"}, ...]}; `generator` (or an int seed) makes the token draws reproducible.
+    """
+    owner, blocks = find_visual_blocks(transformer)
+    router = TreadRouter(parse_routes(tread_config), len(blocks), generator)
+    hooks, route_hooks = [], []
+    for index, route in enumerate(router.routes):
+        route_hook = _RouteHooks(router, index, owner)
+        route_hooks.append(route_hook)
+        hooks.append(blocks[route.start].register_forward_pre_hook(route_hook.enter, with_kwargs=True))
+        for inner in range(route.start + 1, route.end + 1):
+            hooks.append(blocks[inner].register_forward_pre_hook(route_hook.inner, with_kwargs=True))
+        hooks.append(blocks[route.end].register_forward_hook(route_hook.leave, with_kwargs=True))
+    return TreadHandle(router, hooks, route_hooks)

@@ -1,0 +1,107 @@
+"""Validation generation: every prompt at every validation size through the family's own pipeline."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftune.config.schema import TrainConfig
+from difftune.families.base import Components, Family
+from difftune.validation.prompts import validation_prompts
+
+
+def file_stem(name: str) -> str:
+    """A prompt name as a safe file name ("my prompt/1" -> "my_prompt_1")."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "prompt"
+
+
+def _module_states(
+    components: Components, denoiser: torch.nn.Module
+) -> list[tuple[torch.nn.Module, bool, Any]]:
+    """(module, training flag, device) of the denoiser, VAE and text encoders, to restore later."""
+    modules = [denoiser, components.vae, *components.text_encoders]
+    states = []
+    for module in modules:
+        if module is None:
+            continue
+        parameter = next(module.parameters(), None)
+        states.append((module, module.training, parameter.device if parameter is not None else None))
+    return states
+
+
+def _save(images: list, folder: Path, stem: str, family: Family, config: TrainConfig) -> Path:
+    """One PNG (images) or MP4 (video families, a list of frames) for one generated sample."""
+    if family.is_video:
+        from difftune.data.video import write_video
+
+        frames = images[0] if images and isinstance(images[0], list) else images
+        return write_video(folder / f"{stem}.mp4", frames, fps=config.framerate)
+    path = folder / f"{stem}.png"
+    images[0].save(path)
+    return path
+
+
+def run_validation(
+    family: Family,
+    components: Components,
+    denoiser: torch.nn.Module,
+    config: TrainConfig,
+    step: int,
+    output_dir: Path,
+    events: Callable[[str, dict[str, Any]], None],
+) -> list[Path]:
+    """Write output_dir/validation/<step>/<name>-<W>x<H>.png for every prompt and validation size.
+
+    Uses validation_guidance, validation_num_inference_steps, validation_negative_prompt and
+    validation_seed (else seed, else 0; the same for every image, so steps compare). With
+    num_validation_images > 1 the files end in -<i> and image i uses seed + i. The denoiser's
+    weights, train/eval mode and device, and torch's global RNG are as they were afterwards.
+    Emits events("validation", {"step", "paths"}); returns the paths.
+    """
+    prompts = validation_prompts(config)
+    folder = Path(output_dir) / "validation" / str(step)
+    folder.mkdir(parents=True, exist_ok=True)
+    seed = config.validation_seed if config.validation_seed is not None else (config.seed or 0)
+    extra = (
+        {"guidance_rescale": config.validation_guidance_rescale} if config.validation_guidance_rescale else {}
+    )
+    if family.is_video and config.validation_num_video_frames:
+        extra["num_frames"] = config.validation_num_video_frames
+    states = _module_states(components, denoiser)
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    paths: list[Path] = []
+    try:
+        with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
+            for module, _, _ in states:
+                module.eval()
+            pipeline = family.pipeline(components, denoiser)
+            for name, prompt in prompts:
+                for width, height in config.validation_sizes:
+                    for index in range(config.num_validation_images):
+                        generator = torch.Generator().manual_seed(seed + index)
+                        images = family.generate(
+                            pipeline,
+                            prompt=prompt,
+                            negative_prompt=config.validation_negative_prompt,
+                            width=width,
+                            height=height,
+                            num_inference_steps=config.validation_num_inference_steps,
+                            guidance_scale=config.validation_guidance,
+                            generator=generator,
+                            **extra,
+                        )
+                        stem = f"{file_stem(name)}-{width}x{height}"
+                        if config.num_validation_images > 1:
+                            stem += f"-{index}"
+                        paths.append(_save(images, folder, stem, family, config))
+    finally:
+        for module, training, device in states:
+            module.train(training)
+            if device is not None:
+                module.to(device)
+    events("validation", {"step": step, "paths": [str(p) for p in paths]})
+    return paths

@@ -1,0 +1,392 @@
+import json
+
+import pytest
+
+from difftune.config import ConfigError, TrainConfig, load_config, write_resolved
+from tests.config.helpers import IMAGES, TEXT, write_config
+
+SDXL = {"model_family": "sdxl", "model_type": "lora"}
+
+
+def test_typo_names_file_and_key_and_suggests_the_nearest(workdir):
+    path = write_config(workdir, {**SDXL, "learning_rat": 1e-4})
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "config.json" in message
+    assert "unknown key 'learning_rat'" in message
+    assert "did you mean 'learning_rate'?" in message
+
+
+def test_dashed_keys_and_string_values_are_converted(workdir):
+    path = write_config(
+        workdir,
+        {
+            "--model_family": "sdxl",
+            "--learning_rate": "1e-4",
+            "--train_batch_size": "20",
+            "--use_dora": "True",
+            "gradient_checkpointing": "no",
+            "--seed": "none",
+            "max_train_steps": "null",
+            "lora_alpha": "8",
+            "--noise_offset": "0.05",
+            "validation_disable": "YES",
+            "hub_model_id": "null",
+        },
+    )
+    train = load_config(path).train
+    assert train.learning_rate == pytest.approx(1e-4)
+    assert train.train_batch_size == 20
+    assert train.use_dora is True
+    assert train.gradient_checkpointing is False
+    assert train.seed is None and train.max_train_steps is None and train.hub_model_id is None
+    assert train.lora_alpha == 8.0
+    assert train.noise_offset == pytest.approx(0.05)
+    assert train.validation_disable is True
+
+
+def test_default_path_is_config_json_in_the_working_directory(workdir):
+    write_config(workdir, {**SDXL, "seed": 3})
+    loaded = load_config()
+    assert loaded.source.as_posix() == "config/config.json"
+    assert loaded.train.seed == 3
+
+
+def test_toml_config_loads(workdir):
+    path = write_config(
+        workdir,
+        'model_family = "sdxl"\nlearning_rate = "1e-4"\nuse_gradient_checkpointing = false\n',
+        name="config.toml",
+    )
+    train = load_config(path).train
+    assert train.learning_rate == pytest.approx(1e-4)
+    assert train.gradient_checkpointing is False
+
+
+def test_aliases_map_to_the_schema_names(workdir):
+    datasets = [
+        {
+            "id": "clips",
+            "type": "local",
+            "dataset_type": "video",
+            "instance_data_dir": "datasets/clips",
+            "video": {"num_frames": 61, "fps": 12},
+        },
+        {"id": "old", "type": "local", "instance_data_dir": "datasets/old", "disable": True},
+        {"id": "also-video", "dataset_type": "video", "instance_data_dir": "v", "video": {"framerate": 30}},
+        dict(TEXT),
+    ]
+    path = write_config(
+        workdir,
+        {
+            "model_family": "kandinsky5-video",
+            "checkpoint_step_interval": 250,
+            "validation_step_interval": "50",
+            "use_gradient_checkpointing": False,
+            "frame_rate": 16,
+            "flux_schedule_shift": 2.5,
+        },
+        datasets,
+    )
+    loaded = load_config(path)
+    train = loaded.train
+    assert (train.checkpointing_steps, train.validation_steps) == (250, 50)
+    assert train.gradient_checkpointing is False
+    assert train.framerate == 16
+    assert train.flow_schedule_shift == 2.5
+    by_id = {d.id: d for d in loaded.all_datasets}
+    assert by_id["clips"].video.frame_rate == 12
+    assert by_id["also-video"].video.frame_rate == 30
+    assert by_id["old"].disabled is True
+    assert [d.id for d in loaded.datasets] == ["clips", "also-video", "text-embeds"]
+
+
+def test_two_spellings_of_one_key_with_different_values_is_an_error(workdir):
+    path = write_config(workdir, {**SDXL, "checkpointing_steps": 100, "checkpoint_step_interval": 200})
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "'checkpointing_steps'" in message and "'checkpoint_step_interval'" in message
+    assert "100" in message and "200" in message
+
+
+def test_two_spellings_with_the_same_value_are_accepted(workdir):
+    path = write_config(
+        workdir,
+        {
+            **SDXL,
+            "--learning_rate": "1e-4",
+            "learning_rate": 0.0001,
+            "checkpointing_steps": 100,
+            "checkpoint_step_interval": "100",
+        },
+    )
+    train = load_config(path).train
+    assert train.checkpointing_steps == 100 and train.learning_rate == pytest.approx(1e-4)
+
+
+def test_wrong_values_name_key_value_and_what_is_allowed_all_at_once(workdir):
+    path = write_config(
+        workdir,
+        {
+            **SDXL,
+            "train_batch_size": "many",
+            "optimizer": "adam",
+            "learning_rate": -1,
+            "use_dora": "maybe",
+            "validation_resolution": "big",
+        },
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert message.startswith("5 problems")
+    assert "config.json: 'train_batch_size' is 'many', but it must be a whole number" in message
+    assert "'optimizer' is 'adam', but it must be one of 'adamw_bf16', 'adamw'" in message
+    assert "'learning_rate' is -1, but it must be greater than 0" in message
+    assert "'use_dora' is 'maybe', but it must be true or false" in message
+    assert "'validation_resolution' is 'big'" in message and "1024x1024" in message
+
+
+def test_key_of_the_original_tool_not_built_here_warns(workdir):
+    path = write_config(workdir, {**SDXL, "flux_guidance_mode": "constant", "--t5_padding": "zero"})
+    loaded = load_config(path)
+    assert any(
+        "'flux_guidance_mode' is a setting of the original tool that difftune does not implement yet; it is ignored"
+        in w
+        for w in loaded.warnings
+    )
+    assert any("'t5_padding'" in w for w in loaded.warnings)
+
+
+def test_lora_type_lycoris_means_a_lycoris_run(workdir):
+    path = write_config(workdir, {**SDXL, "lora_type": "lycoris"})
+    assert load_config(path).train.model_type == "lycoris"
+
+
+@pytest.mark.parametrize("spelling", ["kandinsky5_image", "kandinsky5-image", "Kandinsky5_Image"])
+def test_family_spelling_is_stored_hyphenated_with_family_defaults(workdir, spelling):
+    path = write_config(workdir, {"model_family": spelling, "flow_schedule_shift": 2.0})
+    train = load_config(path).train
+    assert train.model_family == "kandinsky5-image"
+    assert train.validation_guidance == 5.0  # family default over the global 7.5
+    assert train.flow_schedule_shift == 2.0  # the user's value over the family default 1.0
+
+
+def test_video_family_defaults(workdir):
+    datasets = [
+        {"id": "clips", "dataset_type": "video", "instance_data_dir": "v", "video": {"num_frames": 61}}
+    ]
+    train = load_config(write_config(workdir, {"model_family": "kandinsky5-video"}, datasets)).train
+    assert (train.validation_resolution, train.validation_num_video_frames, train.framerate) == (
+        "512x768",
+        61,
+        24,
+    )
+    assert train.flow_schedule_shift == 1.0
+
+
+def test_unknown_family_lists_the_valid_ones(workdir):
+    with pytest.raises(ConfigError) as error:
+        load_config(write_config(workdir, {"model_family": "sdxl-turbo"}))
+    message = str(error.value)
+    assert "'sdxl-turbo'" in message
+    for family in ("sdxl", "kandinsky5-image", "kandinsky5-video"):
+        assert family in message
+
+
+def test_missing_family_is_reported_once(workdir):
+    with pytest.raises(ConfigError) as error:
+        load_config(write_config(workdir, {"learning_rate": 1e-4}))
+    assert str(error.value).count("model_family") == 1
+    assert "required" in str(error.value)
+
+
+def test_unknown_flavour_suggests_the_nearest(workdir):
+    path = write_config(
+        workdir,
+        {"model_family": "kandinsky5-video", "model_flavour": "t2v-lite-sft-5"},
+        [{"id": "v", "dataset_type": "video", "instance_data_dir": "v", "video": {"num_frames": 61}}],
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "model_flavour 't2v-lite-sft-5'" in message
+    assert "did you mean 't2v-lite-sft-5s'?" in message
+
+
+def test_group_offload_with_model_cpu_offload_is_an_error(workdir):
+    path = write_config(workdir, {**SDXL, "enable_group_offload": "true", "enable_model_cpu_offload": True})
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "enable_group_offload" in message and "enable_model_cpu_offload" in message
+    assert "conflict" in message and "Pick one" in message
+
+
+def test_validation_frame_count_off_the_vae_grid_suggests_two_counts(workdir):
+    datasets = [{"id": "v", "dataset_type": "video", "instance_data_dir": "v", "video": {"num_frames": 61}}]
+    path = write_config(
+        workdir, {"model_family": "kandinsky5-video", "validation_num_video_frames": 60}, datasets
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "'validation_num_video_frames' is 60" in message
+    assert "use 57 or 61" in message
+
+
+def test_dataset_frame_count_off_the_vae_grid_names_the_dataset(workdir):
+    datasets = [
+        {"id": "clips", "dataset_type": "video", "instance_data_dir": "v", "video": {"num_frames": 50}}
+    ]
+    path = write_config(workdir, {"model_family": "kandinsky5-video"}, datasets)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "multidatabackend.json, dataset 'clips' (index 0)" in message
+    assert "'video.num_frames' is 50" in message and "use 49 or 53" in message
+
+
+def test_overrides_apply_over_the_file_with_the_same_checks(workdir):
+    path = write_config(workdir, {**SDXL, "learning_rate": 1e-4, "checkpointing_steps": 500})
+    loaded = load_config(
+        path,
+        {
+            "learning_rate": "3e-4",
+            "--checkpoint_step_interval": "7",
+            "use_dora": "true",
+            "vae-enable-tiling": "true",
+        },
+    )
+    train = loaded.train
+    assert train.learning_rate == pytest.approx(3e-4)
+    assert train.checkpointing_steps == 7
+    assert train.use_dora is True and train.vae_enable_tiling is True
+    with pytest.raises(ConfigError) as error:
+        load_config(path, {"lora_rnk": "8"})
+    assert "command line: unknown key 'lora_rnk'; did you mean 'lora_rank'?" in str(error.value)
+
+
+def test_override_json_text_becomes_a_dict(workdir):
+    path = write_config(workdir, SDXL)
+    routes = '{"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}'
+    train = load_config(path, {"tread_config": routes}).train
+    assert train.tread_config["routes"][0]["selection_ratio"] == 0.5
+
+
+def test_json_syntax_error_gives_line_and_column(workdir):
+    path = write_config(workdir, '{\n  "model_family": "sdxl",\n}\n')
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "config.json, line 3, column 1: not valid JSON" in str(error.value)
+
+
+def test_missing_config_file_is_a_clear_error(workdir):
+    with pytest.raises(ConfigError) as error:
+        load_config("config/nope.json")
+    assert "config/nope.json: config file not found" in str(error.value)
+
+
+def test_data_backend_config_that_is_not_a_list(workdir):
+    path = write_config(workdir, SDXL, datasets={"id": "my-images"})
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "multidatabackend.json: must hold a JSON list of datasets" in str(error.value)
+
+
+def test_duplicate_dataset_ids(workdir):
+    path = write_config(workdir, SDXL, datasets=[dict(IMAGES), dict(IMAGES), dict(TEXT)])
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "dataset id 'my-images' is used 2 times (indexes 0, 1)" in str(error.value)
+
+
+def test_unknown_dataset_key_names_the_dataset_and_index(workdir):
+    path = write_config(workdir, SDXL, datasets=[dict(TEXT), {**IMAGES, "instance_data_dri": "x"}])
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "multidatabackend.json, dataset 'my-images' (index 1): unknown key 'instance_data_dri'" in message
+    assert "did you mean 'instance_data_dir'?" in message
+
+
+def test_wrong_dataset_values_name_the_dataset(workdir):
+    path = write_config(
+        workdir, SDXL, datasets=[{**IMAGES, "crop_style": "middle", "repeats": "-1"}, dict(TEXT)]
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "dataset 'my-images' (index 0): 'crop_style' is 'middle', but it must be one of" in message
+    assert "'repeats' is '-1', but it must be at least 0" in message
+
+
+def test_original_dataset_keys_warn(workdir):
+    path = write_config(workdir, SDXL, datasets=[{**IMAGES, "vae_cache_clear_each_epoch": True}, dict(TEXT)])
+    warnings = load_config(path).warnings
+    assert any(
+        "dataset 'my-images' (index 0): 'vae_cache_clear_each_epoch' is a setting of the original tool" in w
+        for w in warnings
+    )
+
+
+def test_no_enabled_image_dataset(workdir):
+    path = write_config(workdir, SDXL, datasets=[{**IMAGES, "disabled": True}, dict(TEXT)])
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "no enabled image or video dataset" in str(error.value)
+
+
+def test_text_embeds_dataset_is_kept_or_none(workdir):
+    loaded = load_config(write_config(workdir, SDXL))
+    assert loaded.text_embeds_dataset.id == "text-embeds"
+    loaded = load_config(write_config(workdir, SDXL, datasets=[dict(IMAGES)]))
+    assert loaded.text_embeds_dataset is None
+
+
+def test_several_text_embeds_datasets_use_the_default_one(workdir):
+    other = {**TEXT, "id": "other-text", "default": False}
+    loaded = load_config(write_config(workdir, SDXL, datasets=[dict(IMAGES), other, dict(TEXT)]))
+    assert loaded.text_embeds_dataset.id == "text-embeds"
+    assert any("'other-text'" in w and "not used" in w for w in loaded.warnings)
+    with pytest.raises(ConfigError, match="mark exactly one as default"):
+        load_config(write_config(workdir, SDXL, datasets=[dict(IMAGES), other, {**TEXT, "default": False}]))
+
+
+def test_data_config_path_argument_wins(workdir):
+    path = write_config(workdir, SDXL)
+    elsewhere = workdir / "other.json"
+    elsewhere.write_text(json.dumps([{**IMAGES, "id": "elsewhere"}]))
+    loaded = load_config(path, data_config_path=elsewhere)
+    assert [d.id for d in loaded.datasets] == ["elsewhere"]
+    assert loaded.train.data_backend_config == str(elsewhere)
+
+
+def test_resolved_file_holds_every_setting_and_loads_back(workdir):
+    datasets = [dict(IMAGES), {**IMAGES, "id": "off", "disabled": True}, dict(TEXT)]
+    loaded = load_config(
+        write_config(workdir, {"model_family": "kandinsky5_image", "lora_rank": 8}, datasets)
+    )
+    resolved = write_resolved(loaded, workdir / "out")
+    assert resolved == workdir / "out" / "config.resolved.json"
+    document = json.loads(resolved.read_text())
+    assert set(TrainConfig.model_fields) <= set(document)
+    assert document["validation_guidance"] == 5.0 and document["lora_rank"] == 8
+    assert [d["id"] for d in document["datasets"]] == ["my-images", "off", "text-embeds"]
+    again = load_config(resolved)
+    assert again.train == loaded.train
+    assert again.all_datasets == loaded.all_datasets
+    assert again.datasets == loaded.datasets
+    assert again.warnings == []
+
+
+@pytest.mark.parametrize("family", ["sdxl", "kandinsky5-image", "kandinsky5-video"])
+def test_demo_configs_load(workdir, family):
+    from difftune.demo import write_demo_config
+
+    loaded = load_config(write_demo_config(workdir, family, workdir / "models" / family, steps=4))
+    assert loaded.train.model_family == family and loaded.train.max_train_steps == 4
+    assert loaded.warnings == []
+    assert loaded.text_embeds_dataset.id == "text-embeds"

@@ -1,0 +1,99 @@
+import json
+
+import pytest
+
+from difftune.config.schema import DatasetConfig
+from difftune.data.captions import caption_from_filename, load_captions, pick_caption
+from difftune.data.discovery import discover
+from difftune.data.errors import DataError
+from tests.data.fakes import save_image
+
+
+def _captions(tmp_path, **kwargs):
+    dataset = DatasetConfig(id="set", instance_data_dir=str(tmp_path / "data"), **kwargs)
+    found = discover(dataset, tmp_path / "meta")
+    return found, load_captions(dataset, found.samples, found.root)
+
+
+@pytest.mark.parametrize(
+    ("name", "caption"),
+    [
+        ("a_red_ball.jpg", "a red ball"),
+        ("a_red_ball-1.png", "a red ball"),
+        ("a red ball (2).png", "a red ball"),
+        ("a_red_circle_on_a_blue_background_7.jpg", "a red circle on a blue background"),
+        ("dog-12 (3).jpg", "dog"),
+        ("42.png", "42"),
+    ],
+)
+def test_caption_from_filename(name, caption):
+    assert caption_from_filename(name) == caption
+
+
+def test_textfile_lines_are_captions_and_one_is_chosen_per_epoch(tmp_path):
+    save_image(tmp_path / "data" / "cat.png", (16, 16))
+    (tmp_path / "data" / "cat.txt").write_text("a cat\n\n  a small cat  \n")
+    _, captions = _captions(tmp_path, caption_strategy="textfile")
+    assert captions.per_sample == [["a cat", "a small cat"]]
+    picks = [
+        pick_caption(captions.per_sample[0], seed=3, epoch=e, relative_path="cat.png") for e in range(40)
+    ]
+    assert set(picks) == {"a cat", "a small cat"}
+    assert picks == [pick_caption(captions.per_sample[0], 3, e, "cat.png") for e in range(40)]
+
+
+def test_missing_textfile_falls_back_to_filename_and_is_reported_once(tmp_path):
+    save_image(tmp_path / "data" / "with.png", (16, 16))
+    (tmp_path / "data" / "with.txt").write_text("has a caption")
+    save_image(tmp_path / "data" / "blue_sky-2.png", (16, 16))
+    save_image(tmp_path / "data" / "green_field.png", (16, 16))
+    found, captions = _captions(tmp_path, caption_strategy="textfile")
+    by_name = {s.relative_path: c for s, c in zip(found.samples, captions.per_sample)}
+    assert by_name == {
+        "with.png": ["has a caption"],
+        "blue_sky-2.png": ["blue sky"],
+        "green_field.png": ["green field"],
+    }
+    message = captions.fallback_message("set", "textfile")
+    assert (
+        message.startswith("dataset 'set': 2 file(s) have no .txt file") and "file names are used" in message
+    )
+
+
+def test_instanceprompt_and_prepend(tmp_path):
+    save_image(tmp_path / "data" / "x_photo.png", (16, 16))
+    _, captions = _captions(tmp_path, caption_strategy="instanceprompt", instance_prompt="sks dog")
+    assert captions.per_sample == [["sks dog"]]
+    _, prepended = _captions(
+        tmp_path, caption_strategy="filename", instance_prompt="sks", prepend_instance_prompt=True
+    )
+    assert prepended.per_sample == [["sks x photo"]]
+
+
+def test_jsonl_and_csv_metadata(tmp_path):
+    save_image(tmp_path / "data" / "one.png", (16, 16))
+    save_image(tmp_path / "data" / "sub" / "two.png", (16, 16))
+    save_image(tmp_path / "data" / "three_x.png", (16, 16))
+    rows = [
+        {"file_name": "one.png", "caption": "first"},
+        {"file_name": "sub/two.png", "text": ["second", "2nd"]},
+    ]
+    (tmp_path / "data" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    found, captions = _captions(tmp_path, caption_strategy="jsonl")
+    by_name = {s.relative_path: c for s, c in zip(found.samples, captions.per_sample)}
+    assert by_name == {"one.png": ["first"], "sub/two.png": ["second", "2nd"], "three_x.png": ["three x"]}
+    assert captions.fallbacks == [tmp_path / "data" / "three_x.png"]
+
+    (tmp_path / "caps.csv").write_text('file_name,caption\none.png,"csv, first"\ntwo.png,csv second\n')
+    found, captions = _captions(tmp_path, caption_strategy="csv", metadata_file=str(tmp_path / "caps.csv"))
+    by_name = {s.relative_path: c for s, c in zip(found.samples, captions.per_sample)}
+    assert by_name["one.png"] == ["csv, first"] and by_name["sub/two.png"] == ["csv second"]
+
+
+def test_jsonl_errors_name_the_file_and_line(tmp_path):
+    save_image(tmp_path / "data" / "one.png", (16, 16))
+    (tmp_path / "data" / "metadata.jsonl").write_text('{"file_name": "one.png", "caption": "ok"}\n{broken\n')
+    with pytest.raises(DataError, match=r"metadata.jsonl line 2 is not valid JSON"):
+        _captions(tmp_path, caption_strategy="jsonl")
+    with pytest.raises(DataError, match="metadata_file .*missing.jsonl not found"):
+        _captions(tmp_path, caption_strategy="jsonl", metadata_file="missing.jsonl")

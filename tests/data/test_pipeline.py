@@ -1,0 +1,191 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from difftune.config.schema import DatasetConfig, TrainConfig
+from difftune.data.errors import DatasetTooSmall
+from difftune.data.pipeline import prepare_training_data
+from tests.data.fakes import FakeFamily, fake_components, save_image
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
+
+
+def _make_images(folder: Path, n=6, size=(64, 48)) -> list[Path]:
+    paths = []
+    for i in range(n):
+        path = save_image(folder / f"img_{i}.png", size, COLOURS[i % len(COLOURS)])
+        path.with_suffix(".txt").write_text(f"picture number {i}")
+        paths.append(path)
+    return paths
+
+
+class Run:
+    """prepare_training_data with a fake family, recording the events."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.events: list[tuple[str, dict]] = []
+
+    def dataset(self, **kwargs) -> DatasetConfig:
+        settings = {
+            "id": "pics",
+            "instance_data_dir": str(self.tmp_path / "data"),
+            "caption_strategy": "textfile",
+            "resolution": 32,
+            "resolution_type": "pixel",
+            "cache_dir_vae": str(self.tmp_path / "vae"),
+        }
+        return DatasetConfig(**{**settings, **kwargs})
+
+    def prepare(self, family=None, dataset=None, extra_prompts=("a validation prompt",), **train):
+        config = TrainConfig(
+            model_family="fake", **{"train_batch_size": 2, "seed": 1, "vae_batch_size": 2, **train}
+        )
+        family = family or FakeFamily(config)
+        data = prepare_training_data(
+            config,
+            [dataset or self.dataset()],
+            self.tmp_path / "text",
+            family,
+            fake_components(),
+            "cpu",
+            lambda kind, payload: self.events.append((kind, payload)),
+            extra_prompts=list(extra_prompts),
+        )
+        return data, family
+
+    def latent_files(self) -> set[str]:
+        return {p.name for p in (self.tmp_path / "vae").glob("*.safetensors")}
+
+
+def test_batches_hold_latents_prompts_and_sizes(tmp_path):
+    _make_images(tmp_path / "data")
+    run = Run(tmp_path)
+    data, family = run.prepare()
+    assert data.num_samples == 6 and data.sampler.batches_per_epoch == 3 and data.skipped == []
+    assert family.encoded_images == 6 and len(run.latent_files()) == 6
+    assert set(family.encoded_prompts) == {f"picture number {i}" for i in range(6)} | {
+        "",
+        "a validation prompt",
+    }
+    indices = next(data.sampler.iter_forever())
+    batch = data.load_batch(indices)
+    assert batch["latents"].shape == (2, 4, 4, 4) and batch["latents"].dtype == torch.float32
+    assert batch["prompt_embeds"].shape == (2, 3, 8) and batch["pooled_prompt_embeds"].shape == (2, 8)
+    # 64x48 at a 32 px short edge: bucket 32x32 from a 43x32 resize, centre crop
+    assert (
+        batch["original_sizes"].tolist() == [[48, 64], [48, 64]]
+        and batch["original_sizes"].dtype == torch.long
+    )
+    assert batch["target_sizes"].tolist() == [[32, 32], [32, 32]] and batch["crop_coords"].tolist() == [
+        [0, 5],
+        [0, 5],
+    ]
+    assert batch["captions"] == [f"picture number {Path(p).stem.split('_')[1]}" for p in batch["paths"]]
+    # the latent is the fake VAE's 8x pooling of the solid colour
+    index = int(Path(batch["paths"][0]).stem.split("_")[1])
+    colour = torch.tensor(COLOURS[index % len(COLOURS)]) / 127.5 - 1
+    assert torch.allclose(batch["latents"][0, :3].mean(dim=(1, 2)), colour, atol=0.02)
+    expected = family.encode_prompts(None, [batch["captions"][0]])[0]["pooled_prompt_embeds"]
+    assert torch.equal(batch["pooled_prompt_embeds"][0], expected)
+
+
+def test_corrupt_image_is_skipped_reported_once_and_data_still_builds(tmp_path):
+    paths = _make_images(tmp_path / "data")
+    data_bytes = paths[0].read_bytes()
+    paths[0].write_bytes(data_bytes[:60])  # the header survives, the pixels do not
+    run = Run(tmp_path)
+    data, family = run.prepare()
+    skipped = [payload for kind, payload in run.events if kind == "skipped"]
+    assert [Path(s["path"]).name for s in skipped] == ["img_0.png"] and skipped[0]["dataset"] == "pics"
+    assert [Path(p).name for p, _ in data.skipped] == ["img_0.png"]
+    all_indices = {i for batch in data.sampler for i in batch}
+    assert 0 not in all_indices and len(all_indices) == 4  # 5 readable, batches of 2: one dropped per epoch
+    assert len(run.latent_files()) == 5
+    again_events = Run(tmp_path)
+    again, _ = again_events.prepare()
+    assert [Path(p).name for p, _ in again.skipped] == ["img_0.png"]
+
+
+def test_changed_caption_reencodes_only_that_prompt(tmp_path):
+    _make_images(tmp_path / "data")
+    run = Run(tmp_path)
+    run.prepare()
+    (tmp_path / "data" / "img_3.txt").write_text("a brand new caption")
+    _, family = run.prepare()
+    assert family.encoded_prompts == ["a brand new caption"] and family.encoded_images == 0
+
+
+def test_touched_image_reencodes_only_that_latent_and_resolution_change_all(tmp_path):
+    paths = _make_images(tmp_path / "data")
+    run = Run(tmp_path)
+    run.prepare()
+    stat = paths[2].stat()
+    os.utime(paths[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10_000_000_000))
+    _, family = run.prepare()
+    assert family.encoded_images == 1 and family.encoded_prompts == []
+    _, family = run.prepare(dataset=run.dataset(resolution=48))
+    assert family.encoded_images == 6
+
+
+def test_corrupt_latent_file_is_rebuilt(tmp_path):
+    _make_images(tmp_path / "data")
+    run = Run(tmp_path)
+    run.prepare()
+    victim = sorted((tmp_path / "vae").glob("*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:30])
+    _, family = run.prepare()
+    assert family.encoded_images == 1 and victim.stat().st_size > 30
+
+
+def test_vae_cache_disable_writes_no_latent_files_and_encodes_per_batch(tmp_path):
+    _make_images(tmp_path / "data")
+    run = Run(tmp_path)
+    data, family = run.prepare(vae_cache_disable=True)
+    assert family.encoded_images == 0 and run.latent_files() == set()
+    batch = data.load_batch(next(data.sampler.iter_forever()))
+    assert batch["latents"].shape == (2, 4, 4, 4) and family.encoded_images == 2
+    data.load_batch([0, 1])
+    assert family.encoded_images == 4 and run.latent_files() == set()
+
+
+def test_vae_cache_ondemand_encodes_when_first_used_then_reads_the_cache(tmp_path):
+    _make_images(tmp_path / "data")
+    run = Run(tmp_path)
+    data, family = run.prepare(vae_cache_ondemand=True)
+    assert family.encoded_images == 0
+    first = data.load_batch([0, 1])
+    second = data.load_batch([0, 1])
+    assert family.encoded_images == 2 and len(run.latent_files()) == 2
+    assert torch.allclose(first["latents"], second["latents"], atol=0.02)
+
+
+def test_unreadable_image_found_during_training_is_replaced_within_the_batch(tmp_path):
+    paths = _make_images(tmp_path / "data")
+    run = Run(tmp_path)
+    data, _ = run.prepare(vae_cache_disable=True)
+    paths[1].write_bytes(paths[1].read_bytes()[:60])
+    batch = data.load_batch([0, 1])
+    assert [Path(p).name for p in batch["paths"]] == ["img_0.png", "img_0.png"]
+    data.load_batch([0, 1])
+    assert [Path(s["path"]).name for kind, s in run.events if kind == "skipped"] == ["img_1.png"]
+
+
+def test_caption_dropout_is_deterministic(tmp_path):
+    _make_images(tmp_path / "data", n=8)
+    run = Run(tmp_path)
+    data, _ = run.prepare(caption_dropout_probability=0.5)
+    captions = [data.load_batch([i, (i + 1) % 8], position=(0, i))["captions"] for i in range(8)]
+    flat = [c for pair in captions for c in pair]
+    assert 0 < flat.count("") < len(flat)
+    assert captions == [data.load_batch([i, (i + 1) % 8], position=(0, i))["captions"] for i in range(8)]
+
+
+def test_too_few_samples_raise_dataset_too_small(tmp_path):
+    _make_images(tmp_path / "data", n=3)
+    run = Run(tmp_path)
+    with pytest.raises(DatasetTooSmall, match=r"'pics'.*give 2 usable samples.*needs 8.*6 short"):
+        run.prepare(train_batch_size=2, gradient_accumulation_steps=4)
+    assert run.latent_files() == set()

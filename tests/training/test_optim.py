@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from difftune.config.schema import TrainConfig
+from difftune.training.optim import build_lr_scheduler, build_optimizer, parse_optimizer_config
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_bf16", "optimi-adamw", "optimi-lion", "prodigy"])
+def test_each_optimizer_lowers_a_quadratic(name):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(8))
+    lr = 1.0 if name == "prodigy" else 0.05
+    config = TrainConfig(model_family="sdxl", optimizer=name, learning_rate=lr, adam_weight_decay=0.0)
+    optimizer = build_optimizer([weight], config)
+    start = weight.detach().pow(2).sum().item()
+    for _ in range(200 if name == "prodigy" else 30):
+        optimizer.zero_grad()
+        weight.pow(2).sum().backward()
+        optimizer.step()
+    assert weight.detach().pow(2).sum().item() < start * 0.8
+
+
+def test_optimizer_config_string_is_parsed_and_applied():
+    assert parse_optimizer_config("weight_decay=0.1,betas=(0.9,0.99)") == {"weight_decay": 0.1, "betas": (0.9, 0.99)}
+    config = TrainConfig(model_family="sdxl", optimizer="adamw", optimizer_config="weight_decay=0.25")
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], config)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.25
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_optimizer_config("nonsense")
+
+
+def test_warmup_then_constant_schedule():
+    config = TrainConfig(model_family="sdxl", optimizer="adamw", learning_rate=1.0, lr_warmup_steps=4)
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], config)
+    scheduler = build_lr_scheduler(optimizer, config, total_steps=10)
+    rates = []
+    for _ in range(6):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0]) and rates[5] == 1.0

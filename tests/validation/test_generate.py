@@ -1,0 +1,90 @@
+"""run_validation on the tiny SDXL: files per prompt and size, events, the denoiser left as it was."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from difftune.config.schema import TrainConfig
+from difftune.families.sdxl import SDXLFamily
+from difftune.training.adapters import attach_lora
+from difftune.validation.generate import file_stem, run_validation
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    from difftune.testing.sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
+
+
+def test_every_prompt_at_every_size_and_the_denoiser_unchanged(tiny_sdxl, tmp_path):
+    library = tmp_path / "library.json"
+    library.write_text(json.dumps({"blue square": "a blue square"}))
+    config = TrainConfig(
+        model_family="sdxl",
+        pretrained_model_name_or_path=str(tiny_sdxl),
+        validation_prompt="a red circle",
+        user_prompt_library=str(library),
+        validation_resolution="64x64,96x64",
+        validation_num_inference_steps=2,
+        validation_guidance=3.0,
+        lora_rank=2,
+        seed=5,
+    )
+    family = SDXLFamily(config)
+    components = family.load(torch.device("cpu"), torch.float32)
+    unet = components.denoiser.requires_grad_(False)
+    attach_lora(unet, family, config)
+    unet.train()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    events = []
+    torch.manual_seed(11)
+    paths = run_validation(
+        family, components, unet, config, 7, tmp_path / "out", lambda kind, data: events.append((kind, data))
+    )
+    rng_after = torch.rand(1)
+    torch.manual_seed(11)
+    assert torch.equal(rng_after, torch.rand(1))  # global RNG untouched
+
+    folder = tmp_path / "out" / "validation" / "7"
+    expected = [
+        "validation-64x64.png",
+        "validation-96x64.png",
+        "blue_square-64x64.png",
+        "blue_square-96x64.png",
+    ]
+    assert [p.name for p in paths] == expected and all(p.parent == folder for p in paths)
+    assert [Image.open(p).size for p in paths] == [(64, 64), (96, 64)] * 2
+    assert events == [("validation", {"step": 7, "paths": [str(p) for p in paths]})]
+
+    assert unet.training and not components.vae.training
+    assert {n for n, p in unet.named_parameters() if p.requires_grad} == trainable
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+    again = run_validation(family, components, unet, config, 8, tmp_path / "out", lambda *_: None)
+    first, second = Image.open(paths[0]), Image.open(again[0])
+    assert list(first.getdata()) == list(second.getdata())  # same seed -> same image at every step
+
+
+def test_more_images_per_prompt_get_numbered_files(tiny_sdxl, tmp_path):
+    config = TrainConfig(
+        model_family="sdxl",
+        pretrained_model_name_or_path=str(tiny_sdxl),
+        validation_prompt="a cat",
+        validation_resolution="64x64",
+        validation_num_inference_steps=1,
+        num_validation_images=2,
+    )
+    family = SDXLFamily(config)
+    components = family.load(torch.device("cpu"), torch.float32)
+    paths = run_validation(family, components, components.denoiser, config, 1, tmp_path, lambda *_: None)
+    assert [p.name for p in paths] == ["validation-64x64-0.png", "validation-64x64-1.png"]
+    assert list(Image.open(paths[0]).getdata()) != list(Image.open(paths[1]).getdata())
+
+
+def test_file_stem_makes_names_safe():
+    assert file_stem("my prompt/1") == "my_prompt_1"
+    assert file_stem("../..") == "prompt"
