@@ -29,6 +29,7 @@ SETTINGS = {  # name -> (dtype, base_model_precision, offload)
     "int8-torchao": ("bf16", "int8-torchao", None),
     "group-offload": ("bf16", "no_change", "group"),
     "model-cpu-offload": ("bf16", "no_change", "model"),
+    "group-offload+int8-torchao": ("bf16", "int8-torchao", "group"),
 }
 SIZES = {  # block_out_channels, transformer layers per block, latent side
     "small": ((128, 256), (1, 2), 32),
@@ -49,12 +50,20 @@ def build_unet(size: str) -> tuple[torch.nn.Module, int]:
     torch.manual_seed(0)
     levels = len(channels)
     unet = UNet2DConditionModel(
-        sample_size=side, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=2,
+        sample_size=side,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=channels,
+        layers_per_block=2,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
-        attention_head_dim=tuple(c // 64 for c in channels), transformer_layers_per_block=layers,
-        use_linear_projection=True, cross_attention_dim=2 * sdxl.TEXT_HIDDEN, norm_num_groups=32,
-        addition_embed_type="text_time", addition_time_embed_dim=sdxl.TIME_EMBED_DIM,
+        attention_head_dim=tuple(c // 64 for c in channels),
+        transformer_layers_per_block=layers,
+        use_linear_projection=True,
+        cross_attention_dim=2 * sdxl.TEXT_HIDDEN,
+        norm_num_groups=32,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=sdxl.TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * sdxl.TIME_EMBED_DIM + sdxl.POOLED_DIM,
     )
     return unet, side
@@ -74,16 +83,22 @@ def run_setting(name: str, size: str, steps: int, device: torch.device) -> dict:
     encoders = list(tiny_sdxl_text_encoders())
     unet.requires_grad_(False).to(dtype)
     memory.quantize_module(unet, precision, device=device)
-    unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    unet.add_adapter(
+        LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    )
     lora = [p for p in unet.parameters() if p.requires_grad]
     for p in lora:
         p.data = p.data.float()
     memory.enable_checkpointing(unet, None)
     weight_bytes = memory.resident_weight_bytes(unet)
     config = argparse.Namespace(
-        enable_group_offload=offload == "group", group_offload_type="block_level", group_offload_blocks_per_group=1,
-        group_offload_use_stream=device.type == "cuda", group_offload_to_disk_path=None,
-        enable_model_cpu_offload=offload == "model")
+        enable_group_offload=offload == "group",
+        group_offload_type="block_level",
+        group_offload_blocks_per_group=1,
+        group_offload_use_stream=device.type == "cuda",
+        group_offload_to_disk_path=None,
+        enable_model_cpu_offload=offload == "model",
+    )
     for encoder in encoders:
         encoder.to(dtype)
     if offload != "group":
@@ -106,11 +121,20 @@ def run_setting(name: str, size: str, steps: int, device: torch.device) -> dict:
     for _ in range(steps):
         start = time.perf_counter()
         with torch.no_grad():
-            hidden = torch.cat([encoders[0](tokens, output_hidden_states=True).hidden_states[-2],
-                                encoders[1](tokens, output_hidden_states=True).hidden_states[-2]], dim=-1)
+            hidden = torch.cat(
+                [
+                    encoders[0](tokens, output_hidden_states=True).hidden_states[-2],
+                    encoders[1](tokens, output_hidden_states=True).hidden_states[-2],
+                ],
+                dim=-1,
+            )
             pooled = encoders[1](tokens).text_embeds
-        out = unet(latents, torch.tensor([500, 500], device=device), hidden.to(dtype),
-                   added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids}).sample
+        out = unet(
+            latents,
+            torch.tensor([500, 500], device=device),
+            hidden.to(dtype),
+            added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids},
+        ).sample
         loss = torch.nn.functional.mse_loss(out.float(), noise)
         loss.backward()
         optimizer.step()
@@ -123,15 +147,32 @@ def run_setting(name: str, size: str, steps: int, device: torch.device) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return {
-        "setting": name, "device": device.type, "size": size, "steps": steps, "peak_bytes": peak,
-        "weight_bytes": weight_bytes, "step_seconds": statistics.median(times[1:] or times),
-        "loss_first": losses[0], "loss_last": losses[-1], "lora_change": lora_change,
+        "setting": name,
+        "device": device.type,
+        "size": size,
+        "steps": steps,
+        "peak_bytes": peak,
+        "weight_bytes": weight_bytes,
+        "step_seconds": statistics.median(times[1:] or times),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "lora_change": lora_change,
     }
 
 
 def in_subprocess(name: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", name, "--size", args.size, "--steps", str(args.steps),
-               "--device", args.device]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--size",
+        args.size,
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
@@ -146,35 +187,47 @@ def mib(value: float) -> str:
 def report(results: list[dict], previous: dict[str, dict]) -> None:
     base = next((r for r in results if r["setting"] == "fp32" and "error" not in r), None)
     peak_label = "peak GPU MiB" if results and results[0].get("device") == "cuda" else "peak RSS MiB"
-    print(f"{'setting':18} {peak_label:>13} {'x fp32':>7} {'weights MiB':>12} {'x fp32':>7} "
-          f"{'step ms':>9} {'x fp32':>7}  loss first->last  lora moved")
+    print(
+        f"{'setting':26} {peak_label:>13} {'x fp32':>7} {'weights MiB':>12} {'x fp32':>7} "
+        f"{'step ms':>9} {'x fp32':>7}  loss first->last  lora moved"
+    )
     for r in results:
         if "error" in r:
-            print(f"{r['setting']:18} failed: {r['error']}")
+            print(f"{r['setting']:26} failed: {r['error']}")
             continue
-        ratio = (lambda key: f"{r[key] / base[key]:7.2f}") if base else (lambda key: "      -")
-        print(f"{r['setting']:18} {mib(r['peak_bytes']):>13} {ratio('peak_bytes')} {mib(r['weight_bytes']):>12} "
-              f"{ratio('weight_bytes')} {r['step_seconds'] * 1e3:9.1f} {ratio('step_seconds')}  "
-              f"{r['loss_first']:.4f}->{r['loss_last']:.4f}  {r['lora_change'] > 0}")
+        ratio = (lambda key, r=r: f"{r[key] / base[key]:7.2f}") if base else (lambda key: "      -")
+        print(
+            f"{r['setting']:26} {mib(r['peak_bytes']):>13} {ratio('peak_bytes')} {mib(r['weight_bytes']):>12} "
+            f"{ratio('weight_bytes')} {r['step_seconds'] * 1e3:9.1f} {ratio('step_seconds')}  "
+            f"{r['loss_first']:.4f}->{r['loss_last']:.4f}  {r['lora_change'] > 0}"
+        )
     changes = []
     for r in results:
         old = previous.get(r["setting"])
         if old and "error" not in r and "error" not in old:
-            changes.append(f"{r['setting']:18} peak {100 * (r['peak_bytes'] / old['peak_bytes'] - 1):+6.1f}%  "
-                           f"weights {100 * (r['weight_bytes'] / old['weight_bytes'] - 1):+6.1f}%  "
-                           f"step {100 * (r['step_seconds'] / old['step_seconds'] - 1):+6.1f}%")
+            changes.append(
+                f"{r['setting']:26} peak {100 * (r['peak_bytes'] / old['peak_bytes'] - 1):+6.1f}%  "
+                f"weights {100 * (r['weight_bytes'] / old['weight_bytes'] - 1):+6.1f}%  "
+                f"step {100 * (r['step_seconds'] / old['step_seconds'] - 1):+6.1f}%"
+            )
     if changes:
         print("\nchange since the previous run:")
         print("\n".join(changes))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, from: " + ", ".join(SETTINGS))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help="comma-separated, from: " + ", ".join(SETTINGS)
+    )
     parser.add_argument("--size", choices=["tiny", *SIZES], default="tiny")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, help="write the figures here; compare with this file if it exists")
+    parser.add_argument(
+        "--json", type=Path, help="write the figures here; compare with this file if it exists"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -190,7 +243,9 @@ def main() -> None:
     results = [in_subprocess(name, args) for name in names]
     report(results, previous)
     if args.json:
-        args.json.write_text(json.dumps({"size": args.size, "device": args.device, "results": results}, indent=1))
+        args.json.write_text(
+            json.dumps({"size": args.size, "device": args.device, "results": results}, indent=1)
+        )
 
 
 if __name__ == "__main__":

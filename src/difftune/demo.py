@@ -26,9 +26,14 @@ def build_demo_model(family: str, folder: Path) -> Path:
         from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
 
         return build_tiny_kandinsky5_image(folder)
-    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_video
+    from difftune.testing.kandinsky5_video import build_tiny_kandinsky5_video
 
     return build_tiny_kandinsky5_video(folder)
+
+
+def demo_data_dir(workdir: Path, family: str) -> Path:
+    """Generated videos for the video family, generated images for the others."""
+    return workdir / "datasets" / ("demo-videos" if family == "kandinsky5-video" else "demo-images")
 
 
 def write_demo_config(workdir: Path, family: str, model_dir: Path, steps: int) -> Path:
@@ -37,10 +42,10 @@ def write_demo_config(workdir: Path, family: str, model_dir: Path, steps: int) -
     config_dir.mkdir(parents=True, exist_ok=True)
     is_video = family == "kandinsky5-video"
     dataset = {
-        "id": "demo-images",
+        "id": demo_data_dir(workdir, family).name,
         "type": "local",
         "dataset_type": "video" if is_video else "image",
-        "instance_data_dir": str(workdir / "datasets" / "demo"),
+        "instance_data_dir": str(demo_data_dir(workdir, family)),
         "caption_strategy": "textfile",
         "resolution": 64,
         "resolution_type": "pixel_area",
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="difftune demo", description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="sdxl", choices=DEMO_FAMILIES)
     parser.add_argument("--workdir", default="difftune-demo", help="where the model, data and output go")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args(argv)
 
     from difftune.config import load_config
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = workdir / "models" / args.family
     if not (model_dir / "model_index.json").exists():
         build_demo_model(args.family, model_dir)
-    data_dir = workdir / "datasets" / "demo"
+    data_dir = demo_data_dir(workdir, args.family)
     if not data_dir.exists():
         if args.family == "kandinsky5-video":
             from difftune.testing.videos import make_video_dataset

@@ -20,8 +20,13 @@ def image_folder(tmp_path) -> Path:
     return folder
 
 
-def write_run(workdir: Path, model_dir: Path, data_dir: Path, **overrides) -> Path:
-    """Write config.json + multidatabackend.json the way a user would; returns config.json."""
+def write_run(
+    workdir: Path, model_dir: Path, data_dir: Path, extra_backends: list[dict] | None = None, **overrides
+) -> Path:
+    """Write config.json + multidatabackend.json the way a user would; returns config.json.
+
+    extra_backends are more multidatabackend.json entries (e.g. a conditioning dataset).
+    """
     dataset = {
         "id": "images", "type": "local", "instance_data_dir": str(data_dir), "caption_strategy": "textfile",
         "resolution": 64, "resolution_type": "pixel_area", "crop": True, "crop_aspect": "square",
@@ -30,6 +35,7 @@ def write_run(workdir: Path, model_dir: Path, data_dir: Path, **overrides) -> Pa
     dataset.update(overrides.pop("dataset", {}))
     backends = [dataset, {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True,
                           "cache_dir": str(workdir / "cache" / "text")}]
+    backends += extra_backends or []
     config = {
         "model_type": "lora", "model_family": "sdxl", "pretrained_model_name_or_path": str(model_dir),
         "output_dir": str(workdir / "out"), "data_backend_config": str(workdir / "multidatabackend.json"),

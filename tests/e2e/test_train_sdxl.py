@@ -48,6 +48,7 @@ def test_full_training_saves_a_unet_that_diffusers_loads(tmp_path, tiny_sdxl, im
     assert len(changed) > 10
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_sdxl, image_folder):
     common = dict(max_train_steps=6, checkpointing_steps=3, gradient_accumulation_steps=2, learning_rate=2e-3)
     whole = train(load_config(write_run(tmp_path / "whole", tiny_sdxl, image_folder, **common)))

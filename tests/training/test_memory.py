@@ -19,9 +19,17 @@ def memory_config(**overrides) -> SimpleNamespace:
     """The memory keys of TrainConfig with their schema defaults."""
     from difftune.config.schema import TrainConfig
 
-    keys = ("enable_group_offload", "group_offload_type", "group_offload_blocks_per_group",
-            "group_offload_use_stream", "group_offload_to_disk_path", "enable_model_cpu_offload",
-            "vae_enable_patch_conv", "vae_enable_tiling", "vae_enable_slicing")
+    keys = (
+        "enable_group_offload",
+        "group_offload_type",
+        "group_offload_blocks_per_group",
+        "group_offload_use_stream",
+        "group_offload_to_disk_path",
+        "enable_model_cpu_offload",
+        "vae_enable_patch_conv",
+        "vae_enable_tiling",
+        "vae_enable_slicing",
+    )
     values = {key: TrainConfig.model_fields[key].default for key in keys}
     values.update(overrides)
     return SimpleNamespace(**values)
@@ -33,8 +41,10 @@ def unet_inputs(batch: int = 2, seed: int = 0, dtype=torch.float32):
         sample=torch.randn(batch, 4, 8, 8, generator=g).to(dtype),
         timestep=torch.tensor([10, 500][:batch]),
         encoder_hidden_states=torch.randn(batch, 5, 64, generator=g).to(dtype),
-        added_cond_kwargs={"text_embeds": torch.randn(batch, 32, generator=g).to(dtype),
-                           "time_ids": torch.randn(batch, 6, generator=g).to(dtype)},
+        added_cond_kwargs={
+            "text_embeds": torch.randn(batch, 32, generator=g).to(dtype),
+            "time_ids": torch.randn(batch, 6, generator=g).to(dtype),
+        },
     )
 
 
@@ -77,12 +87,15 @@ def quantised_lora_unet(precision: str, dtype=torch.float32):
 # -- quantisation ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("precision", "dtype"), [
-    ("no_change", torch.float32),
-    ("int8-quanto", torch.float32),
-    ("int8-quanto", torch.bfloat16),
-    ("int8-torchao", torch.float32),
-])
+@pytest.mark.parametrize(
+    ("precision", "dtype"),
+    [
+        ("no_change", torch.float32),
+        ("int8-quanto", torch.float32),
+        pytest.param("int8-quanto", torch.bfloat16, marks=pytest.mark.slow),  # bf16 matmuls are slow on CPU
+        ("int8-torchao", torch.float32),
+    ],
+)
 def test_lora_on_each_precision_lowers_the_loss(precision, dtype):
     unet = quantised_lora_unet(precision, dtype)
     losses = train(unet, steps=4, dtype=dtype)
@@ -121,8 +134,11 @@ def test_torchao_layers_hold_int8_weights():
 
 def test_quantised_weights_take_less_memory():
     sizes = {}
-    for name, dtype, precision in (("fp32", torch.float32, "no_change"), ("bf16", torch.bfloat16, "no_change"),
-                                   ("int8", torch.bfloat16, "int8-quanto")):
+    for name, dtype, precision in (
+        ("fp32", torch.float32, "no_change"),
+        ("bf16", torch.bfloat16, "no_change"),
+        ("int8", torch.bfloat16, "int8-quanto"),
+    ):
         unet = tiny_sdxl_unet().to(dtype)
         memory.quantize_module(unet, precision, device="cpu")
         sizes[name] = memory.resident_weight_bytes(unet)
@@ -188,8 +204,9 @@ def test_use_stream_on_cpu_warns_and_is_off(monkeypatch):
 
     monkeypatch.setattr(memory_quant, "_warned", set())
     unet = tiny_sdxl_unet()
-    config = memory_config(enable_group_offload=True, group_offload_use_stream=True,
-                           group_offload_type="leaf_level")
+    config = memory_config(
+        enable_group_offload=True, group_offload_use_stream=True, group_offload_type="leaf_level"
+    )
     with pytest.warns(UserWarning, match="group_offload_use_stream needs a CUDA device"):
         memory.apply_offload(unet, config, "cpu")
     hook = _get_top_level_group_offload_hook(unet)
@@ -287,9 +304,16 @@ def test_missing_attention_backend_warns_and_keeps_sdpa(name, monkeypatch):
         memory.set_attention_backend(unet, "triton")
 
 
-@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "frames"), [
-    (3, 1, 1, 1, 21), (3, 2, 1, 1, 20), (4, 1, 0, 1, 19), (3, 1, 2, 2, 17), (1, 1, 0, 1, 12),
-])
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation", "frames"),
+    [
+        (3, 1, 1, 1, 21),
+        (3, 2, 1, 1, 20),
+        (4, 1, 0, 1, 19),
+        (3, 1, 2, 2, 17),
+        (1, 1, 0, 1, 12),
+    ],
+)
 def test_patched_conv3d_equals_the_plain_one(kernel, stride, padding, dilation, frames):
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation)
@@ -302,10 +326,18 @@ def test_patched_conv3d_equals_the_plain_one(kernel, stride, padding, dilation, 
 def test_configure_vae_enables_what_the_config_asks():
     from diffusers import AutoencoderKLHunyuanVideo
 
-    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8),
-                                    down_block_types=("HunyuanVideoDownBlock3D",) * 3,
-                                    up_block_types=("HunyuanVideoUpBlock3D",) * 3, layers_per_block=1,
-                                    norm_num_groups=4, spatial_compression_ratio=4, temporal_compression_ratio=4)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 8),
+        down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=4,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=4,
+    )
     x = torch.randn(1, 3, 9, 8, 8)
     with torch.no_grad():
         expected = vae.encode(x).latent_dist.mean

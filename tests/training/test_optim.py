@@ -39,3 +39,16 @@ def test_warmup_then_constant_schedule():
         optimizer.step()
         scheduler.step()
     assert rates[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0]) and rates[5] == 1.0
+
+
+def test_compile_model_compiles_the_denoiser_in_place():
+    from types import SimpleNamespace
+
+    from difftune.training.setup import prepare_denoiser
+
+    denoiser = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    config = TrainConfig(model_family="sdxl", model_type="full", compile_model=True,
+                         gradient_checkpointing=False)
+    prepared = prepare_denoiser(SimpleNamespace(), SimpleNamespace(denoiser=denoiser), config, torch.float32)
+    assert prepared is denoiser and prepared._compiled_call_impl is not None
+    assert all(p.requires_grad for p in prepared.parameters())

@@ -55,6 +55,7 @@ class LatentCache:
         self.cache_dir = Path(cache_dir)
         self.identity = identity
         self.write_batch_size = max(1, write_batch_size)
+        self._keys: dict[SamplePlan, str] = {}
         if isinstance(dtype, torch.dtype):
             if dtype not in (torch.bfloat16, torch.float16):
                 raise ValueError(f"latent storage dtype must be bf16 or fp16, got {dtype}")
@@ -65,6 +66,13 @@ class LatentCache:
             raise ValueError(f"latent storage dtype '{dtype}': use bf16 or fp16")
 
     def key(self, plan: SamplePlan) -> str:
+        """The entry's name; remembered per plan, as each step asks again for every sample it reads."""
+        key = self._keys.get(plan)
+        if key is None:
+            key = self._keys[plan] = self._compute_key(plan)
+        return key
+
+    def _compute_key(self, plan: SamplePlan) -> str:
         fields = [
             self.identity,
             str(Path(plan.path).resolve()),

@@ -7,9 +7,11 @@ missing: a bad entry is rebuilt, never returned.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,6 +19,10 @@ import torch
 
 class CacheMiss(KeyError):
     """The entry is not in the cache (or was corrupt and has been deleted)."""
+
+
+# what a damaged or foreign file raises while its header is parsed
+_DAMAGED = (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError)
 
 
 def write_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -48,15 +54,29 @@ def header_matches(path: Path, expected: dict[str, str]) -> bool:
 
 
 def read_entry(path: Path, expected: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a verified entry; raises CacheMiss (after deleting a bad file) otherwise."""
-    from safetensors import safe_open
+    """Tensors and metadata of a verified entry; raises CacheMiss (after deleting a bad file) otherwise.
 
-    if not header_matches(path, expected):
+    The file is opened and read once: the header check and the tensors come from the same bytes.
+    """
+    from safetensors.torch import load as load_tensors
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CacheMiss(str(path)) from None
+    except OSError as error:
+        path.unlink(missing_ok=True)
+        raise CacheMiss(str(path)) from error
+    try:
+        metadata = _header_metadata(io.BytesIO(data).read, len(data))
+    except _DAMAGED as error:
+        path.unlink(missing_ok=True)
+        raise CacheMiss(str(path)) from error
+    if any(metadata.get(key) != value for key, value in expected.items()):
+        path.unlink(missing_ok=True)
         raise CacheMiss(str(path))
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        tensors = load_tensors(data)
     except Exception as error:  # safetensors raises its own error types for damaged files
         path.unlink(missing_ok=True)
         raise CacheMiss(str(path)) from error
@@ -68,19 +88,25 @@ def _read_header(path: Path) -> dict[str, str] | None:
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
-            (header_length,) = struct.unpack("<Q", handle.read(8))
-            if header_length <= 0 or 8 + header_length > size:
-                raise ValueError("header longer than the file")
-            header = json.loads(handle.read(header_length))
-        end = max(
-            (info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"), default=0
-        )
-        if 8 + header_length + end != size:
-            raise ValueError("file shorter or longer than its header says")
-        metadata = header.get("__metadata__") or {}
+            return _header_metadata(handle.read, size)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
+    except _DAMAGED:
         path.unlink(missing_ok=True)
         return None
+
+
+def _header_metadata(read: Callable[[int], bytes], size: int) -> dict[str, str]:
+    """String metadata of a safetensors file of `size` bytes whose start read(n) returns; raises when damaged.
+
+    Complete = as long as the header says (8-byte length, JSON header, then the tensors' bytes).
+    """
+    (header_length,) = struct.unpack("<Q", read(8))
+    if header_length <= 0 or 8 + header_length > size:
+        raise ValueError("header longer than the file")
+    header = json.loads(read(header_length))
+    end = max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"), default=0)
+    if 8 + header_length + end != size:
+        raise ValueError("file shorter or longer than its header says")
+    metadata = header.get("__metadata__") or {}
     return {str(k): str(v) for k, v in metadata.items()}

@@ -120,10 +120,23 @@ class TrainConfig(_Strict):
     noise_offset: float = 0.0
     caption_dropout_probability: float = Field(0.0, ge=0, le=1)
     flow_schedule_shift: float = Field(3.0, gt=0)
-    flow_schedule_auto_shift: bool = False
     flow_use_uniform_schedule: bool = False
     flow_sigmoid_scale: float = 1.0
     tread_config: dict[str, Any] | None = None
+    # Diff2Flow (SDXL): flow-matching time and inputs mapped onto the diffusion schedule
+    diff2flow_enabled: bool = False
+    diff2flow_loss: bool = False  # regress the velocity (noise - x0) instead of the native target
+
+    # scheduled sampling (rollout), see difftune.training.scheduled_sampling
+    scheduled_sampling_max_step_offset: int = Field(0, ge=0)  # 0 = off
+    scheduled_sampling_probability: float = Field(0.0, ge=0, le=1)
+    scheduled_sampling_ramp_steps: int = Field(0, ge=0)  # ramp the probability up from 0; 0 = no ramp
+    scheduled_sampling_sampler: Literal["unipc", "euler"] = "unipc"  # both take first-order steps
+
+    # multi-process: FSDP2 sharding of the denoiser, see difftune.training.distributed
+    fsdp_enable: bool = False
+    fsdp_version: int = Field(2, ge=2, le=2)  # FSDP2 only
+    fsdp_reshard_after_forward: bool = True
 
     # CREPA temporal regulariser (video DiTs), see difftune.training.crepa
     crepa_enabled: bool = False
@@ -166,7 +179,6 @@ class TrainConfig(_Strict):
     # hub
     push_to_hub: bool = False
     hub_model_id: str | None = None
-    push_checkpoints_to_hub: bool = False
     hub_private: bool | None = None
 
     # EMA of the trained weights

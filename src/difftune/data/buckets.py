@@ -100,7 +100,9 @@ def plan_sample(sample: SampleInfo, dataset: DatasetConfig, pixel_multiple: int,
     size = sample.size
     _check_limits(sample, dataset)
     aspect = size[0] / size[1]
-    rng = _sample_rng(seed, sample.relative_path)
+    # the generator is only built when a random choice is made (it costs more than the rest of the plan)
+    needs_rng = dataset.crop and "random" in (dataset.crop_aspect, dataset.crop_style)
+    rng = _sample_rng(seed, sample.relative_path) if needs_rng else None
 
     if not dataset.crop or dataset.crop_aspect == "preserve":
         bucket = bucket_for_aspect(aspect, dataset, pixel_multiple)
@@ -204,7 +206,7 @@ def _cover(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
 
 
 def _crop_offsets(
-    resized: tuple[int, int], bucket: tuple[int, int], style: str, rng: random.Random
+    resized: tuple[int, int], bucket: tuple[int, int], style: str, rng: random.Random | None
 ) -> tuple[int, int]:
     spare_x, spare_y = resized[0] - bucket[0], resized[1] - bucket[1]
     if style == "random":

@@ -84,6 +84,7 @@ class Kandinsky5VideoFamily(Family):
     pixel_multiple = 16  # 8x VAE downsampling times 2x2 patches
     is_video = True
     adapter_prefix = "transformer"
+    configures_vae = True  # load() applies vae_enable_patch_conv / tiling / slicing itself
 
     def __init__(self, config):
         super().__init__(config)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from difftune.families.base import Components, Family, Objective
-from difftune.families.objectives import EpsilonObjective
+from difftune.families.objectives import Diff2FlowObjective, EpsilonObjective
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 MICRO_CONDITIONING_KEYS = ("original_sizes", "crop_coords", "target_sizes")
@@ -64,6 +64,7 @@ class SDXLFamily(Family):
         super().__init__(config)
         seed = config.seed if config.seed is not None else 0
         self._latent_generator = torch.Generator().manual_seed(seed)
+        self._diff2flow: Diff2FlowObjective | None = None  # set by objective() with diff2flow_enabled
 
     # -- loading ------------------------------------------------------------------------------
     def load(self, device: torch.device, weight_dtype: torch.dtype) -> Components:
@@ -171,6 +172,13 @@ class SDXLFamily(Family):
                 "prediction_type 'flow_matching' does not apply to SDXL; "
                 "use epsilon or v_prediction (or leave it unset)"
             )
+        if self.config.diff2flow_enabled:  # flow times at this boundary; model_forward maps them
+            self._diff2flow = Diff2FlowObjective(
+                components.scheduler,
+                prediction_type=prediction_type,
+                velocity_loss=self.config.diff2flow_loss,
+            )
+            return self._diff2flow
         return EpsilonObjective(
             components.scheduler, snr_gamma=self.config.snr_gamma, prediction_type=prediction_type
         )
@@ -192,7 +200,17 @@ class SDXLFamily(Family):
         timesteps: torch.Tensor,
         batch: dict[str, Any],
     ) -> torch.Tensor:
-        """UNet prediction (B, 4, h, w) for noisy latents (B, 4, h, w) and integer timesteps (B,)."""
+        """UNet prediction (B, 4, h, w) for noisy latents (B, 4, h, w) and integer timesteps (B,).
+
+        With diff2flow_enabled the latents are flow states and the timesteps flow times (B,) in [0, 1]:
+        they are mapped onto the diffusion schedule, and with diff2flow_loss the velocity is returned.
+        """
+        if self.config.diff2flow_enabled and self._diff2flow is None:
+            self.objective(components)
+        flow = self._diff2flow if self.config.diff2flow_enabled else None
+        flow_times = timesteps
+        if flow is not None:
+            noisy_latents, timesteps = flow.model_inputs(noisy_latents, timesteps)
         device = noisy_latents.device
         dtype = next(denoiser.parameters()).dtype
         time_ids = self.add_time_ids(batch, noisy_latents.shape[0]).to(device=device, dtype=dtype)
@@ -200,13 +218,14 @@ class SDXLFamily(Family):
             "text_embeds": batch["pooled_prompt_embeds"].to(device=device, dtype=dtype),
             "time_ids": time_ids,
         }
-        return denoiser(
+        prediction = denoiser(
             noisy_latents.to(dtype),
             timesteps.to(device),
             encoder_hidden_states=batch["prompt_embeds"].to(device=device, dtype=dtype),
             added_cond_kwargs=added,
             return_dict=False,
         )[0]
+        return prediction if flow is None else flow.model_output(prediction, noisy_latents, flow_times)
 
     def lora_targets(self) -> list[str]:
         """The attention projections of every transformer block (diffusers' SDXL LoRA recipe)."""

@@ -22,15 +22,24 @@ from difftune.training.checkpoints import (
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
-    trainable_state,
+)
+from difftune.training.distributed import (
+    checkpoint_parts,
+    draw_noise_and_timesteps,
+    full_trainable_state,
+    load_sharded_checkpoint,
+    shard_global_batches,
+    shard_if_configured,
 )
 from difftune.training.features import TrainingFeatures
 from difftune.training.losses import build_crepa, crepa_loss, per_sample_loss
 from difftune.training.optim import build_lr_scheduler, build_optimizer
+from difftune.training.scheduled_sampling import rollout_inputs
 from difftune.training.setup import (
     build_accelerator,
     default_bus,
     prepare_denoiser,
+    prepare_frozen,
     save_final_weights,
     text_cache_dir,
     weight_dtype_for,
@@ -52,7 +61,7 @@ class TrainResult:
 def train(loaded: LoadedConfig, bus: EventBus | None = None, stop_after_steps: int | None = None) -> TrainResult:
     """Train as the config says. `stop_after_steps` ends early as if interrupted (for tests)."""
     from difftune.data.pipeline import prepare_training_data
-    from difftune.validation.generate import run_validation
+    from difftune.validation.generate import run_validation, validation_conditioning_image
     from difftune.validation.prompts import validation_prompts
 
     config = loaded.train
@@ -77,23 +86,37 @@ def train(loaded: LoadedConfig, bus: EventBus | None = None, stop_after_steps: i
     weight_dtype = weight_dtype_for(config, accelerator.device)
     bus.emit("log", {"message": f"loading {family.name} from {family.model_id()}"})
     components = family.load(accelerator.device, weight_dtype)
+    for note in prepare_frozen(family, components, config, accelerator.device):
+        bus.emit("log", {"message": note})
 
     prompts = validation_prompts(config)
+    conditioning_image = validation_conditioning_image(loaded.all_datasets)
     extra_prompts = [p for _, p in prompts] + [config.validation_negative_prompt, ""]
-    data = prepare_training_data(
-        config, loaded.datasets, text_cache_dir(loaded), family, components, accelerator.device, bus.emit,
-        num_processes=accelerator.num_processes, process_index=accelerator.process_index,
-        extra_prompts=extra_prompts,
-    )
+    with accelerator.main_process_first():  # the main process fills the caches, the others read them
+        data = prepare_training_data(
+            config, loaded.datasets, text_cache_dir(loaded), family, components, accelerator.device, bus.emit,
+            num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+            extra_prompts=extra_prompts,
+        )
+    data.sampler = shard_global_batches(data.sampler, accelerator.num_processes, accelerator.process_index,
+                                       config.gradient_accumulation_steps)
 
-    denoiser = prepare_denoiser(family, components, config, weight_dtype)
+    denoiser = prepare_denoiser(family, components, config, weight_dtype, accelerator.device)
+    sharded = shard_if_configured(denoiser, config, accelerator.num_processes, bus.emit)  # FSDP2
+    prompts = [] if sharded else prompts  # validation would run the sharded model on one process only
     crepa = build_crepa(config, denoiser, components, accelerator.device)
     optimizer = build_optimizer(list(denoiser.parameters()) + (crepa.trainable_parameters() if crepa else []),
                                 config)
     steps_per_epoch = max(1, data.sampler.batches_per_epoch // config.gradient_accumulation_steps)
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     lr_scheduler = build_lr_scheduler(optimizer, config, total_steps)
-    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+    if sharded:  # fully_shard already distributes it; DDP must not wrap it
+        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    else:
+        # group offload places the denoiser's blocks itself
+        placement = [not config.enable_group_offload, True, True]
+        denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler,
+                                                                device_placement=placement)
     model = accelerator.unwrap_model(denoiser)
     objective = family.objective(components)
 
@@ -102,7 +125,8 @@ def train(loaded: LoadedConfig, bus: EventBus | None = None, stop_after_steps: i
     state = TrainerState()
     resume_path = resolve_resume(output_dir, config.resume_from_checkpoint)
     if resume_path is not None:
-        state = load_checkpoint(resume_path, model, optimizer, lr_scheduler)
+        state = (load_sharded_checkpoint if sharded else load_checkpoint)(resume_path, model, optimizer,
+                                                                          lr_scheduler)
         noise_generator.set_state(state.noise_generator)
         data.sampler.load_state_dict(state.sampler)
         if crepa is not None and "crepa" in state.extra:
@@ -116,7 +140,8 @@ def train(loaded: LoadedConfig, bus: EventBus | None = None, stop_after_steps: i
     # -- steps --------------------------------------------------------------------------------
     result = TrainResult(output_dir=output_dir, global_step=state.global_step)
     bus.emit("start", {"total_steps": total_steps, "first_step": state.global_step,
-                       "samples": data.num_samples, "family": family.name, "model_type": config.model_type})
+                       "samples": data.num_samples, "family": family.name, "model_type": config.model_type,
+                       "processes": accelerator.num_processes})
     micro_batches = data.sampler.iter_forever()
     accumulated, micro_count, started = 0.0, 0, time.perf_counter()
     first_step = state.global_step
@@ -126,10 +151,13 @@ def train(loaded: LoadedConfig, bus: EventBus | None = None, stop_after_steps: i
         batch = data.load_batch(indices)
         with accelerator.accumulate(denoiser):
             latents = batch["latents"].to(accelerator.device)
-            noise = torch.randn(latents.shape, generator=noise_generator).to(accelerator.device)
-            timesteps = objective.sample_timesteps(latents.shape[0], noise_generator, accelerator.device)
-            noisy = objective.add_noise(latents, noise, timesteps)
+            noise, timesteps = draw_noise_and_timesteps(objective, latents.shape, noise_generator,
+                                                        accelerator.device, accelerator.num_processes,
+                                                        accelerator.process_index, config.noise_offset)
             with accelerator.autocast():
+                noisy = rollout_inputs(family, components, model, objective, latents, noise, timesteps, batch,
+                                       config, state.global_step, noise_generator, accelerator.num_processes,
+                                       accelerator.process_index)
                 prediction = family.model_forward(components, denoiser, noisy, timesteps, batch)
             losses = per_sample_loss(prediction, objective.target(latents, noise, timesteps),
                                      family.loss_mask(batch, latents))
@@ -145,7 +173,7 @@ def train(loaded: LoadedConfig, bus: EventBus | None = None, stop_after_steps: i
             optimizer.zero_grad(set_to_none=True)
         if accelerator.sync_gradients:
             features.after_optimizer_step(model)
-        accumulated += loss.detach().item()
+        accumulated += accelerator.reduce(loss.detach(), "mean").item()  # the global batch's loss
         micro_count += 1
         if not accelerator.sync_gradients:
             continue
@@ -167,8 +195,9 @@ def train(loaded: LoadedConfig, bus: EventBus | None = None, stop_after_steps: i
             state.sampler = data.sampler.state_dict()
             state.noise_generator = noise_generator.get_state()
             state.extra = features.state_dict() | ({"crepa": crepa.state_dict()} if crepa else {})
+            trainable, optimizer_state = checkpoint_parts(model, optimizer)  # gathered under FSDP2
             if accelerator.is_main_process:
-                path = save_checkpoint(output_dir, trainable_state(model), optimizer, lr_scheduler, state,
+                path = save_checkpoint(output_dir, trainable, optimizer_state, lr_scheduler, state,
                                        config.checkpoints_total_limit)
                 bus.emit("checkpoint", {"step": state.global_step, "path": str(path)})
         if (config.validation_steps and not config.validation_disable and prompts
@@ -176,7 +205,7 @@ def train(loaded: LoadedConfig, bus: EventBus | None = None, stop_after_steps: i
                 and accelerator.is_main_process):
             with features.validation_weights(model):
                 paths = run_validation(family, components, model, config, state.global_step, output_dir,
-                                       bus.emit)
+                                       bus.emit, conditioning_image)
             result.validation_paths += paths
             features.after_validation(model, paths, prompts, state.global_step, bus.emit)
         features.maybe_evaluate(model, state.global_step, bus.emit)
@@ -187,14 +216,16 @@ def train(loaded: LoadedConfig, bus: EventBus | None = None, stop_after_steps: i
     # -- output -------------------------------------------------------------------------------
     result.global_step = state.global_step
     accelerator.wait_for_everyone()
+    full_state = full_trainable_state(model) if sharded and not result.interrupted else None
     if accelerator.is_main_process and not result.interrupted:
-        result.lora_path, result.model_path = save_final_weights(family, model, config, output_dir)
+        result.lora_path, result.model_path = save_final_weights(family, model, config, output_dir,
+                                                                 full_state)
         bus.emit("saved", {"step": state.global_step,
                            "path": str(result.lora_path or result.model_path)})
         if prompts and not config.validation_disable:
             with features.validation_weights(model):
                 paths = run_validation(family, components, model, config, state.global_step, output_dir,
-                                       bus.emit)
+                                       bus.emit, conditioning_image)
             result.validation_paths += paths
             features.after_validation(model, paths, prompts, state.global_step, bus.emit)
         from difftune.training.plot import plot_loss

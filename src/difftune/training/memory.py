@@ -33,9 +33,20 @@ if TYPE_CHECKING:
     from difftune.config.schema import TrainConfig
 
 __all__ = [
-    "DEFAULT_EXCLUDE", "apply_offload", "configure_vae", "enable_checkpointing", "enable_group_offload",
-    "fp8_supported", "group_offload_hooks", "is_quantized", "offload_when_idle", "patch_conv3d",
-    "quantize_module", "resident", "resident_weight_bytes", "set_attention_backend",
+    "DEFAULT_EXCLUDE",
+    "apply_offload",
+    "configure_vae",
+    "enable_checkpointing",
+    "enable_group_offload",
+    "fp8_supported",
+    "group_offload_hooks",
+    "is_quantized",
+    "offload_when_idle",
+    "patch_conv3d",
+    "quantize_module",
+    "resident",
+    "resident_weight_bytes",
+    "set_attention_backend",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -67,8 +78,11 @@ def enable_checkpointing(denoiser: torch.nn.Module, interval: int | None = None)
     Returns False (with one warning) for a model without diffusers checkpointing support.
     """
     if not getattr(denoiser, "_supports_gradient_checkpointing", False):
-        warn_once(f"ckpt:{type(denoiser).__name__}", f"gradient_checkpointing: {type(denoiser).__name__} does "
-                  "not support it; training without checkpointing")
+        warn_once(
+            f"ckpt:{type(denoiser).__name__}",
+            f"gradient_checkpointing: {type(denoiser).__name__} does "
+            "not support it; training without checkpointing",
+        )
         return False
     if interval is None or interval <= 1:
         denoiser.enable_gradient_checkpointing()
@@ -98,11 +112,16 @@ def set_attention_backend(model: torch.nn.Module, name: str) -> str:
     if name in ("sdpa", "diffusers"):
         return "sdpa"
     if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention_mechanism '{name}' is unknown; use sdpa, flash, sageattention or xformers")
+        raise ValueError(
+            f"attention_mechanism '{name}' is unknown; use sdpa, flash, sageattention or xformers"
+        )
     package, backend = ATTENTION_BACKENDS[name]
     if importlib.util.find_spec(package) is None or not torch.cuda.is_available():
-        why = f"the {package} package is not installed" if importlib.util.find_spec(package) is None \
+        why = (
+            f"the {package} package is not installed"
+            if importlib.util.find_spec(package) is None
             else "it needs a CUDA GPU"
+        )
         warn_once(f"attn:{name}", f"attention_mechanism '{name}': {why}; keeping sdpa")
         return "sdpa"
     try:
@@ -111,8 +130,11 @@ def set_attention_backend(model: torch.nn.Module, name: str) -> str:
         else:
             model.set_attention_backend(backend)
     except (AttributeError, ValueError, RuntimeError, ImportError) as error:
-        warn_once(f"attn:{name}:{type(model).__name__}", f"attention_mechanism '{name}' could not be set on "
-                  f"{type(model).__name__} ({error}); keeping sdpa")
+        warn_once(
+            f"attn:{name}:{type(model).__name__}",
+            f"attention_mechanism '{name}' could not be set on "
+            f"{type(model).__name__} ({error}); keeping sdpa",
+        )
         return "sdpa"
     return name
 
@@ -133,14 +155,19 @@ def configure_vae(vae: torch.nn.Module | None, config: TrainConfig, chunk_frames
             getattr(vae, method)()
             enabled.append(method)
         else:
-            warn_once(f"{key}:{type(vae).__name__}", f"{key}: {type(vae).__name__} has no {method}(); ignored")
+            warn_once(
+                f"{key}:{type(vae).__name__}", f"{key}: {type(vae).__name__} has no {method}(); ignored"
+            )
     if config.vae_enable_patch_conv:
         count = patch_conv3d(vae, chunk_frames)
         if count:
             enabled.append(f"patch_conv({count})")
         else:
-            warn_once("vae_enable_patch_conv", f"vae_enable_patch_conv: {type(vae).__name__} has no Conv3d "
-                      "layers (a 2D VAE); nothing to patch")
+            warn_once(
+                "vae_enable_patch_conv",
+                f"vae_enable_patch_conv: {type(vae).__name__} has no Conv3d "
+                "layers (a 2D VAE); nothing to patch",
+            )
     return enabled
 
 
@@ -155,7 +182,11 @@ def patch_conv3d(module: torch.nn.Module, chunk_frames: int = 8) -> int:
     """
     count = 0
     for conv in module.modules():
-        if type(conv) is torch.nn.Conv3d and conv.padding_mode == "zeros" and not hasattr(conv, "_chunk_frames"):
+        if (
+            type(conv) is torch.nn.Conv3d
+            and conv.padding_mode == "zeros"
+            and not hasattr(conv, "_chunk_frames")
+        ):
             conv._chunk_frames = chunk_frames
             conv.forward = _chunked_conv3d.__get__(conv)
             count += 1
@@ -177,7 +208,10 @@ def _chunked_conv3d(conv: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     outputs = []
     for first in range(0, frames_out, conv._chunk_frames):
         last = min(first + conv._chunk_frames, frames_out)  # outputs [first, last)
-        piece = x[:, :, first * stride_t:(last - 1) * stride_t + reach]
-        outputs.append(F.conv3d(piece, conv.weight, conv.bias, conv.stride, (0, pad_h, pad_w),
-                                conv.dilation, conv.groups))
+        piece = x[:, :, first * stride_t : (last - 1) * stride_t + reach]
+        outputs.append(
+            F.conv3d(
+                piece, conv.weight, conv.bias, conv.stride, (0, pad_h, pad_w), conv.dilation, conv.groups
+            )
+        )
     return torch.cat(outputs, dim=2)

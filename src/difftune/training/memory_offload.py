@@ -26,8 +26,12 @@ OFFLOAD_METHODS = ("forward", "encode", "decode")
 GROUP_OFFLOAD_HOOK = "group_offloading"  # diffusers' registry name of the group offload hook
 
 
-def apply_offload(denoiser: torch.nn.Module, config: TrainConfig, device: torch.device | str,
-                  frozen: Sequence[torch.nn.Module] = ()) -> torch.nn.Module:
+def apply_offload(
+    denoiser: torch.nn.Module,
+    config: TrainConfig,
+    device: torch.device | str,
+    frozen: Sequence[torch.nn.Module] = (),
+) -> torch.nn.Module:
     """Install the offloading the config asks for; returns `denoiser`.
 
     enable_group_offload: diffusers group offload on the denoiser (blocks on the CPU, onloaded to
@@ -39,12 +43,26 @@ def apply_offload(denoiser: torch.nn.Module, config: TrainConfig, device: torch.
     """
     device = torch.device(device)
     if config.enable_group_offload and config.enable_model_cpu_offload:
-        raise ValueError("config.json: enable_group_offload and enable_model_cpu_offload are both true; both move "
-                         "weights between CPU and GPU and their hooks conflict. Keep one: enable_group_offload "
-                         "for a denoiser too big for the GPU, enable_model_cpu_offload for the text encoders/VAE")
+        raise ValueError(
+            "config.json: enable_group_offload and enable_model_cpu_offload are both true; both move "
+            "weights between CPU and GPU and their hooks conflict. Keep one: enable_group_offload "
+            "for a denoiser too big for the GPU, enable_model_cpu_offload for the text encoders/VAE"
+        )
     if config.enable_group_offload:
-        enable_group_offload(denoiser, device, config.group_offload_type, config.group_offload_blocks_per_group,
-                             config.group_offload_use_stream, config.group_offload_to_disk_path)
+        if any(type(m).__module__.startswith("optimum.quanto") for m in denoiser.modules()):
+            raise ValueError(
+                "config.json: enable_group_offload cannot move optimum-quanto weights (its tensors "
+                "do not follow diffusers' offload hooks); use base_model_precision int8-torchao "
+                "with group offload, or turn enable_group_offload off"
+            )
+        enable_group_offload(
+            denoiser,
+            device,
+            config.group_offload_type,
+            config.group_offload_blocks_per_group,
+            config.group_offload_use_stream,
+            config.group_offload_to_disk_path,
+        )
     if config.enable_model_cpu_offload:
         for module in frozen:
             if module is not None:
@@ -52,19 +70,30 @@ def apply_offload(denoiser: torch.nn.Module, config: TrainConfig, device: torch.
     return denoiser
 
 
-def enable_group_offload(module: torch.nn.Module, device: torch.device, offload_type: str = "block_level",
-                         blocks_per_group: int = 1, use_stream: bool = False,
-                         to_disk_path: str | None = None) -> None:
+def enable_group_offload(
+    module: torch.nn.Module,
+    device: torch.device,
+    offload_type: str = "block_level",
+    blocks_per_group: int = 1,
+    use_stream: bool = False,
+    to_disk_path: str | None = None,
+) -> None:
     """diffusers group offloading of `module` onto `device` (offload device: cpu, or a disk folder)."""
     from diffusers.hooks import apply_group_offloading
 
     if use_stream and device.type != "cuda":
-        warn_once("group_offload_use_stream", f"group_offload_use_stream needs a CUDA device, training runs on "
-                  f"{device.type}; offloading without a stream instead")
+        warn_once(
+            "group_offload_use_stream",
+            f"group_offload_use_stream needs a CUDA device, training runs on "
+            f"{device.type}; offloading without a stream instead",
+        )
         use_stream = False
     if device.type == "cpu":
-        warn_once("group_offload_cpu", "enable_group_offload on a CPU-only machine: weights already live in CPU "
-                  "memory, so the hooks are installed (onload = offload = cpu) but save nothing")
+        warn_once(
+            "group_offload_cpu",
+            "enable_group_offload on a CPU-only machine: weights already live in CPU "
+            "memory, so the hooks are installed (onload = offload = cpu) but save nothing",
+        )
     apply_group_offloading(
         module,
         onload_device=device,
@@ -111,6 +140,7 @@ def _pin_trainable_to_device(module: torch.nn.Module, device: torch.device) -> N
                     p.data = data
                     if grad is not None:
                         p.grad.data = grad
+
             return move_but_keep_trainable
 
         group.onload_ = keeping(group.onload_)
@@ -118,13 +148,15 @@ def _pin_trainable_to_device(module: torch.nn.Module, device: torch.device) -> N
 
 
 def _onload_for_recompute(module: torch.nn.Module) -> None:
-    """Bring a group back while gradient checkpointing re-runs one of its inner blocks in backward.
+    """Keep groups usable while gradient checkpointing re-runs their blocks in backward.
 
-    diffusers' hook onloads a group when the group's own module is called; a checkpointed block
-    nested inside it (a UNet resnet) is re-run directly, so its parts hook the group themselves.
+    A checkpointed block nested inside a group (a UNet resnet) is re-run directly, so its parts
+    onload the group themselves. Offloads asked for during backward (diffusers' hook, after the
+    re-run) wait until the backward pass ends: checkpoint's recomputed tensors are the weights
+    themselves, which must stay on the device until their gradients are computed.
     """
     for group in _groups(module):
-        state = {"on": False, "ours": []}
+        state = {"on": False, "pending": False}
         onload, offload = group.onload_, group.offload_
 
         def tracked_onload(_onload=onload, _state=state):
@@ -132,26 +164,29 @@ def _onload_for_recompute(module: torch.nn.Module) -> None:
             _state["on"] = True
 
         def tracked_offload(_offload=offload, _state=state):
-            _offload()
-            _state["on"] = False
+            if torch._C._current_graph_task_id() == -1:  # not inside backward
+                _offload()
+                _state["on"] = False
+            elif not _state["pending"]:
+                _state["pending"] = True
+                torch.autograd.Variable._execution_engine.queue_callback(
+                    lambda: (_offload(), _state.update(on=False, pending=False))
+                )
 
         group.onload_, group.offload_ = tracked_onload, tracked_offload
 
         def before(_module, _args, _group=group, _state=state):
-            _state["ours"].append(not _state["on"])
-            if _state["ours"][-1]:
+            if not _state["on"]:
                 _group.onload_()
                 if _group.stream is not None:
                     _group.stream.synchronize()
-
-        def after(_module, _args, _output, _group=group, _state=state):
-            if _state["ours"] and _state["ours"].pop():
-                _group.offload_()
+                if torch._C._current_graph_task_id() == -1:
+                    return
+                _group.offload_()  # queued for the end of this backward pass
 
         for top in group.modules:
             for inner in list(top.modules())[1:]:
                 inner.register_forward_pre_hook(before)
-                inner.register_forward_hook(after, always_call=True)
 
 
 def _refetch_saved_weights(module: torch.nn.Module, device: torch.device) -> None:
@@ -242,8 +277,9 @@ def offload_when_idle(module: torch.nn.Module, device: torch.device | str) -> to
 
 
 @contextlib.contextmanager
-def resident(module: torch.nn.Module | None, device: torch.device | str,
-             offload_after: bool) -> Iterator[torch.nn.Module | None]:
+def resident(
+    module: torch.nn.Module | None, device: torch.device | str, offload_after: bool
+) -> Iterator[torch.nn.Module | None]:
     """Context manager: `module` on `device` inside the block; back on the CPU after it if `offload_after`.
 
     Used while caching with `offload_during_startup`: wrap the text-embedding pass in

@@ -14,7 +14,13 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-QUANTO_WEIGHTS = {"int8": "qint8", "int4": "qint4", "int2": "qint2", "fp8": "qfloat8", "fp8uz": "qfloat8_e4m3fnuz"}
+QUANTO_WEIGHTS = {
+    "int8": "qint8",
+    "int4": "qint4",
+    "int2": "qint2",
+    "fp8": "qfloat8",
+    "fp8uz": "qfloat8_e4m3fnuz",
+}
 TORCHAO_CONFIGS = {"int8": "Int8WeightOnlyConfig", "fp8": "Float8WeightOnlyConfig"}
 
 # Kept in full precision: norms, time/text/position embeddings and modulation (they set the scale
@@ -69,12 +75,16 @@ def quantizable_names(module: torch.nn.Module, exclude: Iterable[str] = (), conv
 def _resolve(precision: str, device: torch.device | str | None) -> tuple[str, str]:
     """'int8-quanto' -> ('int8', 'quanto'), with fp8 turned into int8 where the hardware has no fp8."""
     if "-" not in precision:
-        raise ValueError(f"base_model_precision '{precision}' is not one of no_change, int8-quanto, int4-quanto, "
-                         "int2-quanto, fp8-quanto, fp8uz-quanto, int8-torchao, fp8-torchao")
+        raise ValueError(
+            f"base_model_precision '{precision}' is not one of no_change, int8-quanto, int4-quanto, "
+            "int2-quanto, fp8-quanto, fp8uz-quanto, int8-torchao, fp8-torchao"
+        )
     kind, backend = precision.split("-", 1)
     if backend == "bnb":
-        raise ValueError(f"precision '{precision}': bitsandbytes quantisation is not supported by difftune; "
-                         "use int4-quanto for 4-bit weights or int8-quanto / int8-torchao")
+        raise ValueError(
+            f"precision '{precision}': bitsandbytes quantisation is not supported by difftune; "
+            "use int4-quanto for 4-bit weights or int8-quanto / int8-torchao"
+        )
     table = QUANTO_WEIGHTS if backend == "quanto" else TORCHAO_CONFIGS if backend == "torchao" else {}
     if not table:
         raise ValueError(f"precision '{precision}' names no known backend; use a -quanto or -torchao value")
@@ -82,14 +92,21 @@ def _resolve(precision: str, device: torch.device | str | None) -> tuple[str, st
         choices = ", ".join(f"{k}-{backend}" for k in table)
         raise ValueError(f"precision '{precision}' is unknown; valid {backend} choices: {choices}")
     if kind.startswith("fp8") and not fp8_supported(device):
-        warn_once(f"fp8:{precision}", f"precision '{precision}': this device ({device or 'cpu'}) has no fp8 "
-                  f"support (needs a CUDA GPU of compute capability 8.9+); quantising to int8-{backend} instead")
+        warn_once(
+            f"fp8:{precision}",
+            f"precision '{precision}': this device ({device or 'cpu'}) has no fp8 "
+            f"support (needs a CUDA GPU of compute capability 8.9+); quantising to int8-{backend} instead",
+        )
         kind = "int8"
     return kind, backend
 
 
-def quantize_module(module: torch.nn.Module, precision: str, exclude: Sequence[str] = (),
-                    device: torch.device | str | None = None) -> torch.nn.Module:
+def quantize_module(
+    module: torch.nn.Module,
+    precision: str,
+    exclude: Sequence[str] = (),
+    device: torch.device | str | None = None,
+) -> torch.nn.Module:
     """Quantise the weights of `module` in place (weight-only) and freeze them; returns `module`.
 
     `precision` is a config value such as `int8-quanto`; `no_change` returns the module untouched.
@@ -116,7 +133,9 @@ def _quantize_quanto(module: torch.nn.Module, kind: str, exclude: Sequence[str])
     try:
         import optimum.quanto as quanto
     except ImportError as error:
-        raise ImportError("base_model_precision *-quanto needs optimum-quanto: pip install optimum-quanto") from error
+        raise ImportError(
+            "base_model_precision *-quanto needs optimum-quanto: pip install optimum-quanto"
+        ) from error
     names = quantizable_names(module, exclude)
     if not names:
         return

@@ -71,37 +71,85 @@ def text_cache_dir(loaded: LoadedConfig) -> Path:
     return Path("cache") / "text" / loaded.train.model_family
 
 
-def prepare_denoiser(family: Family, components, config: TrainConfig, weight_dtype: torch.dtype) -> torch.nn.Module:
-    """Make the denoiser trainable: a LoRA on the frozen base, or every weight for full training."""
+def prepare_frozen(family: Family, components, config: TrainConfig, device: torch.device) -> list[str]:
+    """Quantise the text encoders as asked, set the VAE's memory options, and keep the frozen parts
+    off the accelerator while idle (offload_during_startup / enable_model_cpu_offload); returns notes."""
+    from difftune.training.memory import configure_vae, offload_when_idle, quantize_module
+
+    for index, encoder in enumerate(components.text_encoders, start=1):
+        precision = getattr(config, f"text_encoder_{index}_precision", "no_change")
+        if precision != "no_change":
+            quantize_module(encoder, precision, device=device)
+    # a family whose load() already set its VAE's memory options (the 3D video VAE) is left alone
+    configured = getattr(family, "configures_vae", False)
+    notes = configure_vae(components.vae, config) if components.vae is not None and not configured else []
+    if (config.offload_during_startup or config.enable_model_cpu_offload) and device.type != "cpu":
+        # each frozen part is moved to the device only while it runs, so no two are resident together
+        for module in [*components.text_encoders, components.vae]:
+            if module is not None:
+                offload_when_idle(module, device)
+    return notes
+
+
+def prepare_denoiser(family: Family, components, config: TrainConfig, weight_dtype: torch.dtype,
+                     device: torch.device | None = None) -> torch.nn.Module:
+    """Make the denoiser trainable: a LoRA on the frozen (optionally quantised) base, or every weight;
+    then gradient checkpointing, the attention backend and group offload as the config says."""
+    from difftune.training.memory import (
+        apply_offload,
+        enable_checkpointing,
+        quantize_module,
+        set_attention_backend,
+    )
+
     denoiser = components.denoiser
     if config.model_type == "lora":
         from difftune.training.adapters import attach_lora
 
         denoiser.requires_grad_(False)
-        denoiser.to(dtype=weight_dtype)
+        if next(denoiser.parameters()).dtype != weight_dtype:
+            denoiser.to(dtype=weight_dtype)
+        if config.base_model_precision != "no_change":
+            quantize_module(denoiser, config.base_model_precision, device=device)
         attach_lora(denoiser, family, config)
     elif config.model_type == "full":
+        if config.base_model_precision != "no_change":
+            raise ValueError("base_model_precision quantises the frozen base of a LoRA; full training "
+                             "updates every weight, so use base_model_precision: no_change with model_type full")
         denoiser.to(dtype=torch.float32)
         denoiser.requires_grad_(True)
     else:
         raise ValueError(f"model_type '{config.model_type}' is not built yet; use lora or full")
-    if config.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
-        denoiser.enable_gradient_checkpointing()
+    if config.gradient_checkpointing:
+        enable_checkpointing(denoiser, config.gradient_checkpointing_interval)
+    set_attention_backend(denoiser, config.attention_mechanism)
+    if config.enable_group_offload:
+        apply_offload(denoiser, config, device or torch.device("cpu"))
+    if config.compile_model:
+        denoiser.compile()  # in place: the module stays the pipeline's UNet/transformer
     denoiser.train()
     return denoiser
 
 
-def save_final_weights(family: Family, model: torch.nn.Module, config: TrainConfig,
-                       output_dir: Path) -> tuple[Path | None, Path | None]:
-    """pytorch_lora_weights.safetensors for LoRA (plus the ComfyUI layout on request), else the model."""
+def save_final_weights(family: Family, model: torch.nn.Module, config: TrainConfig, output_dir: Path,
+                       full_state: dict[str, torch.Tensor] | None = None) -> tuple[Path | None, Path | None]:
+    """pytorch_lora_weights.safetensors for LoRA (plus the ComfyUI layout on request), else the model.
+
+    `full_state`: the gathered trainable weights of a sharded (FSDP2) model, written instead of its shards.
+    """
+    from difftune.training.distributed import lora_from_full_state, save_full_model
+
     if config.model_type == "lora":
         from difftune.training.adapters import export_comfyui, lora_state_dict
 
-        path = family.save_lora(output_dir, lora_state_dict(model))
+        lora = lora_state_dict(model) if full_state is None else lora_from_full_state(model, full_state)
+        path = family.save_lora(output_dir, lora)
         if config.lora_format == "comfyui":
             export_comfyui(path, output_dir / "pytorch_lora_weights_comfyui.safetensors",
                            prefix=f"lora_{family.adapter_prefix}")
         return path, None
     folder = output_dir / family.adapter_prefix
+    if full_state is not None:
+        return None, save_full_model(model, full_state, folder)
     model.save_pretrained(folder)
     return None, folder

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,3 +108,31 @@ class EvalLoss:
         means = (sums / counts).tolist()
         keys = [round(float(t), 6) for t in self.timesteps.tolist()]
         return EvalResult(loss=float(sum(means) / len(means)), per_timestep=dict(zip(keys, means)))
+
+
+def plot_eval(events_path: str | Path, out_png: str | Path) -> Path | None:
+    """Plot eval_loss by step (and each fixed timestep's loss) from events.jsonl; None if there is none."""
+    from difftune.events import read_events
+
+    evals = [e for e in read_events(Path(events_path), "eval") if "eval_loss" in e]
+    if not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    steps = [int(e["step"]) for e in evals]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for key in sorted(k for k in evals[0] if k.startswith("eval_loss_t")):
+        ax.plot(steps, [e.get(key, float("nan")) for e in evals], alpha=0.35, label=key.removeprefix("eval_loss_"))
+    ax.plot(steps, [e["eval_loss"] for e in evals], color="black", linewidth=2, label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss at fixed timesteps and noise")
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png

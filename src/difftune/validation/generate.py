@@ -53,8 +53,11 @@ def run_validation(
     step: int,
     output_dir: Path,
     events: Callable[[str, dict[str, Any]], None],
+    conditioning_image=None,
 ) -> list[Path]:
     """Write output_dir/validation/<step>/<name>-<W>x<H>.png for every prompt and validation size.
+
+    conditioning_image (a PIL image) is passed as `image=` to image-conditioned pipelines (i2i, i2v).
 
     Uses validation_guidance, validation_num_inference_steps, validation_negative_prompt and
     validation_seed (else seed, else 0; the same for every image, so steps compare). With
@@ -71,6 +74,8 @@ def run_validation(
     )
     if family.is_video and config.validation_num_video_frames:
         extra["num_frames"] = config.validation_num_video_frames
+    if conditioning_image is not None:
+        extra["image"] = conditioning_image
     states = _module_states(components, denoiser)
     cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     paths: list[Path] = []
@@ -79,6 +84,7 @@ def run_validation(
             for module, _, _ in states:
                 module.eval()
             pipeline = family.pipeline(components, denoiser)
+            pipeline.set_progress_bar_config(disable=True)  # the run's own progress bar is the one shown
             for name, prompt in prompts:
                 for width, height in config.validation_sizes:
                     for index in range(config.num_validation_images):
@@ -105,3 +111,17 @@ def run_validation(
                 module.to(device)
     events("validation", {"step": step, "paths": [str(p) for p in paths]})
     return paths
+
+
+def validation_conditioning_image(datasets) -> Any:
+    """The first image of the first enabled conditioning dataset (for i2i/i2v validation), or None."""
+    from PIL import Image
+
+    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+    for dataset in datasets:
+        if dataset.dataset_type != "conditioning" or dataset.disabled or not dataset.instance_data_dir:
+            continue
+        files = sorted(p for p in Path(dataset.instance_data_dir).rglob("*") if p.suffix.lower() in suffixes)
+        if files:
+            return Image.open(files[0]).convert("RGB")
+    return None

@@ -1,0 +1,299 @@
+"""The samples of a run and how one batch of them becomes tensors: caches first, the VAE when missing.
+
+`TrainingData` is built by `difftune.data.pipeline.prepare_training_data`. Latents are (C, H, W) per
+image sample, (C, T', H', W') per clip for video families; conditioning latents (C, h, w), or
+(C, 1, h, w) for video families, come from a paired conditioning image or a clip's first frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from difftune.cache.latents import LatentCache
+from difftune.cache.store import CacheMiss
+from difftune.cache.text import TextEmbedCache
+from difftune.data.buckets import SamplePlan
+from difftune.data.captions import pick_caption
+from difftune.data.conditioning import encode_image_prompts, first_frame_latents, prompt_key, to_pil
+from difftune.data.errors import DataError, UnreadableImage
+from difftune.data.images import load_pixels
+from difftune.data.sampler import BucketBatchSampler
+from difftune.data.video import UnreadableVideo
+from difftune.data.video_samples import is_video_file, load_clip
+
+if TYPE_CHECKING:
+    from difftune.families.base import Components, Family
+
+Events = Callable[[str, dict[str, Any]], None]
+Encoded = tuple[torch.Tensor, "torch.Tensor | None"]  # (latents, conditioning latents) of one sample
+
+
+@dataclass
+class TrainingData:
+    """Samples, their captions, the sampler over them, and how to load a batch of them."""
+
+    sampler: BucketBatchSampler
+    plans: list[SamplePlan]
+    captions: list[list[str]]
+    skipped: list[tuple[str, str]]  # (path, reason) of every file left out
+    family: Family
+    components: Components | None
+    device: Any
+    text_cache: TextEmbedCache
+    latent_caches: dict[str, LatentCache]  # by dataset id
+    events: Events
+    seed: int = 0
+    caption_dropout_probability: float = 0.0
+    encode_latents_each_time: bool = False  # vae_cache_disable: never read or write latent files
+    bucket_keys: list[Hashable] = field(default_factory=list)  # per plan; defaults to plan.bucket
+    conditioning_plans: dict[int, SamplePlan] = field(default_factory=dict)  # paired conditioning images
+    first_frame_datasets: set[str] = field(default_factory=set)  # image-to-video from each clip's first frame
+    # conditioning latents, by the dataset id of the plan they are keyed by (see conditioning_source)
+    conditioning_caches: dict[str, LatentCache] = field(default_factory=dict)
+    prompt_images: bool = False  # prompt embeddings include the conditioning image
+    _unreadable: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if not self.bucket_keys:
+            self.bucket_keys = [plan.bucket for plan in self.plans]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.plans)
+
+    def load_batch(self, indices: Sequence[int], position: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Tensors of one batch: latents float32, collated prompt tensors, SDXL sizes, captions.
+
+        Latents are (B, C, H, W), or (B, C, T', H', W') for video families; "conditioning_latents"
+        ((B, C, h, w), video (B, C, 1, h, w)) is there when the samples have conditioning.
+        position = (epoch, batch_index) picks each sample's caption and the caption dropout; it
+        defaults to the sampler's last batch, so a resumed run sees the same captions. Sizes are long
+        tensors (B, 2): original_sizes (h, w), crop_coords (top, left), target_sizes (h, w).
+        """
+        if not indices:
+            raise ValueError("load_batch needs at least one sample index")
+        epoch, batch_index = position or self.sampler.last_position or (self.sampler.epoch, 0)
+        latents = self._latents(list(indices))
+        good = [i for i in indices if i in latents]
+        if not good:
+            paths = ", ".join(str(self.plans[i].path) for i in indices)
+            raise DataError(f"every sample of a batch is unreadable ({paths}); remove or replace these files")
+        # a sample found unreadable only now is replaced by another of the same bucket in this batch
+        indices = [good[k % len(good)] for k in range(len(indices))]
+
+        captions = []
+        for i in indices:
+            caption = pick_caption(self.captions[i], self.seed, epoch, self.plans[i].relative_path)
+            if self.caption_dropout_probability > 0 and (
+                _unit_draw(self.seed, epoch, batch_index, i) < self.caption_dropout_probability
+            ):
+                caption = ""
+            captions.append(caption)
+        embeds = [self._text_embeds(caption, i) for caption, i in zip(captions, indices)]
+        batch: dict[str, Any] = dict(self.family.collate_prompts(embeds))
+        plans = [self.plans[i] for i in indices]
+        batch["latents"] = torch.stack([latents[i][0] for i in indices])
+        conditions = [latents[i][1] for i in indices]
+        if all(c is not None for c in conditions):
+            batch["conditioning_latents"] = torch.stack(conditions)
+        batch["original_sizes"] = torch.tensor([(p.original_size[1], p.original_size[0]) for p in plans])
+        batch["crop_coords"] = torch.tensor([p.crop_top_left for p in plans])
+        batch["target_sizes"] = torch.tensor([(p.bucket[1], p.bucket[0]) for p in plans])
+        batch["captions"] = captions
+        batch["paths"] = [str(p.path) for p in plans]
+        return batch
+
+    def conditioning_source(self, index: int) -> SamplePlan | None:
+        """The plan a sample's conditioning latents are keyed by: its paired image, itself (first frame), or None."""
+        paired = self.conditioning_plans.get(index)
+        if paired is not None:
+            return paired
+        plan = self.plans[index]
+        return plan if plan.dataset_id in self.first_frame_datasets else None
+
+    def missing_latents(self, indices: Sequence[int]) -> list[int]:
+        """The indices whose latents (or conditioning latents) are not cached."""
+        missing = []
+        for i in indices:
+            plan, source = self.plans[i], self.conditioning_source(i)
+            if self.latent_caches[plan.dataset_id].missing([plan]) or (
+                source is not None and self.conditioning_caches[source.dataset_id].missing([source])
+            ):
+                missing.append(i)
+        return missing
+
+    def encode(
+        self, indices: Sequence[int], known_latents: dict[int, torch.Tensor] | None = None
+    ) -> dict[int, Encoded]:
+        """Encode samples sharing one bucket: {index: (latents, conditioning latents or None)}, float32 CPU.
+
+        known_latents: latents already at hand (from the cache) for some indices; only their
+        conditioning is encoded. Unreadable samples (their file or their conditioning image) are
+        reported once and left out.
+        """
+        known_latents = known_latents or {}
+        loaded: list[tuple[int, torch.Tensor | None, torch.Tensor | None]] = []
+        for i in indices:
+            plan, paired = self.plans[i], self.conditioning_plans.get(i)
+            first_frame = plan.dataset_id in self.first_frame_datasets
+            try:
+                pixels = self._sample_pixels(plan) if i not in known_latents or first_frame else None
+                condition = self._image_pixels(paired) if paired is not None else None
+            except (UnreadableImage, UnreadableVideo) as error:
+                self.report_unreadable(i, error.path, error.reason)
+                continue
+            loaded.append((i, pixels, condition))
+        if not loaded:
+            return {}
+        if self.components is None:
+            raise DataError("latents must be encoded but no model components were given; pass components")
+        dtype = _module_dtype(self.components.vae)
+
+        def encode_pixels(rows: list[int], column: int) -> dict[int, torch.Tensor]:
+            if not rows:
+                return {}
+            pixels = torch.stack([loaded[k][column] for k in rows]).to(self.device, dtype)
+            return dict(zip(rows, self.family.encode_pixels(self.components, pixels).float().cpu()))
+
+        with torch.no_grad():
+            latents = encode_pixels([k for k, (i, _, _) in enumerate(loaded) if i not in known_latents], 1)
+            conditions = encode_pixels([k for k, (_, _, c) in enumerate(loaded) if c is not None], 2)
+            first = [
+                k
+                for k, (i, _, _) in enumerate(loaded)
+                if self.plans[i].dataset_id in self.first_frame_datasets
+            ]
+            if first:
+                clips = torch.stack([loaded[k][1] for k in first]).to(self.device, dtype)
+                encoded = first_frame_latents(self.family, self.components, clips).float().cpu()
+                conditions.update(zip(first, encoded))
+        return {
+            i: (latents[k] if k in latents else known_latents[i], conditions.get(k))
+            for k, (i, _, _) in enumerate(loaded)
+        }
+
+    def cached_or_encoded(self, indices: Sequence[int]) -> dict[int, Encoded]:
+        """(latents, conditioning) from the caches; what is missing is encoded (one bucket) and stored."""
+        found: dict[int, Encoded] = {}
+        known: dict[int, torch.Tensor] = {}
+        to_encode = []
+        for i in indices:
+            plan, source = self.plans[i], self.conditioning_source(i)
+            latent = _load_or_none(self.latent_caches[plan.dataset_id], plan)
+            condition = (
+                None if source is None else _load_or_none(self.conditioning_caches[source.dataset_id], source)
+            )
+            if latent is not None and (source is None or condition is not None):
+                found[i] = (latent, condition)
+                continue
+            to_encode.append(i)
+            if latent is not None:
+                known[i] = latent
+        for i, (latent, condition) in self.encode(to_encode, known).items():
+            found[i] = (latent, condition)
+            plan, source = self.plans[i], self.conditioning_source(i)
+            if i not in known:
+                self.latent_caches[plan.dataset_id].write([plan], [latent])
+            if source is not None and condition is not None:
+                self.conditioning_caches[source.dataset_id].write([source], [condition])
+        return found
+
+    # -- internals -----------------------------------------------------------------------------
+    def _latents(self, indices: list[int]) -> dict[int, Encoded]:
+        """(latents, conditioning) of the readable samples among indices, from the caches or encoded now."""
+        readable = [i for i in dict.fromkeys(indices) if i not in self._unreadable]
+        if self.encode_latents_each_time:
+            return self.encode(readable)
+        return self.cached_or_encoded(readable)
+
+    def _sample_pixels(self, plan: SamplePlan) -> torch.Tensor:
+        """(3, H, W), or (3, T, H, W) for video families (an image is a one-frame clip)."""
+        if is_video_file(plan.path):
+            return load_clip(plan)
+        return self._image_pixels(plan)
+
+    def _image_pixels(self, plan: SamplePlan) -> torch.Tensor:
+        pixels = load_pixels(plan)
+        return pixels.unsqueeze(1) if self.family.is_video else pixels
+
+    def report_unreadable(self, index: int, path: Path, reason: str) -> None:
+        """Leave a sample out from now on; report its unreadable file (or conditioning image) once."""
+        self._unreadable.add(index)
+        if any(known == str(path) for known, _ in self.skipped):
+            return
+        self.skipped.append((str(path), reason))
+        self.events("skipped", {"dataset": self.plans[index].dataset_id, "path": str(path), "reason": reason})
+
+    def text_key(self, caption: str, index: int) -> str:
+        """The text-cache key of a sample's caption: the caption, or caption + image for image prompts."""
+        paired = self.conditioning_plans.get(index)
+        if not self.prompt_images or paired is None:
+            return caption
+        return prompt_key(caption, self.conditioning_caches[paired.dataset_id].key(paired))
+
+    def prompt_image(self, index: int):
+        """The PIL conditioning image of a sample as its prompt embedding sees it (resized and cropped)."""
+        return to_pil(load_pixels(self.conditioning_plans[index]))
+
+    def _text_embeds(self, caption: str, index: int) -> dict[str, torch.Tensor]:
+        key = self.text_key(caption, index)
+        try:
+            return self.text_cache.load(key)
+        except CacheMiss:
+            if key == caption:
+                encode_text(self.family, self.components, self.text_cache, [caption], self.events)
+            else:
+                item = (key, caption, self.prompt_image(index))
+                encode_image_prompts(self.family, self.components, self.text_cache, [item], self.events)
+            return self.text_cache.load(key)
+
+
+def encode_text(
+    family: Family,
+    components: Components | None,
+    cache: TextEmbedCache,
+    prompts: Sequence[str],
+    events: Events,
+) -> None:
+    """Encode prompts with the family's text encoders in batches of cache.write_batch_size and cache them."""
+    prompts = list(prompts)
+    if not prompts:
+        return
+    if components is None:
+        raise DataError(
+            f"{len(prompts)} prompt(s) are not in the text cache and no model components were given"
+        )
+    for start in range(0, len(prompts), cache.write_batch_size):
+        chunk = prompts[start : start + cache.write_batch_size]
+        with torch.no_grad():
+            embeds = family.encode_prompts(components, chunk)
+        cache.write(chunk, [{k: v.detach().cpu() for k, v in e.items()} for e in embeds])
+        events("cache", {"kind": "text", "done": start + len(chunk), "total": len(prompts)})
+
+
+def _module_dtype(module: torch.nn.Module | None) -> torch.dtype:
+    if module is None:
+        return torch.float32
+    dtype = getattr(module, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((p.dtype for p in module.parameters()), torch.float32)
+
+
+def _unit_draw(seed: int, epoch: int, batch_index: int, index: int) -> float:
+    """A number in [0, 1) fixed by (seed, epoch, batch_index, sample index)."""
+    digest = hashlib.sha256(f"dropout:{seed}:{epoch}:{batch_index}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _load_or_none(cache: LatentCache, plan: SamplePlan) -> torch.Tensor | None:
+    try:
+        return cache.load(plan).latents
+    except CacheMiss:
+        return None

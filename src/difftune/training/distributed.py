@@ -1,0 +1,271 @@
+"""Training on several processes: the global batch split by rows, and FSDP2 sharding of the denoiser.
+
+A run on n processes with train_batch_size B trains on global batches of n * B samples: every process
+walks the same sampler over batches of n * B (one bucket each) and takes its own B rows, and it draws
+the noise and timesteps of the whole global batch and keeps its rows. The gradients DDP (or FSDP2)
+averages are then those of one process training with train_batch_size n * B, so the final weights
+match it up to float rounding.
+
+FSDP2 (fsdp_enable, fsdp_version 2) shards every block of the denoiser's top-level block lists (the
+UNet's down/up blocks, the Kandinsky 5 text and visual transformer blocks) and then the root with
+torch.distributed.fsdp.fully_shard. Checkpoints and exported weights hold full (gathered) tensors,
+so a checkpoint written under FSDP2 resumes under FSDP2 and the LoRA file loads like any other.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftune.config.schema import TrainConfig
+from difftune.data.sampler import BucketBatchSampler, check_enough_samples
+from difftune.training.checkpoints import TrainerState, load_checkpoint, trainable_state
+
+
+# -- the global batch --------------------------------------------------------------------------
+class RowShardSampler(BucketBatchSampler):
+    """A sampler over global batches (n * B samples of one bucket) that hands out this process's B rows.
+
+    Position, resume state and epoch length are those of the global sampler, the same on every process.
+    """
+
+    def __init__(self, groups, batch_size: int, seed: int, num_processes: int = 1, process_index: int = 0):
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index {process_index} is outside 0..{num_processes - 1}")
+        super().__init__(groups, batch_size * num_processes, seed)
+        self.rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+        self.process_batch_size = batch_size
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's rows of every global batch of an epoch, in order."""
+        return [batch[self.rows] for batch in super().epoch_batches(epoch)]
+
+
+def shard_global_batches(
+    sampler: BucketBatchSampler, num_processes: int, process_index: int, gradient_accumulation_steps: int = 1
+) -> BucketBatchSampler:
+    """Replace a per-process sampler by one over global batches split by rows (unchanged for one process).
+
+    Raises DatasetTooSmall when the buckets cannot fill one global batch of n * train_batch_size.
+    """
+    if num_processes == 1:
+        return sampler
+    check_enough_samples(sampler.groups, sampler.batch_size * num_processes, gradient_accumulation_steps)
+    return RowShardSampler(sampler.groups, sampler.batch_size, sampler.seed, num_processes, process_index)
+
+
+def global_rows(
+    draw: Callable[[int], torch.Tensor], batch_size: int, num_processes: int = 1, process_index: int = 0
+) -> torch.Tensor:
+    """Draw for the whole global batch (draw(n * B) -> (n * B, ...)) and keep this process's B rows."""
+    values = draw(batch_size * num_processes)
+    return values[process_index * batch_size : (process_index + 1) * batch_size]
+
+
+def draw_noise_and_timesteps(
+    objective,
+    shape: torch.Size,
+    generator: torch.Generator,
+    device,
+    num_processes: int = 1,
+    process_index: int = 0,
+    noise_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise (B, ...) and timesteps (B,) of this process's rows, drawn for the global batch.
+
+    noise_offset adds a per-sample, per-channel constant to the noise (offset noise), which lets the
+    model learn overall brightness shifts.
+
+    The draw order (all the noise, then all the timesteps) is the single-process order, so one
+    process with batch n * B draws exactly what n processes with batch B draw together.
+    """
+    batch_size, rest = shape[0], tuple(shape[1:])
+    noise = global_rows(
+        lambda n: torch.randn((n, *rest), generator=generator), batch_size, num_processes, process_index
+    )
+    timesteps = global_rows(
+        lambda n: objective.sample_timesteps(n, generator, device), batch_size, num_processes, process_index
+    )
+    if noise_offset:
+        offsets = global_rows(lambda n: torch.randn((n, rest[0]), generator=generator), batch_size,
+                              num_processes, process_index)
+        noise = noise + noise_offset * offsets.view(batch_size, rest[0], *([1] * (len(rest) - 1)))
+    return noise.to(device), timesteps
+
+
+# -- FSDP2 -------------------------------------------------------------------------------------
+def block_lists(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks FSDP2 shards one by one: the items of every top-level ModuleList that hold parameters."""
+    blocks = []
+    for child in denoiser.children():
+        if isinstance(child, torch.nn.ModuleList):
+            blocks += [block for block in child if any(True for _ in block.parameters())]
+    return blocks
+
+
+def apply_fsdp2(denoiser: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """Shard the denoiser in place with fully_shard: each block, then the root; returns it.
+
+    Needs an initialised process group of two or more processes (torchrun / accelerate launch) and
+    fsdp_version 2; fsdp_reshard_after_forward frees the gathered weights after each block's forward.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if config.fsdp_version != 2:
+        raise ValueError(
+            f"fsdp_version {config.fsdp_version} is not supported; set fsdp_version to 2 (FSDP2)"
+        )
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "fsdp_enable needs several processes; start with torchrun --nproc_per_node N "
+            "or accelerate launch --num_processes N, or set fsdp_enable false"
+        )
+    device = next(denoiser.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    reshard = config.fsdp_reshard_after_forward
+    for block in block_lists(denoiser):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(denoiser, mesh=mesh, reshard_after_forward=reshard)
+    return denoiser
+
+
+def shard_if_configured(
+    denoiser: torch.nn.Module,
+    config: TrainConfig,
+    num_processes: int,
+    emit: Callable[[str, dict[str, Any]], None],
+) -> bool:
+    """apply_fsdp2 when fsdp_enable is set and several processes run; returns whether it sharded."""
+    if not config.fsdp_enable:
+        return False
+    if num_processes < 2:
+        emit(
+            "warning",
+            {
+                "message": "fsdp_enable: only one process runs, so the denoiser is not sharded; "
+                "launch with torchrun --nproc_per_node N to shard it"
+            },
+        )
+        return False
+    apply_fsdp2(denoiser, config)
+    emit(
+        "warning",
+        {
+            "message": "fsdp_enable: validation images are not generated while the denoiser is "
+            "sharded; the final weights are saved as usual"
+        },
+    )
+    return True
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether fully_shard wrapped this module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _options(**extra):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **extra)
+
+
+def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the parameters that train, on the main process (empty elsewhere).
+
+    A collective under FSDP2: every process must call it. Without sharding, the parameters themselves.
+    """
+    if not is_sharded(model):
+        return trainable_state(model)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(cpu_offload=True, ignore_frozen_params=True))
+
+
+class _SavedState:
+    """A state dict standing in for an optimizer where save_checkpoint asks for optimizer.state_dict()."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
+def checkpoint_parts(model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], Any]:
+    """(trainable weights, optimizer) as save_checkpoint takes them; gathered full under FSDP2 (collective)."""
+    if not is_sharded(model):
+        return full_trainable_state(model), optimizer
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    weights = full_trainable_state(model)
+    optimizer_state = get_optimizer_state_dict(model, _inner(optimizer), options=_options(cpu_offload=True))
+    return weights, _SavedState(optimizer_state)
+
+
+def _inner(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class _Staging(torch.nn.Module):
+    """Full-size CPU buffers named like the trainable parameters, which load_checkpoint copies into."""
+
+    def __init__(self, shapes: dict[str, tuple[torch.Size, torch.dtype]]):
+        super().__init__()
+        self.tensors = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in shapes.items()}
+
+    def named_parameters(self, *args, **kwargs):
+        return iter(self.tensors.items())
+
+
+def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer, lr_scheduler) -> TrainerState:
+    """load_checkpoint for an FSDP2 model: full tensors from the files, scattered into the shards."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    shapes = {name: (p.shape, p.dtype) for name, p in model.named_parameters() if p.requires_grad}
+    staging, optimizer_state = _Staging(shapes), _SavedState({})
+    state = load_checkpoint(path, staging, optimizer_state, lr_scheduler)
+    set_model_state_dict(model, staging.tensors, options=_options(strict=False))
+    set_optimizer_state_dict(model, _inner(optimizer), optimizer_state.state, options=_options())
+    return state
+
+
+def lora_from_full_state(
+    model: torch.nn.Module, full_state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """peft's LoRA state dict (as adapters.lora_state_dict gives it) from gathered full weights."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, state_dict=full_state)
+    return {key: value.detach().contiguous() for key, value in state.items()}
+
+
+def save_full_model(model: torch.nn.Module, full_state: dict[str, torch.Tensor], folder: Path) -> Path:
+    """Write a sharded model's gathered weights the way save_pretrained does (config + safetensors)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_config"):
+        model.save_config(folder)
+    else:
+        warnings.warn(
+            f"{type(model).__name__} has no save_config; only its weights are written to {folder}",
+            stacklevel=2,
+        )
+    save_file(
+        {k: v.contiguous() for k, v in full_state.items()},
+        str(folder / "diffusion_pytorch_model.safetensors"),
+    )
+    return folder

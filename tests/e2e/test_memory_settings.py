@@ -1,0 +1,33 @@
+"""Memory settings go through `difftune train`'s path: quantised base, group offload."""
+
+import pytest
+from safetensors.torch import load_file
+
+from difftune.config import load_config
+from difftune.training.loop import train
+
+from .conftest import write_run
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"base_model_precision": "int8-quanto"},
+        {"base_model_precision": "int8-torchao"},
+        {"enable_group_offload": True, "group_offload_type": "block_level"},
+        {"gradient_checkpointing": True, "gradient_checkpointing_interval": 2},
+    ],
+    ids=["int8-quanto", "int8-torchao", "group-offload", "checkpointing-interval"],
+)
+def test_lora_trains_under_memory_settings(tmp_path, tiny_sdxl, image_folder, settings):
+    config = write_run(tmp_path, tiny_sdxl, image_folder, max_train_steps=2, checkpointing_steps=0, **settings)
+    result = train(load_config(config))
+    assert result.global_step == 2
+    weights = load_file(str(result.lora_path))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # the adapter learned
+
+
+def test_quantised_full_training_is_refused_with_the_reason(tmp_path, tiny_sdxl, image_folder):
+    config = write_run(tmp_path, tiny_sdxl, image_folder, model_type="full", base_model_precision="int8-quanto")
+    with pytest.raises(ValueError, match="no_change with model_type full"):
+        train(load_config(config))

@@ -1,0 +1,114 @@
+"""Two processes (gloo on the CPU, started by torchrun) train like one process with the global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difftune.config import load_config
+from difftune.events import read_events
+from difftune.training.loop import train
+
+from .conftest import write_run
+
+COMMON = dict(max_train_steps=6, checkpointing_steps=2, validation_disable=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(config_path, *extra: str) -> None:
+    """`torchrun --nproc_per_node 2 -m difftune train --config PATH ...`; fails the test on a bad exit."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "difftune",
+        "train",
+        "--config",
+        str(config_path),
+        *extra,
+    ]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from difftune.testing.images import make_image_dataset
+
+    folder = tmp_path_factory.mktemp("data") / "images"
+    make_image_dataset(folder, n=6, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_sdxl, images):
+    """The reference: one process, train_batch_size 2, six steps, checkpoints every two."""
+    workdir = tmp_path_factory.mktemp("one")
+    return train(load_config(write_run(workdir, tiny_sdxl, images, train_batch_size=2, **COMMON)))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_match_one_process_with_the_global_batch(tmp_path, tiny_sdxl, images, one_process):
+    config = write_run(tmp_path, tiny_sdxl, images, train_batch_size=1, **(COMMON | {"max_train_steps": 4}))
+    torchrun(config)
+    out = tmp_path / "out"
+    start = read_events(out / "events.jsonl", "start")
+    assert [e["processes"] for e in start] == [2]
+    two = load_file(str(out / "checkpoint-4" / "trainable.safetensors"))
+    one = load_file(str(one_process.output_dir / "checkpoint-4" / "trainable.safetensors"))
+    assert_same_weights(one, two)
+    assert (
+        load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
+        == load_file(str(one_process.lora_path)).keys()
+    )
+    losses = [e["loss"] for e in read_events(out / "events.jsonl", "progress")]
+    assert losses == pytest.approx(one_process.losses[:4], abs=1e-5)  # the loss of the whole global batch
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_resumes_under_fsdp2_and_exports_the_same_lora(
+    tmp_path, tiny_sdxl, images, one_process
+):
+    config = write_run(
+        tmp_path, tiny_sdxl, images, train_batch_size=1, fsdp_enable=True, **(COMMON | {"max_train_steps": 4})
+    )
+    torchrun(config)
+    out = tmp_path / "out"
+    warnings = [e["message"] for e in read_events(out / "events.jsonl", "warning")]
+    assert any("fsdp_enable" in w for w in warnings)
+    saved = load_file(str(out / "checkpoint-4" / "trainable.safetensors"))  # full tensors, not shards
+    assert_same_weights(
+        load_file(str(one_process.output_dir / "checkpoint-4" / "trainable.safetensors")), saved
+    )
+
+    torchrun(config, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+    resumed = [e["message"] for e in read_events(out / "events.jsonl", "log") if "resumed" in e["message"]]
+    assert resumed and "checkpoint-4" in resumed[-1]
+    assert_same_weights(
+        load_file(str(one_process.lora_path)), load_file(str(out / "pytorch_lora_weights.safetensors"))
+    )
+    assert json.loads((out / "config.resolved.json").read_text())["fsdp_enable"] is True

@@ -1,0 +1,35 @@
+"""EMA, eval loss and webhooks switched on through config.json in a real run."""
+
+from safetensors.torch import load_file
+
+from difftune.config import load_config
+from difftune.events import read_events
+from difftune.training.loop import train
+
+from ..test_webhooks import Receiver
+from .conftest import write_run
+
+
+def test_ema_eval_loss_and_webhooks_in_one_run(tmp_path, tiny_sdxl, image_folder):
+    receiver = Receiver()
+    try:
+        config = write_run(
+            tmp_path, tiny_sdxl, image_folder, max_train_steps=4, checkpointing_steps=2, validation_steps=2,
+            use_ema=True, ema_decay=0.5, eval_steps_interval=2, eval_batches=1,
+            webhook_config={"webhook_url": receiver.url, "webhook_type": "raw"}, webhook_reporting_interval=2,
+        )
+        result = train(load_config(config))
+    finally:
+        receiver.stop()
+    out = tmp_path / "out"
+    evals = read_events(out / "events.jsonl", "eval")
+    assert [e["step"] for e in evals] == [2, 4] and all(e["eval_loss"] > 0 for e in evals)
+    assert (out / "eval_loss.png").exists()
+
+    ema = load_file(str(out / "ema" / "pytorch_lora_weights.safetensors"))
+    final = load_file(str(result.lora_path))
+    assert ema.keys() == final.keys()
+    assert any(not ema[k].equal(final[k]) for k in ema)  # the average differs from the last weights
+
+    kinds = [body.get("message_type") for body in receiver.json_bodies()]
+    assert "finished" in kinds and "validation" in kinds

@@ -1,0 +1,220 @@
+"""End to end: difftune trains the tiny Kandinsky 5 Image and Video models through the same path as a real run."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difftune.config import load_config
+from difftune.events import read_events
+from difftune.training.loop import train
+
+from .conftest import write_run
+
+K5_RUN = {
+    "validation_resolution": "64x64",
+    "validation_num_inference_steps": 2,
+    "max_train_steps": 3,
+    "checkpointing_steps": 0,
+    "learning_rate": 1e-3,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_k5_image(tmp_path_factory) -> Path:
+    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
+
+    return build_tiny_kandinsky5_image(tmp_path_factory.mktemp("models") / "k5-image", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_k5_i2i(tmp_path_factory) -> Path:
+    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
+
+    return build_tiny_kandinsky5_image(tmp_path_factory.mktemp("models") / "k5-i2i", seed=0, i2i=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_k5_video(tmp_path_factory) -> Path:
+    from difftune.testing.kandinsky5_video import build_tiny_kandinsky5_video
+
+    return build_tiny_kandinsky5_video(tmp_path_factory.mktemp("models") / "k5-video", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_k5_i2v(tmp_path_factory) -> Path:
+    from difftune.testing.kandinsky5_video import build_tiny_kandinsky5_video
+
+    return build_tiny_kandinsky5_video(tmp_path_factory.mktemp("models") / "k5-i2v", seed=0, i2v=True)
+
+
+@pytest.fixture()
+def video_folder(tmp_path) -> Path:
+    from difftune.testing.videos import make_video_dataset
+
+    folder = tmp_path / "videos"
+    make_video_dataset(folder, n=4, frames=(9, 12), sizes=((64, 48), (48, 64)), fps_choices=(24,), seed=0)
+    return folder
+
+
+def _video_dataset(folder: Path) -> dict:
+    return {
+        "instance_data_dir": str(folder),
+        "dataset_type": "video",
+        "video": {"num_frames": 5, "min_frames": 5, "frame_rate": 24},
+    }
+
+
+def _lora_trained(path: Path) -> dict[str, torch.Tensor]:
+    """The saved LoRA, checked to have transformer keys and up-projections moved off zero."""
+    weights = load_file(str(path))
+    assert weights and all(key.startswith("transformer.") for key in weights)
+    ups = [value for key, value in weights.items() if "lora_B" in key]
+    assert ups and any(value.abs().max() > 0 for value in ups)
+    return weights
+
+
+def test_t2i_lora_run_writes_a_lora_the_pipeline_loads_and_validation_images(
+    tmp_path, tiny_k5_image, image_folder
+):
+    from diffusers import Kandinsky5T2IPipeline
+
+    config = write_run(tmp_path, tiny_k5_image, image_folder, model_family="kandinsky5-image", **K5_RUN)
+    result = train(load_config(config))
+    assert result.global_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    _lora_trained(result.lora_path)
+    pipeline = Kandinsky5T2IPipeline.from_pretrained(tiny_k5_image)
+    pipeline.load_lora_weights(str(result.lora_path.parent))
+    assert any("lora" in name for name, _ in pipeline.transformer.named_parameters())
+    assert [p.suffix for p in result.validation_paths] == [".png"] and result.validation_paths[0].exists()
+
+
+def test_full_training_saves_a_transformer_that_diffusers_loads(tmp_path, tiny_k5_image, image_folder):
+    from diffusers import Kandinsky5Transformer3DModel
+
+    settings = {**K5_RUN, "max_train_steps": 2, "learning_rate": 1e-4, "validation_disable": True}
+    config = write_run(
+        tmp_path, tiny_k5_image, image_folder, model_family="kandinsky5-image", model_type="full", **settings
+    )
+    result = train(load_config(config))
+    trained = Kandinsky5Transformer3DModel.from_pretrained(result.model_path)
+    original = Kandinsky5Transformer3DModel.from_pretrained(tiny_k5_image, subfolder="transformer")
+    changed = [
+        name
+        for (name, a), (_, b) in zip(trained.named_parameters(), original.named_parameters())
+        if not torch.equal(a, b)
+    ]
+    assert len(changed) > 10
+
+
+def test_i2i_lora_trains_on_pairs_with_a_conditioning_dataset(tmp_path, tiny_k5_i2i, image_folder):
+    from difftune.testing.images import make_image_dataset
+
+    sources = tmp_path / "sources"
+    made = make_image_dataset(sources, n=6, seed=5)
+    made[-1].unlink()  # one target without a source: skipped and reported
+    conditioning = {
+        "id": "sources",
+        "type": "local",
+        "dataset_type": "conditioning",
+        "instance_data_dir": str(sources),
+        "cache_dir_vae": str(tmp_path / "cache" / "sources"),
+    }
+    config = write_run(
+        tmp_path,
+        tiny_k5_i2i,
+        image_folder,
+        extra_backends=[conditioning],
+        model_family="kandinsky5-image",
+        model_flavour="i2i-lite-sft",
+        dataset={"conditioning_data": "sources"},
+        **K5_RUN,
+    )
+    result = train(load_config(config))
+    assert result.global_step == 3
+    _lora_trained(result.lora_path)
+    # validation runs the I2I pipeline on the first conditioning image
+    assert result.validation_paths and all(p.suffix == ".png" and p.exists() for p in result.validation_paths)
+    skipped = read_events(tmp_path / "out" / "events.jsonl", "skipped")
+    assert [Path(e["path"]).stem for e in skipped] == [made[-1].stem]
+    assert "no conditioning image" in skipped[0]["reason"]
+    assert len(list((tmp_path / "cache" / "sources").glob("*.safetensors"))) == 5
+
+
+def test_i2i_without_a_conditioning_dataset_is_a_clear_error(tmp_path, tiny_k5_i2i, image_folder):
+    config = write_run(
+        tmp_path,
+        tiny_k5_i2i,
+        image_folder,
+        model_family="kandinsky5-image",
+        model_flavour="i2i-lite-sft",
+        validation_disable=True,
+        **K5_RUN,
+    )
+    with pytest.raises(ValueError, match='"dataset_type": "conditioning"'):
+        train(load_config(config))
+
+
+def test_tread_routing_trains_kandinsky5_image(tmp_path, tiny_k5_image, image_folder):
+    routes = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": -1}]}
+    config = write_run(
+        tmp_path,
+        tiny_k5_image,
+        image_folder,
+        model_family="kandinsky5-image",
+        tread_config=routes,
+        validation_disable=True,
+        **K5_RUN,
+    )
+    result = train(load_config(config))
+    assert result.global_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    _lora_trained(result.lora_path)
+
+
+def test_t2v_lora_trains_on_synthetic_videos_and_writes_a_validation_video(
+    tmp_path, tiny_k5_video, video_folder
+):
+    config = write_run(
+        tmp_path,
+        tiny_k5_video,
+        video_folder,
+        model_family="kandinsky5-video",
+        dataset=_video_dataset(video_folder),
+        validation_num_video_frames=5,
+        **K5_RUN,
+    )
+    result = train(load_config(config))
+    assert result.global_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    _lora_trained(result.lora_path)
+    assert [p.suffix for p in result.validation_paths] == [".mp4"] and result.validation_paths[
+        0
+    ].stat().st_size > 0
+    # latents of 5-frame clips at 64x64: (16, 2, 8, 8), one file per video
+    latent_files = list((tmp_path / "cache" / "vae").glob("*.safetensors"))
+    assert len(latent_files) == 4
+    assert load_file(str(latent_files[0]))["latents"].shape == (16, 2, 8, 8)
+    log = [e for e in read_events(tmp_path / "out" / "events.jsonl", "log") if e.get("dataset") == "images"]
+    assert log and log[0]["samples"] == 4
+
+
+def test_i2v_lora_trains_with_first_frame_conditioning(tmp_path, tiny_k5_i2v, video_folder):
+    config = write_run(
+        tmp_path,
+        tiny_k5_i2v,
+        video_folder,
+        model_family="kandinsky5-video",
+        model_flavour="i2v-lite-5s",
+        dataset=_video_dataset(video_folder),
+        validation_disable=True,
+        **K5_RUN,
+    )
+    result = train(load_config(config))
+    assert result.global_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    _lora_trained(result.lora_path)
+    # clip latents and first-frame latents, one each per video
+    latents = [load_file(str(p))["latents"] for p in (tmp_path / "cache" / "vae").glob("*.safetensors")]
+    assert sorted(tuple(t.shape) for t in latents) == [(16, 1, 8, 8)] * 4 + [(16, 2, 8, 8)] * 4
+    resolved = json.loads((tmp_path / "out" / "config.resolved.json").read_text())
+    assert "i2v" in json.dumps(resolved)
