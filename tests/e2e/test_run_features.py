@@ -1,5 +1,7 @@
 """EMA, eval loss and webhooks switched on through config.json in a real run."""
 
+import pytest
+from PIL import Image
 from safetensors.torch import load_file
 
 from difftune.config import load_config
@@ -33,3 +35,21 @@ def test_ema_eval_loss_and_webhooks_in_one_run(tmp_path, tiny_sdxl, image_folder
 
     kinds = [body.get("message_type") for body in receiver.json_bodies()]
     assert "finished" in kinds and "validation" in kinds
+
+
+@pytest.mark.parametrize("family", ["sdxl", "kandinsky5-image"])
+def test_validation_previews_decode_intermediate_latents(tmp_path, tiny_sdxl, image_folder, family):
+    model = tiny_sdxl
+    if family == "kandinsky5-image":
+        from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
+
+        model = build_tiny_kandinsky5_image(tmp_path / "k5")
+    config = write_run(tmp_path, model, image_folder, model_family=family, max_train_steps=1,
+                       checkpointing_steps=0, validation_preview=True, validation_preview_steps=1,
+                       validation_num_inference_steps=3)
+    train(load_config(config))
+    previews = read_events(tmp_path / "out" / "events.jsonl", "validation_preview")
+    assert [e["preview_index"] for e in previews] == [1, 2, 3]
+    for event in previews:
+        with Image.open(event["path"]) as image:
+            assert image.size == (64, 64)

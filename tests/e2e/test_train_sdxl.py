@@ -87,3 +87,13 @@ def test_cli_train_reads_config_folder_and_reports_errors(tmp_path, tiny_sdxl, i
     assert main(["train", "--train_batch_size", "32"]) == 2
     err = capsys.readouterr().err
     assert "32" in err and "train_batch_size" in err
+
+
+def test_a_failing_run_reports_the_error_as_an_event(tmp_path, tiny_sdxl, image_folder):
+    from difftune.data.errors import DatasetTooSmall
+
+    config = write_run(tmp_path, tiny_sdxl, image_folder, train_batch_size=64)
+    with pytest.raises(DatasetTooSmall):
+        train(load_config(config))
+    errors = read_events(tmp_path / "out" / "events.jsonl", "error")
+    assert len(errors) == 1 and "DatasetTooSmall" in errors[0]["message"] and "64" in errors[0]["message"]

@@ -110,6 +110,11 @@ class Family(ABC):
     def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
         ...
 
+    def decode_pipeline_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels from the latents a pipeline holds mid-sampling (validation previews); the default
+        assumes the pipeline keeps them in the Family layout."""
+        return self.decode_latents(components, latents)
+
     # -- training -----------------------------------------------------------------------------
     @abstractmethod
     def objective(self, components: Components) -> Objective:

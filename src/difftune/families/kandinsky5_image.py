@@ -153,6 +153,12 @@ class Kandinsky5ImageFamily(Family):
         vae = components.vae
         return vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor).sample
 
+    def decode_pipeline_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        """The Kandinsky 5 pipelines sample channels-last (B, T, h, w, C + condition channels)."""
+        channels = components.denoiser.config.in_visual_dim
+        latents = latents[..., :channels].permute(0, 4, 1, 2, 3)  # -> (B, C, T, h, w)
+        return self.decode_latents(components, latents[:, :, 0])
+
     # -- training -----------------------------------------------------------------------------
     def objective(self, components: Components) -> Objective:
         """Flow matching with the config's shift, schedule and sigmoid scale."""

@@ -60,18 +60,30 @@ class TrainResult:
 
 def train(loaded: LoadedConfig, bus: EventBus | None = None, stop_after_steps: int | None = None) -> TrainResult:
     """Train as the config says. `stop_after_steps` ends early as if interrupted (for tests)."""
+    config = loaded.train
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved(loaded, output_dir)
+
+    accelerator = build_accelerator(config)
+    bus = bus or default_bus(config, output_dir, accelerator.is_main_process)
+    try:
+        return _run(loaded, accelerator, bus, stop_after_steps)
+    except Exception as exc:  # webhooks and the web UI learn why the run stopped
+        bus.emit("error", {"message": f"{type(exc).__name__}: {exc}"})
+        bus.close()
+        raise
+
+
+def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int | None) -> TrainResult:
     from difftune.data.pipeline import prepare_training_data
     from difftune.validation.generate import run_validation, validation_conditioning_image
     from difftune.validation.prompts import validation_prompts
 
     config = loaded.train
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_resolved(loaded, output_dir)
 
     # -- set up -------------------------------------------------------------------------------
-    accelerator = build_accelerator(config)
-    bus = bus or default_bus(config, output_dir, accelerator.is_main_process)
     for warning in loaded.warnings:
         bus.emit("warning", {"message": warning})
     if config.seed is not None:
@@ -81,8 +93,6 @@ def train(loaded: LoadedConfig, bus: EventBus | None = None, stop_after_steps: i
     family = get_family(config)
     for warning in family.validate_config():
         bus.emit("warning", {"message": warning})
-    if hasattr(family, "check_datasets"):
-        family.check_datasets(loaded.datasets)
     weight_dtype = weight_dtype_for(config, accelerator.device)
     bus.emit("log", {"message": f"loading {family.name} from {family.model_id()}"})
     components = family.load(accelerator.device, weight_dtype)

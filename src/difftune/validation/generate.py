@@ -85,6 +85,14 @@ def run_validation(
                 module.eval()
             pipeline = family.pipeline(components, denoiser)
             pipeline.set_progress_bar_config(disable=True)  # the run's own progress bar is the one shown
+            if config.validation_preview:
+                from difftune.validation.previews import preview_callback
+
+                extra["callback_on_step_end"] = preview_callback(
+                    pipeline, lambda latents: family.decode_pipeline_latents(components, latents),
+                    config.validation_preview_steps, events, out_dir=folder / "previews", step=step,
+                    tiny_vae=components.extras.get("tiny_vae"),
+                )
             for name, prompt in prompts:
                 for width, height in config.validation_sizes:
                     for index in range(config.num_validation_images):
