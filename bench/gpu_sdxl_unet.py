@@ -16,12 +16,20 @@ import time
 import torch
 
 SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
 )
 
 
@@ -32,8 +40,14 @@ def build(checkpointing: bool):
     with torch.device("cuda"):
         unet = UNet2DConditionModel(**SDXL_UNET).to(torch.bfloat16)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=16,
+            lora_alpha=16,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -49,9 +63,14 @@ def batch(size: int, resolution: int):
         sample=torch.randn(size, 4, latent, latent, device="cuda", dtype=torch.bfloat16),
         timestep=torch.randint(0, 1000, (size,), device="cuda"),
         encoder_hidden_states=torch.randn(size, 77, 2048, device="cuda", dtype=torch.bfloat16),
-        added_cond_kwargs={"text_embeds": torch.randn(size, 1280, device="cuda", dtype=torch.bfloat16),
-                           "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * size,
-                                                    device="cuda", dtype=torch.bfloat16)},
+        added_cond_kwargs={
+            "text_embeds": torch.randn(size, 1280, device="cuda", dtype=torch.bfloat16),
+            "time_ids": torch.tensor(
+                [[resolution, resolution, 0, 0, resolution, resolution]] * size,
+                device="cuda",
+                dtype=torch.bfloat16,
+            ),
+        },
     )
 
 
@@ -85,9 +104,11 @@ def measure(checkpointing: bool, args) -> dict:
     seconds = (time.perf_counter() - start) / args.steps
     result = {
         "setting": "gradient checkpointing" if checkpointing else "no checkpointing",
-        "it_per_s": 1 / seconds, "step_ms": seconds * 1e3,
+        "it_per_s": 1 / seconds,
+        "step_ms": seconds * 1e3,
         "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "tflop_per_step": flops / 1e12, "mfu": flops / seconds / (args.peak_tflops * 1e12),
+        "tflop_per_step": flops / 1e12,
+        "mfu": flops / seconds / (args.peak_tflops * 1e12),
         "params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
     }
     del unet, optimizer
@@ -107,9 +128,11 @@ def main() -> None:
     results = [measure(False, args), measure(True, args)]
     base = results[0]
     for r in results:
-        print(f"{r['setting']:24} {r['it_per_s']:6.2f} it/s ({r['step_ms']:7.1f} ms, x{r['step_ms'] / base['step_ms']:.2f})"
-              f"  peak {r['peak_vram_gib']:6.2f} GiB (x{r['peak_vram_gib'] / base['peak_vram_gib']:.2f})"
-              f"  {r['tflop_per_step']:6.1f} TFLOP/step  MFU {r['mfu'] * 100:5.1f}%  ({r['params_m']:.0f}M params)")
+        print(
+            f"{r['setting']:24} {r['it_per_s']:6.2f} it/s ({r['step_ms']:7.1f} ms, x{r['step_ms'] / base['step_ms']:.2f})"
+            f"  peak {r['peak_vram_gib']:6.2f} GiB (x{r['peak_vram_gib'] / base['peak_vram_gib']:.2f})"
+            f"  {r['tflop_per_step']:6.1f} TFLOP/step  MFU {r['mfu'] * 100:5.1f}%  ({r['params_m']:.0f}M params)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

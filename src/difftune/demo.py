@@ -59,8 +59,14 @@ def write_demo_config(workdir: Path, family: str, model_dir: Path, steps: int) -
         dataset["video"] = {"num_frames": 5, "min_frames": 5, "frame_rate": 8}
     backends = [
         dataset,
-        {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
-         "cache_dir": str(workdir / "cache" / "text" / family), "write_batch_size": 16},
+        {
+            "id": "text-embeds",
+            "type": "local",
+            "dataset_type": "text_embeds",
+            "default": True,
+            "cache_dir": str(workdir / "cache" / "text" / family),
+            "write_batch_size": 16,
+        },
     ]
     (config_dir / "multidatabackend.json").write_text(json.dumps(backends, indent=2))
     config = {

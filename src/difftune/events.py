@@ -34,7 +34,9 @@ class EventBus:
                 subscriber(event_type, data)
             except Exception as exc:  # a broken tracker must not stop training
                 self._subscribers.remove(subscriber)
-                self.emit("warning", {"message": f"event subscriber {subscriber!r} failed and was removed: {exc}"})
+                self.emit(
+                    "warning", {"message": f"event subscriber {subscriber!r} failed and was removed: {exc}"}
+                )
 
     __call__ = emit
 
@@ -76,8 +78,9 @@ class ConsoleReporter:
         if self._bar is None and self.enable_bar:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total_steps, initial=initial, desc="training", file=self.stream,
-                             dynamic_ncols=True)
+            self._bar = tqdm(
+                total=self.total_steps, initial=initial, desc="training", file=self.stream, dynamic_ncols=True
+            )
 
     def __call__(self, event_type: str, data: dict[str, Any]) -> None:
         if event_type == "start":
@@ -119,8 +122,9 @@ class TensorboardWriter:
         step = int(data["step"])
         for key, value in data.items():
             if key not in ("step", "time") and isinstance(value, (int, float)):
-                self._writer.add_scalar(f"{event_type}/{key}" if event_type != "progress" else f"train/{key}",
-                                        value, step)
+                self._writer.add_scalar(
+                    f"{event_type}/{key}" if event_type != "progress" else f"train/{key}", value, step
+                )
 
     def close(self) -> None:
         self._writer.close()
@@ -137,8 +141,11 @@ class WandbWriter:
 
     def __call__(self, event_type: str, data: dict[str, Any]) -> None:
         if event_type in ("progress", "eval"):
-            values = {f"{event_type}/{k}": v for k, v in data.items()
-                      if k not in ("step", "time") and isinstance(v, (int, float))}
+            values = {
+                f"{event_type}/{k}": v
+                for k, v in data.items()
+                if k not in ("step", "time") and isinstance(v, (int, float))
+            }
             self._wandb.log(values, step=int(data["step"]))
         elif event_type == "validation" and data.get("paths"):
             images = [self._wandb.Image(p) for p in data["paths"] if str(p).endswith(".png")]

@@ -28,21 +28,50 @@ def write_run(
     extra_backends are more multidatabackend.json entries (e.g. a conditioning dataset).
     """
     dataset = {
-        "id": "images", "type": "local", "instance_data_dir": str(data_dir), "caption_strategy": "textfile",
-        "resolution": 64, "resolution_type": "pixel_area", "crop": True, "crop_aspect": "square",
-        "crop_style": "center", "cache_dir_vae": str(workdir / "cache" / "vae"), "repeats": 1,
+        "id": "images",
+        "type": "local",
+        "instance_data_dir": str(data_dir),
+        "caption_strategy": "textfile",
+        "resolution": 64,
+        "resolution_type": "pixel_area",
+        "crop": True,
+        "crop_aspect": "square",
+        "crop_style": "center",
+        "cache_dir_vae": str(workdir / "cache" / "vae"),
+        "repeats": 1,
     }
     dataset.update(overrides.pop("dataset", {}))
-    backends = [dataset, {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True,
-                          "cache_dir": str(workdir / "cache" / "text")}]
+    backends = [
+        dataset,
+        {
+            "id": "text",
+            "type": "local",
+            "dataset_type": "text_embeds",
+            "default": True,
+            "cache_dir": str(workdir / "cache" / "text"),
+        },
+    ]
     backends += extra_backends or []
     config = {
-        "model_type": "lora", "model_family": "sdxl", "pretrained_model_name_or_path": str(model_dir),
-        "output_dir": str(workdir / "out"), "data_backend_config": str(workdir / "multidatabackend.json"),
-        "train_batch_size": 2, "learning_rate": 1e-3, "optimizer": "adamw", "max_train_steps": 4,
-        "checkpointing_steps": 2, "validation_steps": 0, "validation_prompt": "a red circle",
-        "validation_resolution": "64x64", "validation_num_inference_steps": 2, "mixed_precision": "no",
-        "lora_rank": 4, "seed": 1, "report_to": "none", "gradient_checkpointing": False,
+        "model_type": "lora",
+        "model_family": "sdxl",
+        "pretrained_model_name_or_path": str(model_dir),
+        "output_dir": str(workdir / "out"),
+        "data_backend_config": str(workdir / "multidatabackend.json"),
+        "train_batch_size": 2,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw",
+        "max_train_steps": 4,
+        "checkpointing_steps": 2,
+        "validation_steps": 0,
+        "validation_prompt": "a red circle",
+        "validation_resolution": "64x64",
+        "validation_num_inference_steps": 2,
+        "mixed_precision": "no",
+        "lora_rank": 4,
+        "seed": 1,
+        "report_to": "none",
+        "gradient_checkpointing": False,
     }
     config.update(overrides)
     workdir.mkdir(parents=True, exist_ok=True)

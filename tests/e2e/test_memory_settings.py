@@ -20,7 +20,9 @@ from .conftest import write_run
     ids=["int8-quanto", "int8-torchao", "group-offload", "checkpointing-interval"],
 )
 def test_lora_trains_under_memory_settings(tmp_path, tiny_sdxl, image_folder, settings):
-    config = write_run(tmp_path, tiny_sdxl, image_folder, max_train_steps=2, checkpointing_steps=0, **settings)
+    config = write_run(
+        tmp_path, tiny_sdxl, image_folder, max_train_steps=2, checkpointing_steps=0, **settings
+    )
     result = train(load_config(config))
     assert result.global_step == 2
     weights = load_file(str(result.lora_path))
@@ -28,6 +30,8 @@ def test_lora_trains_under_memory_settings(tmp_path, tiny_sdxl, image_folder, se
 
 
 def test_quantised_full_training_is_refused_with_the_reason(tmp_path, tiny_sdxl, image_folder):
-    config = write_run(tmp_path, tiny_sdxl, image_folder, model_type="full", base_model_precision="int8-quanto")
+    config = write_run(
+        tmp_path, tiny_sdxl, image_folder, model_type="full", base_model_precision="int8-quanto"
+    )
     with pytest.raises(ValueError, match="no_change with model_type full"):
         train(load_config(config))

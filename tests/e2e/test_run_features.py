@@ -16,9 +16,18 @@ def test_ema_eval_loss_and_webhooks_in_one_run(tmp_path, tiny_sdxl, image_folder
     receiver = Receiver()
     try:
         config = write_run(
-            tmp_path, tiny_sdxl, image_folder, max_train_steps=4, checkpointing_steps=2, validation_steps=2,
-            use_ema=True, ema_decay=0.5, eval_steps_interval=2, eval_batches=1,
-            webhook_config={"webhook_url": receiver.url, "webhook_type": "raw"}, webhook_reporting_interval=2,
+            tmp_path,
+            tiny_sdxl,
+            image_folder,
+            max_train_steps=4,
+            checkpointing_steps=2,
+            validation_steps=2,
+            use_ema=True,
+            ema_decay=0.5,
+            eval_steps_interval=2,
+            eval_batches=1,
+            webhook_config={"webhook_url": receiver.url, "webhook_type": "raw"},
+            webhook_reporting_interval=2,
         )
         result = train(load_config(config))
     finally:
@@ -44,9 +53,17 @@ def test_validation_previews_decode_intermediate_latents(tmp_path, tiny_sdxl, im
         from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
 
         model = build_tiny_kandinsky5_image(tmp_path / "k5")
-    config = write_run(tmp_path, model, image_folder, model_family=family, max_train_steps=1,
-                       checkpointing_steps=0, validation_preview=True, validation_preview_steps=1,
-                       validation_num_inference_steps=3)
+    config = write_run(
+        tmp_path,
+        model,
+        image_folder,
+        model_family=family,
+        max_train_steps=1,
+        checkpointing_steps=0,
+        validation_preview=True,
+        validation_preview_steps=1,
+        validation_num_inference_steps=3,
+    )
     train(load_config(config))
     previews = read_events(tmp_path / "out" / "events.jsonl", "validation_preview")
     assert [e["preview_index"] for e in previews] == [1, 2, 3]

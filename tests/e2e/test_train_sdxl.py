@@ -15,8 +15,16 @@ from .conftest import write_run
 
 
 def test_lora_run_writes_lora_validation_plot_and_checkpoints(tmp_path, tiny_sdxl, image_folder):
-    config = write_run(tmp_path, tiny_sdxl, image_folder, max_train_steps=6, validation_steps=3,
-                       checkpointing_steps=3, checkpoints_total_limit=1, learning_rate=5e-3)
+    config = write_run(
+        tmp_path,
+        tiny_sdxl,
+        image_folder,
+        max_train_steps=6,
+        validation_steps=3,
+        checkpointing_steps=3,
+        checkpoints_total_limit=1,
+        learning_rate=5e-3,
+    )
     result = train(load_config(config))
     out = tmp_path / "out"
     assert result.global_step == 6
@@ -38,13 +46,17 @@ def test_lora_run_writes_lora_validation_plot_and_checkpoints(tmp_path, tiny_sdx
 def test_full_training_saves_a_unet_that_diffusers_loads(tmp_path, tiny_sdxl, image_folder):
     from diffusers import UNet2DConditionModel
 
-    config = write_run(tmp_path, tiny_sdxl, image_folder, model_type="full", max_train_steps=2,
-                       learning_rate=1e-4)
+    config = write_run(
+        tmp_path, tiny_sdxl, image_folder, model_type="full", max_train_steps=2, learning_rate=1e-4
+    )
     result = train(load_config(config))
     trained = UNet2DConditionModel.from_pretrained(result.model_path)
     original = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
-    changed = [n for (n, a), (_, b) in zip(trained.named_parameters(), original.named_parameters())
-               if not torch.equal(a, b)]
+    changed = [
+        n
+        for (n, a), (_, b) in zip(trained.named_parameters(), original.named_parameters())
+        if not torch.equal(a, b)
+    ]
     assert len(changed) > 10
 
 
@@ -75,7 +87,9 @@ def test_a_corrupt_image_is_skipped_and_reported_once(tmp_path, tiny_sdxl, image
     assert sum("broken.png" in json.dumps(e) for e in skipped) == 1
 
 
-def test_cli_train_reads_config_folder_and_reports_errors(tmp_path, tiny_sdxl, image_folder, monkeypatch, capsys):
+def test_cli_train_reads_config_folder_and_reports_errors(
+    tmp_path, tiny_sdxl, image_folder, monkeypatch, capsys
+):
     write_run(tmp_path / "config", tiny_sdxl, image_folder, max_train_steps=1, checkpointing_steps=0)
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--learning_rate", "1e-4"]) == 0

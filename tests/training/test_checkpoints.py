@@ -30,8 +30,9 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     model, optimizer, scheduler = _model_and_optim()
     _step(model, optimizer, scheduler)
     generator = torch.Generator().manual_seed(3)
-    state = TrainerState(global_step=1, sampler={"epoch": 0, "batch_index": 5},
-                         noise_generator=generator.get_state())
+    state = TrainerState(
+        global_step=1, sampler={"epoch": 0, "batch_index": 5}, noise_generator=generator.get_state()
+    )
     path = save_checkpoint(tmp_path, trainable_state(model), optimizer, scheduler, state)
     expected_next = torch.rand(3)
     saved_weight = model.weight.detach().clone()
@@ -49,8 +50,14 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(tmp_path):
 def test_incomplete_checkpoint_is_ignored_and_limit_prunes(tmp_path):
     model, optimizer, scheduler = _model_and_optim()
     for step in (2, 4, 6):
-        save_checkpoint(tmp_path, trainable_state(model), optimizer, scheduler, TrainerState(global_step=step),
-                        total_limit=2)
+        save_checkpoint(
+            tmp_path,
+            trainable_state(model),
+            optimizer,
+            scheduler,
+            TrainerState(global_step=step),
+            total_limit=2,
+        )
     (tmp_path / "checkpoint-8").mkdir()  # a crash mid-write would leave no complete.json
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
     assert resolve_resume(tmp_path, "latest").name == "checkpoint-6"

@@ -199,8 +199,9 @@ def test_noise_offset_shifts_each_channel_by_a_constant():
     objective = FlowMatchingObjective()
     shape = torch.Size((2, 4, 8, 8))
     plain, _ = draw_noise_and_timesteps(objective, shape, torch.Generator().manual_seed(0), "cpu")
-    offset, _ = draw_noise_and_timesteps(objective, shape, torch.Generator().manual_seed(0), "cpu",
-                                                noise_offset=0.5)
+    offset, _ = draw_noise_and_timesteps(
+        objective, shape, torch.Generator().manual_seed(0), "cpu", noise_offset=0.5
+    )
     shift = offset - plain
     assert shift.abs().sum() > 0
     # one constant per (sample, channel)

@@ -21,7 +21,10 @@ def test_each_optimizer_lowers_a_quadratic(name):
 
 
 def test_optimizer_config_string_is_parsed_and_applied():
-    assert parse_optimizer_config("weight_decay=0.1,betas=(0.9,0.99)") == {"weight_decay": 0.1, "betas": (0.9, 0.99)}
+    assert parse_optimizer_config("weight_decay=0.1,betas=(0.9,0.99)") == {
+        "weight_decay": 0.1,
+        "betas": (0.9, 0.99),
+    }
     config = TrainConfig(model_family="sdxl", optimizer="adamw", optimizer_config="weight_decay=0.25")
     optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], config)
     assert optimizer.param_groups[0]["weight_decay"] == 0.25
@@ -47,8 +50,9 @@ def test_compile_model_compiles_the_denoiser_in_place():
     from difftune.training.setup import prepare_denoiser
 
     denoiser = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    config = TrainConfig(model_family="sdxl", model_type="full", compile_model=True,
-                         gradient_checkpointing=False)
+    config = TrainConfig(
+        model_family="sdxl", model_type="full", compile_model=True, gradient_checkpointing=False
+    )
     prepared = prepare_denoiser(SimpleNamespace(), SimpleNamespace(denoiser=denoiser), config, torch.float32)
     assert prepared is denoiser and prepared._compiled_call_impl is not None
     assert all(p.requires_grad for p in prepared.parameters())

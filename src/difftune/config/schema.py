@@ -17,8 +17,15 @@ class _Strict(BaseModel):
 
 
 Precision = Literal[
-    "no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto",
-    "int8-torchao", "fp8-torchao", "nf4-bnb",
+    "no_change",
+    "int8-quanto",
+    "int4-quanto",
+    "int2-quanto",
+    "fp8-quanto",
+    "fp8uz-quanto",
+    "int8-torchao",
+    "fp8-torchao",
+    "nf4-bnb",
 ]
 
 
@@ -36,7 +43,9 @@ def parse_resolutions(value: str | int | float) -> list[tuple[int, int]]:
                 side = int(float(part))
                 sizes.append((side, side))
         except ValueError:
-            raise ValueError(f"'{part}' is not a size; expected sizes like '1024x1024' or '1024x1024,1280x768'") from None
+            raise ValueError(
+                f"'{part}' is not a size; expected sizes like '1024x1024' or '1024x1024,1280x768'"
+            ) from None
     if not sizes:
         raise ValueError("expected sizes like '1024x1024' or '1024x1024,1280x768'")
     return sizes
@@ -237,7 +246,9 @@ class DatasetConfig(_Strict):
     probability: float = Field(1.0, ge=0)
     repeats: int = Field(0, ge=0)
 
-    caption_strategy: Literal["filename", "textfile", "instanceprompt", "jsonl", "csv", "parquet"] = "filename"
+    caption_strategy: Literal["filename", "textfile", "instanceprompt", "jsonl", "csv", "parquet"] = (
+        "filename"
+    )
     instance_prompt: str | None = None
     prepend_instance_prompt: bool = False
     metadata_file: str | None = None  # jsonl/csv captions: file with file_name + caption columns
@@ -270,5 +281,7 @@ class DatasetConfig(_Strict):
                 raise ValueError(f"dataset '{self.id}' ({self.dataset_type}) needs instance_data_dir")
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
             if self.dataset_type in ("image", "video"):
-                raise ValueError(f"dataset '{self.id}': caption_strategy instanceprompt needs instance_prompt")
+                raise ValueError(
+                    f"dataset '{self.id}': caption_strategy instanceprompt needs instance_prompt"
+                )
         return self

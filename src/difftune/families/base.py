@@ -41,16 +41,15 @@ class Objective(ABC):
     """What the denoiser learns to predict, and how noise levels are drawn and applied."""
 
     @abstractmethod
-    def sample_timesteps(self, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:
-        ...
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator, device) -> torch.Tensor: ...
 
     @abstractmethod
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        ...
+    def add_noise(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor: ...
 
     @abstractmethod
-    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        ...
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         """Per-sample loss weights (B,), e.g. min-SNR; None means uniform."""
@@ -89,8 +88,7 @@ class Family(ABC):
 
     # -- loading ------------------------------------------------------------------------------
     @abstractmethod
-    def load(self, device: torch.device, weight_dtype: torch.dtype) -> Components:
-        ...
+    def load(self, device: torch.device, weight_dtype: torch.dtype) -> Components: ...
 
     # -- conditioning -------------------------------------------------------------------------
     @abstractmethod
@@ -103,12 +101,10 @@ class Family(ABC):
         return {key: torch.stack([e[key] for e in embeds]) for key in embeds[0]}
 
     @abstractmethod
-    def encode_pixels(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
-        ...
+    def encode_pixels(self, components: Components, pixels: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
-    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
-        ...
+    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor: ...
 
     def decode_pipeline_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
         """Pixels from the latents a pipeline holds mid-sampling (validation previews); the default
@@ -117,8 +113,7 @@ class Family(ABC):
 
     # -- training -----------------------------------------------------------------------------
     @abstractmethod
-    def objective(self, components: Components) -> Objective:
-        ...
+    def objective(self, components: Components) -> Objective: ...
 
     @abstractmethod
     def model_forward(
@@ -148,9 +143,19 @@ class Family(ABC):
         ...
 
     @abstractmethod
-    def generate(self, pipeline, *, prompt: str, negative_prompt: str | None, width: int, height: int,
-                 num_inference_steps: int, guidance_scale: float, generator: torch.Generator,
-                 **kwargs) -> list:
+    def generate(
+        self,
+        pipeline,
+        *,
+        prompt: str,
+        negative_prompt: str | None,
+        width: int,
+        height: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator,
+        **kwargs,
+    ) -> list:
         """Generate with the pipeline; a list of PIL images (one video: a list of frames in a list)."""
         ...
 

@@ -174,16 +174,7 @@ class Diff2FlowObjective(Objective):
     ) -> torch.Tensor:
         """The model's epsilon / v / sample prediction at x_diff -> the flow velocity noise - x0 (fp32)."""
         a, s = self.coefficients(t, x_diff)
-        prediction, x_diff = prediction.float(), x_diff.float()
-        if self.prediction_type == "epsilon":
-            noise = prediction
-            x0 = (x_diff - s * noise) / a
-        elif self.prediction_type == "v_prediction":
-            x0 = a * x_diff - s * prediction
-            noise = s * x_diff + a * prediction
-        else:
-            x0 = prediction
-            noise = (x_diff - a * x0) / s
+        x0, noise = split_prediction(prediction, x_diff, a, s, self.prediction_type)
         return noise - x0
 
     def model_output(self, prediction: torch.Tensor, x_diff: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -220,3 +211,19 @@ class Diff2FlowObjective(Objective):
             return latents
         a, s = self.coefficients(timesteps, latents)
         return (a * noise.float() - s * latents.float()).to(latents.dtype)
+
+
+def split_prediction(
+    prediction: torch.Tensor,
+    x: torch.Tensor,
+    signal: torch.Tensor,
+    noise_scale: torch.Tensor,
+    prediction_type: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, noise) from a denoiser's epsilon / v / sample prediction at x = signal*x0 + noise_scale*noise (fp32)."""
+    prediction, x = prediction.float(), x.float()
+    if prediction_type == "epsilon":
+        return (x - noise_scale * prediction) / signal, prediction
+    if prediction_type == "v_prediction":
+        return signal * x - noise_scale * prediction, noise_scale * x + signal * prediction
+    return prediction, (x - signal * prediction) / noise_scale

@@ -37,7 +37,7 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     """Complete checkpoints under output_dir, oldest first."""
     found = []
     for path in Path(output_dir).glob(f"{PREFIX}*"):
-        step = path.name[len(PREFIX):]
+        step = path.name[len(PREFIX) :]
         if step.isdigit() and (path / "complete.json").exists():
             found.append((int(step), path))
     return [path for _, path in sorted(found)]
@@ -77,19 +77,35 @@ def _restore_rng(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(output_dir: Path, trainable: dict[str, torch.Tensor], optimizer, lr_scheduler,
-                    state: TrainerState, total_limit: int | None = None) -> Path:
+def save_checkpoint(
+    output_dir: Path,
+    trainable: dict[str, torch.Tensor],
+    optimizer,
+    lr_scheduler,
+    state: TrainerState,
+    total_limit: int | None = None,
+) -> Path:
     """Write checkpoint-STEP atomically, then prune to `total_limit` complete checkpoints."""
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{state.global_step}"
     tmp = output_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors")
+    )
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-    torch.save({"global_step": state.global_step, "sampler": state.sampler, "rng": _rng_states(),
-                "noise_generator": state.noise_generator, "extra": state.extra}, tmp / "trainer_state.pt")
+    torch.save(
+        {
+            "global_step": state.global_step,
+            "sampler": state.sampler,
+            "rng": _rng_states(),
+            "noise_generator": state.noise_generator,
+            "extra": state.extra,
+        },
+        tmp / "trainer_state.pt",
+    )
     (tmp / "complete.json").write_text(json.dumps({"global_step": state.global_step}))
     if final.exists():
         shutil.rmtree(final)
@@ -107,8 +123,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, lr_scheduler)
     named = dict(model.named_parameters())
     missing = [k for k in weights if k not in named]
     if missing:
-        raise ValueError(f"{path}: checkpoint holds weights this model does not have, e.g. {missing[:3]}; "
-                         "was it saved for another model_type or LoRA configuration?")
+        raise ValueError(
+            f"{path}: checkpoint holds weights this model does not have, e.g. {missing[:3]}; "
+            "was it saved for another model_type or LoRA configuration?"
+        )
     with torch.no_grad():
         for key, value in weights.items():
             named[key].copy_(value.to(named[key].dtype))
@@ -116,8 +134,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, lr_scheduler)
     lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=False))
     saved = torch.load(path / "trainer_state.pt", weights_only=False)
     _restore_rng(saved["rng"])
-    return TrainerState(global_step=saved["global_step"], sampler=saved["sampler"],
-                        noise_generator=saved["noise_generator"], extra=saved.get("extra", {}))
+    return TrainerState(
+        global_step=saved["global_step"],
+        sampler=saved["sampler"],
+        noise_generator=saved["noise_generator"],
+        extra=saved.get("extra", {}),
+    )
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

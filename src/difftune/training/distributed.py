@@ -91,8 +91,9 @@ def draw_noise_and_timesteps(
         lambda n: objective.sample_timesteps(n, generator, device), batch_size, num_processes, process_index
     )
     if noise_offset:
-        offsets = global_rows(lambda n: torch.randn((n, rest[0]), generator=generator), batch_size,
-                              num_processes, process_index)
+        offsets = global_rows(
+            lambda n: torch.randn((n, rest[0]), generator=generator), batch_size, num_processes, process_index
+        )
         noise = noise + noise_offset * offsets.view(batch_size, rest[0], *([1] * (len(rest) - 1)))
     return noise.to(device), timesteps
 

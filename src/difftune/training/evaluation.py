@@ -16,8 +16,10 @@ class Evaluator:
     def __init__(self, family: Family, components: Components, data, config: TrainConfig, device) -> None:
         from difftune.validation.eval_loss import EvalLoss
 
-        batches = [data.load_batch(indices, position=(0, i))
-                   for i, indices in enumerate(data.sampler.epoch_batches(0)[: config.eval_batches])]
+        batches = [
+            data.load_batch(indices, position=(0, i))
+            for i, indices in enumerate(data.sampler.epoch_batches(0)[: config.eval_batches])
+        ]
         for batch in batches:
             batch["latents"] = batch["latents"].to(device)
         seed = config.seed if config.seed is not None else 0
@@ -32,8 +34,13 @@ class Evaluator:
         """Emit an `eval` event with the eval loss (per timestep too)."""
         emit("eval", self.eval_loss(model).as_event(step))
 
-    def score_images(self, paths: list[Path], prompts: list[tuple[str, str]], step: int,
-                     emit: Callable[[str, dict[str, Any]], None]) -> None:
+    def score_images(
+        self,
+        paths: list[Path],
+        prompts: list[tuple[str, str]],
+        step: int,
+        emit: Callable[[str, dict[str, Any]], None],
+    ) -> None:
         """Emit the mean CLIP score of this validation's images against their prompts."""
         if self.scorer is None:
             return

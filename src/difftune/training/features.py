@@ -24,8 +24,17 @@ class TrainingFeatures:
     evaluator: Any = None
 
     @classmethod
-    def build(cls, family, components, data, config: TrainConfig, model: torch.nn.Module, device,
-              generator: torch.Generator, state) -> TrainingFeatures:
+    def build(
+        cls,
+        family,
+        components,
+        data,
+        config: TrainConfig,
+        model: torch.nn.Module,
+        device,
+        generator: torch.Generator,
+        state,
+    ) -> TrainingFeatures:
         """Set up what the config turns on; restores EMA state from a resumed checkpoint."""
         features = cls(config=config, family=family)
         if config.tread_config:
@@ -83,8 +92,14 @@ class TrainingFeatures:
         if self.config.push_to_hub:
             from difftune.hub import push_to_hub
 
-            repo = push_to_hub(output_dir, self.config.hub_model_id, self.config, result.validation_paths,
-                               datasets=loaded.datasets, private=self.config.hub_private)
+            repo = push_to_hub(
+                output_dir,
+                self.config.hub_model_id,
+                self.config,
+                result.validation_paths,
+                datasets=loaded.datasets,
+                private=self.config.hub_private,
+            )
             emit("log", {"message": f"uploaded to the Hub: {repo}"})
 
     def close(self) -> None:

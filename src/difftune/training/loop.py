@@ -58,7 +58,9 @@ class TrainResult:
     interrupted: bool = False
 
 
-def train(loaded: LoadedConfig, bus: EventBus | None = None, stop_after_steps: int | None = None) -> TrainResult:
+def train(
+    loaded: LoadedConfig, bus: EventBus | None = None, stop_after_steps: int | None = None
+) -> TrainResult:
     """Train as the config says. `stop_after_steps` ends early as if interrupted (for tests)."""
     config = loaded.train
     output_dir = Path(config.output_dir)
@@ -104,19 +106,28 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     extra_prompts = [p for _, p in prompts] + [config.validation_negative_prompt, ""]
     with accelerator.main_process_first():  # the main process fills the caches, the others read them
         data = prepare_training_data(
-            config, loaded.datasets, text_cache_dir(loaded), family, components, accelerator.device, bus.emit,
-            num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+            config,
+            loaded.datasets,
+            text_cache_dir(loaded),
+            family,
+            components,
+            accelerator.device,
+            bus.emit,
+            num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index,
             extra_prompts=extra_prompts,
         )
-    data.sampler = shard_global_batches(data.sampler, accelerator.num_processes, accelerator.process_index,
-                                       config.gradient_accumulation_steps)
+    data.sampler = shard_global_batches(
+        data.sampler, accelerator.num_processes, accelerator.process_index, config.gradient_accumulation_steps
+    )
 
     denoiser = prepare_denoiser(family, components, config, weight_dtype, accelerator.device)
     sharded = shard_if_configured(denoiser, config, accelerator.num_processes, bus.emit)  # FSDP2
     prompts = [] if sharded else prompts  # validation would run the sharded model on one process only
     crepa = build_crepa(config, denoiser, components, accelerator.device)
-    optimizer = build_optimizer(list(denoiser.parameters()) + (crepa.trainable_parameters() if crepa else []),
-                                config)
+    optimizer = build_optimizer(
+        list(denoiser.parameters()) + (crepa.trainable_parameters() if crepa else []), config
+    )
     steps_per_epoch = max(1, data.sampler.batches_per_epoch // config.gradient_accumulation_steps)
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     lr_scheduler = build_lr_scheduler(optimizer, config, total_steps)
@@ -125,8 +136,9 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     else:
         # group offload places the denoiser's blocks itself
         placement = [not config.enable_group_offload, True, True]
-        denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler,
-                                                                device_placement=placement)
+        denoiser, optimizer, lr_scheduler = accelerator.prepare(
+            denoiser, optimizer, lr_scheduler, device_placement=placement
+        )
     model = accelerator.unwrap_model(denoiser)
     objective = family.objective(components)
 
@@ -135,8 +147,9 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     state = TrainerState()
     resume_path = resolve_resume(output_dir, config.resume_from_checkpoint)
     if resume_path is not None:
-        state = (load_sharded_checkpoint if sharded else load_checkpoint)(resume_path, model, optimizer,
-                                                                          lr_scheduler)
+        state = (load_sharded_checkpoint if sharded else load_checkpoint)(
+            resume_path, model, optimizer, lr_scheduler
+        )
         noise_generator.set_state(state.noise_generator)
         data.sampler.load_state_dict(state.sampler)
         if crepa is not None and "crepa" in state.extra:
@@ -144,14 +157,23 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         bus.emit("log", {"message": f"resumed from {resume_path} at step {state.global_step}"})
     elif config.resume_from_checkpoint:
         bus.emit("log", {"message": "no checkpoint to resume from yet; starting at step 0"})
-    features = TrainingFeatures.build(family, components, data, config, model, accelerator.device,
-                                      noise_generator, state)
+    features = TrainingFeatures.build(
+        family, components, data, config, model, accelerator.device, noise_generator, state
+    )
 
     # -- steps --------------------------------------------------------------------------------
     result = TrainResult(output_dir=output_dir, global_step=state.global_step)
-    bus.emit("start", {"total_steps": total_steps, "first_step": state.global_step,
-                       "samples": data.num_samples, "family": family.name, "model_type": config.model_type,
-                       "processes": accelerator.num_processes})
+    bus.emit(
+        "start",
+        {
+            "total_steps": total_steps,
+            "first_step": state.global_step,
+            "samples": data.num_samples,
+            "family": family.name,
+            "model_type": config.model_type,
+            "processes": accelerator.num_processes,
+        },
+    )
     micro_batches = data.sampler.iter_forever()
     accumulated, micro_count, started = 0.0, 0, time.perf_counter()
     first_step = state.global_step
@@ -161,16 +183,35 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         batch = data.load_batch(indices)
         with accelerator.accumulate(denoiser):
             latents = batch["latents"].to(accelerator.device)
-            noise, timesteps = draw_noise_and_timesteps(objective, latents.shape, noise_generator,
-                                                        accelerator.device, accelerator.num_processes,
-                                                        accelerator.process_index, config.noise_offset)
+            noise, timesteps = draw_noise_and_timesteps(
+                objective,
+                latents.shape,
+                noise_generator,
+                accelerator.device,
+                accelerator.num_processes,
+                accelerator.process_index,
+                config.noise_offset,
+            )
             with accelerator.autocast():
-                noisy = rollout_inputs(family, components, model, objective, latents, noise, timesteps, batch,
-                                       config, state.global_step, noise_generator, accelerator.num_processes,
-                                       accelerator.process_index)
+                noisy = rollout_inputs(
+                    family,
+                    components,
+                    model,
+                    objective,
+                    latents,
+                    noise,
+                    timesteps,
+                    batch,
+                    config,
+                    state.global_step,
+                    noise_generator,
+                    accelerator.num_processes,
+                    accelerator.process_index,
+                )
                 prediction = family.model_forward(components, denoiser, noisy, timesteps, batch)
-            losses = per_sample_loss(prediction, objective.target(latents, noise, timesteps),
-                                     family.loss_mask(batch, latents))
+            losses = per_sample_loss(
+                prediction, objective.target(latents, noise, timesteps), family.loss_mask(batch, latents)
+            )
             weights = objective.loss_weights(timesteps)
             loss = (losses * weights).mean() if weights is not None else losses.mean()
             if crepa is not None:
@@ -194,12 +235,21 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         result.losses.append(step_loss)
         elapsed = time.perf_counter() - started
         rate = (state.global_step - first_step) / max(elapsed, 1e-9)
-        bus.emit("progress", {"step": state.global_step, "loss": step_loss,
-                              "lr": lr_scheduler.get_last_lr()[0], "it_per_s": rate,
-                              "eta_s": (total_steps - state.global_step) / max(rate, 1e-9)})
+        bus.emit(
+            "progress",
+            {
+                "step": state.global_step,
+                "loss": step_loss,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "it_per_s": rate,
+                "eta_s": (total_steps - state.global_step) / max(rate, 1e-9),
+            },
+        )
         if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss became {step_loss} at step {state.global_step}; lower "
-                                     "learning_rate or use mixed_precision bf16 instead of fp16")
+            raise FloatingPointError(
+                f"loss became {step_loss} at step {state.global_step}; lower "
+                "learning_rate or use mixed_precision bf16 instead of fp16"
+            )
 
         if config.checkpointing_steps and state.global_step % config.checkpointing_steps == 0:
             state.sampler = data.sampler.state_dict()
@@ -207,15 +257,34 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
             state.extra = features.state_dict() | ({"crepa": crepa.state_dict()} if crepa else {})
             trainable, optimizer_state = checkpoint_parts(model, optimizer)  # gathered under FSDP2
             if accelerator.is_main_process:
-                path = save_checkpoint(output_dir, trainable, optimizer_state, lr_scheduler, state,
-                                       config.checkpoints_total_limit)
+                path = save_checkpoint(
+                    output_dir,
+                    trainable,
+                    optimizer_state,
+                    lr_scheduler,
+                    state,
+                    config.checkpoints_total_limit,
+                )
                 bus.emit("checkpoint", {"step": state.global_step, "path": str(path)})
-        if (config.validation_steps and not config.validation_disable and prompts
-                and state.global_step % config.validation_steps == 0 and state.global_step < total_steps
-                and accelerator.is_main_process):
+        if (
+            config.validation_steps
+            and not config.validation_disable
+            and prompts
+            and state.global_step % config.validation_steps == 0
+            and state.global_step < total_steps
+            and accelerator.is_main_process
+        ):
             with features.validation_weights(model):
-                paths = run_validation(family, components, model, config, state.global_step, output_dir,
-                                       bus.emit, conditioning_image)
+                paths = run_validation(
+                    family,
+                    components,
+                    model,
+                    config,
+                    state.global_step,
+                    output_dir,
+                    bus.emit,
+                    conditioning_image,
+                )
             result.validation_paths += paths
             features.after_validation(model, paths, prompts, state.global_step, bus.emit)
         features.maybe_evaluate(model, state.global_step, bus.emit)
@@ -228,22 +297,37 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     accelerator.wait_for_everyone()
     full_state = full_trainable_state(model) if sharded and not result.interrupted else None
     if accelerator.is_main_process and not result.interrupted:
-        result.lora_path, result.model_path = save_final_weights(family, model, config, output_dir,
-                                                                 full_state)
-        bus.emit("saved", {"step": state.global_step,
-                           "path": str(result.lora_path or result.model_path)})
+        result.lora_path, result.model_path = save_final_weights(
+            family, model, config, output_dir, full_state
+        )
+        bus.emit("saved", {"step": state.global_step, "path": str(result.lora_path or result.model_path)})
         if prompts and not config.validation_disable:
             with features.validation_weights(model):
-                paths = run_validation(family, components, model, config, state.global_step, output_dir,
-                                       bus.emit, conditioning_image)
+                paths = run_validation(
+                    family,
+                    components,
+                    model,
+                    config,
+                    state.global_step,
+                    output_dir,
+                    bus.emit,
+                    conditioning_image,
+                )
             result.validation_paths += paths
             features.after_validation(model, paths, prompts, state.global_step, bus.emit)
         from difftune.training.plot import plot_loss
 
         result.loss_plot = plot_loss(output_dir / "events.jsonl", output_dir / "loss.png")
         features.finish(output_dir, model, result, loaded, bus.emit)
-        bus.emit("finished", {"step": state.global_step, "lora": str(result.lora_path or ""),
-                              "model": str(result.model_path or ""), "loss_plot": str(result.loss_plot or "")})
+        bus.emit(
+            "finished",
+            {
+                "step": state.global_step,
+                "lora": str(result.lora_path or ""),
+                "model": str(result.model_path or ""),
+                "loss_plot": str(result.loss_plot or ""),
+            },
+        )
     features.close()
     bus.close()
     accelerator.end_training()

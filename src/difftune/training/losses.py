@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def per_sample_loss(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
     """Mean squared error per sample (B,), in fp32, over the unmasked elements (mask 1 = counted)."""
     error = (prediction.float() - target.float()) ** 2
     dims = tuple(range(1, error.ndim))

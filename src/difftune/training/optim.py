@@ -64,10 +64,17 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -
     if name == "prodigy":
         from prodigyopt import Prodigy
 
-        options = dict(lr=lr, betas=betas, weight_decay=config.adam_weight_decay, safeguard_warmup=True,
-                       use_bias_correction=True)
+        options = dict(
+            lr=lr,
+            betas=betas,
+            weight_decay=config.adam_weight_decay,
+            safeguard_warmup=True,
+            use_bias_correction=True,
+        )
         return Prodigy(params, **{**options, **extra})
-    raise ValueError(f"optimizer '{name}' is not one of adamw_bf16, adamw, optimi-adamw, optimi-lion, prodigy")
+    raise ValueError(
+        f"optimizer '{name}' is not one of adamw_bf16, adamw, optimi-adamw, optimi-lion, prodigy"
+    )
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
@@ -82,5 +89,6 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, to
         kwargs["num_cycles"] = int(config.lr_num_cycles)
     elif name == "polynomial":
         kwargs["power"] = config.lr_power
-    return get_scheduler(name, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                         num_training_steps=total_steps, **kwargs)
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps, **kwargs
+    )

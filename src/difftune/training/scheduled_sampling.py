@@ -25,7 +25,7 @@ import torch
 from difftune.config.schema import TrainConfig
 from difftune.families.base import Components, Family, Objective
 from difftune.families.flow_matching import FlowMatchingObjective
-from difftune.families.objectives import Diff2FlowObjective, EpsilonObjective
+from difftune.families.objectives import Diff2FlowObjective, EpsilonObjective, split_prediction
 
 _warned_unipc = False
 
@@ -158,17 +158,7 @@ class _DDIMStepper(_Stepper):
         objective = self.objective
         a = objective._alphas(current).to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
         a_next = objective._alphas(following).to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
-        x, output = x.float(), output.float()
-        root_a, root_s = a.sqrt(), (1.0 - a).sqrt()
-        if objective.prediction_type == "epsilon":
-            noise = output
-            x0 = (x - root_s * noise) / root_a
-        elif objective.prediction_type == "v_prediction":
-            x0 = root_a * x - root_s * output
-            noise = root_s * x + root_a * output
-        else:
-            x0 = output
-            noise = (x - root_a * x0) / root_s
+        x0, noise = split_prediction(output, x, a.sqrt(), (1.0 - a).sqrt(), objective.prediction_type)
         return a_next.sqrt() * x0 + (1.0 - a_next).sqrt() * noise
 
 

@@ -49,17 +49,30 @@ def default_bus(config: TrainConfig, output_dir: Path, is_main: bool) -> EventBu
     if config.webhook_config:
         from difftune.webhooks import webhook_subscriber
 
-        bus.subscribe(webhook_subscriber(config.webhook_config, config.webhook_reporting_interval, warn=bus.emit))
+        bus.subscribe(
+            webhook_subscriber(config.webhook_config, config.webhook_reporting_interval, warn=bus.emit)
+        )
     log_dir = output_dir / config.logging_dir
     if config.report_to in ("tensorboard", "all"):
         bus.subscribe(TensorboardWriter(log_dir))
     if config.report_to in ("wandb", "all"):
         try:
-            bus.subscribe(WandbWriter(config.tracker_project_name, config.tracker_run_name,
-                                      config.model_dump(mode="json"), log_dir))
+            bus.subscribe(
+                WandbWriter(
+                    config.tracker_project_name,
+                    config.tracker_run_name,
+                    config.model_dump(mode="json"),
+                    log_dir,
+                )
+            )
         except ImportError:
-            bus.emit("warning", {"message": "report_to wandb: wandb is not installed (pip install wandb); "
-                                            "not reporting to it"})
+            bus.emit(
+                "warning",
+                {
+                    "message": "report_to wandb: wandb is not installed (pip install wandb); "
+                    "not reporting to it"
+                },
+            )
     return bus
 
 
@@ -91,8 +104,13 @@ def prepare_frozen(family: Family, components, config: TrainConfig, device: torc
     return notes
 
 
-def prepare_denoiser(family: Family, components, config: TrainConfig, weight_dtype: torch.dtype,
-                     device: torch.device | None = None) -> torch.nn.Module:
+def prepare_denoiser(
+    family: Family,
+    components,
+    config: TrainConfig,
+    weight_dtype: torch.dtype,
+    device: torch.device | None = None,
+) -> torch.nn.Module:
     """Make the denoiser trainable: a LoRA on the frozen (optionally quantised) base, or every weight;
     then gradient checkpointing, the attention backend and group offload as the config says."""
     from difftune.training.memory import (
@@ -114,8 +132,10 @@ def prepare_denoiser(family: Family, components, config: TrainConfig, weight_dty
         attach_lora(denoiser, family, config)
     elif config.model_type == "full":
         if config.base_model_precision != "no_change":
-            raise ValueError("base_model_precision quantises the frozen base of a LoRA; full training "
-                             "updates every weight, so use base_model_precision: no_change with model_type full")
+            raise ValueError(
+                "base_model_precision quantises the frozen base of a LoRA; full training "
+                "updates every weight, so use base_model_precision: no_change with model_type full"
+            )
         denoiser.to(dtype=torch.float32)
         denoiser.requires_grad_(True)
     else:
@@ -131,8 +151,13 @@ def prepare_denoiser(family: Family, components, config: TrainConfig, weight_dty
     return denoiser
 
 
-def save_final_weights(family: Family, model: torch.nn.Module, config: TrainConfig, output_dir: Path,
-                       full_state: dict[str, torch.Tensor] | None = None) -> tuple[Path | None, Path | None]:
+def save_final_weights(
+    family: Family,
+    model: torch.nn.Module,
+    config: TrainConfig,
+    output_dir: Path,
+    full_state: dict[str, torch.Tensor] | None = None,
+) -> tuple[Path | None, Path | None]:
     """pytorch_lora_weights.safetensors for LoRA (plus the ComfyUI layout on request), else the model.
 
     `full_state`: the gathered trainable weights of a sharded (FSDP2) model, written instead of its shards.
@@ -145,8 +170,11 @@ def save_final_weights(family: Family, model: torch.nn.Module, config: TrainConf
         lora = lora_state_dict(model) if full_state is None else lora_from_full_state(model, full_state)
         path = family.save_lora(output_dir, lora)
         if config.lora_format == "comfyui":
-            export_comfyui(path, output_dir / "pytorch_lora_weights_comfyui.safetensors",
-                           prefix=f"lora_{family.adapter_prefix}")
+            export_comfyui(
+                path,
+                output_dir / "pytorch_lora_weights_comfyui.safetensors",
+                prefix=f"lora_{family.adapter_prefix}",
+            )
         return path, None
     folder = output_dir / family.adapter_prefix
     if full_state is not None:

@@ -127,7 +127,9 @@ def plot_eval(events_path: str | Path, out_png: str | Path) -> Path | None:
     steps = [int(e["step"]) for e in evals]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     for key in sorted(k for k in evals[0] if k.startswith("eval_loss_t")):
-        ax.plot(steps, [e.get(key, float("nan")) for e in evals], alpha=0.35, label=key.removeprefix("eval_loss_"))
+        ax.plot(
+            steps, [e.get(key, float("nan")) for e in evals], alpha=0.35, label=key.removeprefix("eval_loss_")
+        )
     ax.plot(steps, [e["eval_loss"] for e in evals], color="black", linewidth=2, label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss at fixed timesteps and noise")

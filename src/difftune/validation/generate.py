@@ -89,8 +89,12 @@ def run_validation(
                 from difftune.validation.previews import preview_callback
 
                 extra["callback_on_step_end"] = preview_callback(
-                    pipeline, lambda latents: family.decode_pipeline_latents(components, latents),
-                    config.validation_preview_steps, events, out_dir=folder / "previews", step=step,
+                    pipeline,
+                    lambda latents: family.decode_pipeline_latents(components, latents),
+                    config.validation_preview_steps,
+                    events,
+                    out_dir=folder / "previews",
+                    step=step,
                     tiny_vae=components.extras.get("tiny_vae"),
                 )
             for name, prompt in prompts:
