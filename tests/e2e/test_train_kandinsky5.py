@@ -218,3 +218,59 @@ def test_i2v_lora_trains_with_first_frame_conditioning(tmp_path, tiny_k5_i2v, vi
     assert sorted(tuple(t.shape) for t in latents) == [(16, 1, 8, 8)] * 4 + [(16, 2, 8, 8)] * 4
     resolved = json.loads((tmp_path / "out" / "config.resolved.json").read_text())
     assert "i2v" in json.dumps(resolved)
+
+
+def test_t2v_with_crepa_trains_its_projector_through_the_run(tmp_path, tiny_k5_video, video_folder):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    dino = tmp_path / "dinov2-tiny"
+    Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            patch_size=14,
+            image_size=56,
+        )
+    ).save_pretrained(dino)
+    settings = {**K5_RUN, "checkpointing_steps": 3}
+    config = write_run(
+        tmp_path,
+        tiny_k5_video,
+        video_folder,
+        model_family="kandinsky5-video",
+        dataset=_video_dataset(video_folder),
+        validation_disable=True,
+        crepa_enabled=True,
+        crepa_block_index=1,
+        crepa_model=str(dino),
+        crepa_encoder_image_size=56,
+        **settings,
+    )
+    result = train(load_config(config))
+    assert result.global_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    plain_config = write_run(
+        tmp_path / "plain",
+        tiny_k5_video,
+        video_folder,
+        model_family="kandinsky5-video",
+        dataset=_video_dataset(video_folder),
+        validation_disable=True,
+        **settings,
+    )
+    plain = train(load_config(plain_config))
+    # the same seed and batches: only CREPA's term (-crepa_lambda * alignment) makes the losses differ
+    assert plain.losses != pytest.approx(result.losses, abs=1e-7)
+    saved = torch.load(tmp_path / "out" / "checkpoint-3" / "trainer_state.pt", weights_only=False)
+    projector = saved["extra"]["crepa"]
+    assert projector and any(torch.is_tensor(v) and v.abs().sum() > 0 for v in _tensors(projector))
+
+
+def _tensors(state):
+    if torch.is_tensor(state):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from _tensors(value)
