@@ -15,17 +15,15 @@ import annotated_types
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from difftune.config.keys import TRAIN_ALIASES
 from difftune.config.schema import DatasetConfig, TrainConfig
+from difftune.config.validate import canonical_keys
 
 GROUPS = ("model", "training", "memory", "validation", "datasets")
 
-# Keys that users' files spell differently (older or quickstart names) -> the schema's name.
-KEY_ALIASES = {
-    "checkpoint_step_interval": "checkpointing_steps",
-    "validation_step_interval": "validation_steps",
-    "use_gradient_checkpointing": "gradient_checkpointing",
-    "frame_rate": "framerate",
-}
+# Keys that users' files spell differently (older or quickstart names) -> the schema's name: the
+# loader's own table, so the form and `difftune train` accept the same spellings.
+KEY_ALIASES = TRAIN_ALIASES
 
 _MODEL_KEYS = {
     "model_family",
@@ -130,11 +128,7 @@ def schema_groups(families: dict[str, list[str]]) -> dict[str, Any]:
 
 def normalize_keys(raw: dict[str, Any]) -> dict[str, Any]:
     """Drop a leading `--` and map older spellings to the schema's key names."""
-    normalized = {}
-    for key, value in raw.items():
-        name = str(key).lstrip("-")
-        normalized[KEY_ALIASES.get(name, name)] = value
-    return normalized
+    return canonical_keys(raw, TRAIN_ALIASES, frozenset(TrainConfig.model_fields), "form", [])
 
 
 def _message(error: dict[str, Any], model: type[BaseModel]) -> str:
