@@ -42,7 +42,7 @@ def cmd_train(argv: list[str]) -> int:
     except Exception as exc:
         from difftune.data.errors import DataError
 
-        if isinstance(exc, (DataError, ConfigError)):
+        if isinstance(exc, (DataError, ConfigError, OSError)):
             print(f"difftune: {exc}", file=sys.stderr)
             return 2
         raise

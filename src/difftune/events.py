@@ -66,7 +66,7 @@ class JsonlLog:
 class ConsoleReporter:
     """Progress bar (loss, lr, it/s, ETA) on stderr, and one line for each notable event."""
 
-    _quiet_types = {"progress", "cache_progress", "start"}
+    _quiet_types = {"progress", "cache_progress", "start", "error"}  # the command prints the error itself
 
     def __init__(self, total_steps: int | None = None, stream=None, enable_bar: bool = True) -> None:
         self.stream = stream or sys.stderr

@@ -111,3 +111,15 @@ def test_a_failing_run_reports_the_error_as_an_event(tmp_path, tiny_sdxl, image_
         train(load_config(config))
     errors = read_events(tmp_path / "out" / "events.jsonl", "error")
     assert len(errors) == 1 and "DatasetTooSmall" in errors[0]["message"] and "64" in errors[0]["message"]
+
+
+def test_missing_folder_and_missing_model_give_clear_errors(tmp_path, tiny_sdxl, image_folder, capsys):
+    config = write_run(tmp_path, tiny_sdxl, tmp_path / "nowhere")
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "dataset 'images'" in err and "nowhere" in err and "is not a folder" in err
+
+    config = write_run(tmp_path, tmp_path / "no-model", image_folder)
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "could not load the sdxl model" in err and "no-model" in err and "diffusers layout" in err

@@ -37,7 +37,9 @@ from difftune.training.optim import build_lr_scheduler, build_optimizer
 from difftune.training.scheduled_sampling import rollout_inputs
 from difftune.training.setup import (
     build_accelerator,
+    check_dataset_folders,
     default_bus,
+    load_components,
     prepare_denoiser,
     prepare_frozen,
     save_final_weights,
@@ -95,9 +97,10 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     family = get_family(config)
     for warning in family.validate_config():
         bus.emit("warning", {"message": warning})
+    check_dataset_folders(loaded.datasets)  # before the model load, which can take minutes
     weight_dtype = weight_dtype_for(config, accelerator.device)
     bus.emit("log", {"message": f"loading {family.name} from {family.model_id()}"})
-    components = family.load(accelerator.device, weight_dtype)
+    components = load_components(family, accelerator.device, weight_dtype)
     for note in prepare_frozen(family, components, config, accelerator.device):
         bus.emit("log", {"message": note})
 

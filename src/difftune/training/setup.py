@@ -181,3 +181,29 @@ def save_final_weights(
         return None, save_full_model(model, full_state, folder)
     model.save_pretrained(folder)
     return None, folder
+
+
+def check_dataset_folders(datasets) -> None:
+    """Every enabled dataset's instance_data_dir exists (a DataError naming the dataset otherwise)."""
+    from difftune.data.errors import DataError
+
+    for dataset in datasets:
+        folder = dataset.instance_data_dir
+        if folder and not dataset.disabled and not Path(folder).expanduser().is_dir():
+            raise DataError(
+                f"dataset '{dataset.id}': instance_data_dir {folder} is not a folder; create it and put the "
+                "training files there, or fix the path in the data backend config"
+            )
+
+
+def load_components(family: Family, device: torch.device, weight_dtype: torch.dtype):
+    """family.load, with a message that says what to check when the weights cannot be fetched or read."""
+    try:
+        return family.load(device, weight_dtype)
+    except OSError as exc:
+        raise OSError(
+            f"could not load the {family.name} model from '{family.model_id()}': {exc}\n"
+            "Check model_flavour / pretrained_model_name_or_path, that you are logged in "
+            "(huggingface-cli login) for gated models, and that the Hub is reachable (HF_ENDPOINT for "
+            "a mirror); a local folder must be in the diffusers layout (model_index.json + subfolders)."
+        ) from exc
