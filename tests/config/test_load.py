@@ -149,15 +149,24 @@ def test_wrong_values_name_key_value_and_what_is_allowed_all_at_once(workdir):
     assert "'validation_resolution' is 'big'" in message and "1024x1024" in message
 
 
-def test_key_of_the_original_tool_not_built_here_warns(workdir):
+def test_key_of_the_original_tool_that_cannot_change_the_weights_warns(workdir):
     path = write_config(workdir, {**SDXL, "flux_guidance_mode": "constant", "--t5_padding": "zero"})
     loaded = load_config(path)
     assert any(
-        "'flux_guidance_mode' is a setting of the original tool that difftune does not implement yet; it is ignored"
-        in w
+        "'flux_guidance_mode' is a setting of the original tool that difftune ignores: "
+        "it applies only to model families difftune does not train" in w
         for w in loaded.warnings
     )
     assert any("'t5_padding'" in w for w in loaded.warnings)
+
+
+def test_key_of_the_original_tool_that_changes_the_weights_is_refused(workdir):
+    path = write_config(workdir, {**SDXL, "--rescale_betas_zero_snr": "true"})
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "config.json: 'rescale_betas_zero_snr' is 'true'" in message
+    assert "changes the trained weights" in message and "remove it" in message
 
 
 def test_lora_type_lycoris_means_a_lycoris_run(workdir):
@@ -323,13 +332,17 @@ def test_wrong_dataset_values_name_the_dataset(workdir):
     assert "'repeats' is '-1', but it must be at least 0" in message
 
 
-def test_original_dataset_keys_warn(workdir):
-    path = write_config(workdir, SDXL, datasets=[{**IMAGES, "vae_cache_clear_each_epoch": True}, dict(TEXT)])
+def test_original_dataset_keys_warn_or_stop(workdir):
+    path = write_config(workdir, SDXL, datasets=[{**IMAGES, "hash_filenames": True}, dict(TEXT)])
     warnings = load_config(path).warnings
     assert any(
-        "dataset 'my-images' (index 0): 'vae_cache_clear_each_epoch' is a setting of the original tool" in w
+        "dataset 'my-images' (index 0): 'hash_filenames' is a setting of the original tool that difftune ignores"
+        in w
         for w in warnings
     )
+    path = write_config(workdir, SDXL, datasets=[{**IMAGES, "vae_cache_clear_each_epoch": True}, dict(TEXT)])
+    with pytest.raises(ConfigError, match="'vae_cache_clear_each_epoch' is true, a setting of the original"):
+        load_config(path)
 
 
 def test_no_enabled_image_dataset(workdir):

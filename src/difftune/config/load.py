@@ -1,8 +1,8 @@
 """Load config.json (or config.toml) and multidatabackend.json into typed, checked settings.
 
-The path of a setting from file to schema: key spelling (`--key` or `key`, aliases) -> unknown keys
-(error with the nearest valid key, or a warning for keys of the original tool that difftune has not
-built) -> family defaults for keys the user did not set -> value coercion ("none", JSON strings) ->
+The path of a setting from file to schema: key spelling (`--key` or `key`, aliases) -> keys outside
+the schema (error with the nearest valid key; the original tool's keys refused, or ignored with a
+warning when they cannot change the weights, as `original_keys` says) -> family defaults for keys the user did not set -> value coercion ("none", JSON strings) ->
 pydantic validation (lax: "true", "1e-4", "20") -> cross-key checks. Every problem found on the way
 is reported at once, each naming the file, the key, the value and what is allowed.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from difftune.config import ConfigError, keys, validate
+from difftune.config import ConfigError, keys, original_keys, validate
 from difftune.config.schema import DatasetConfig, TrainConfig, VideoConfig
 
 DEFAULT_CONFIG_PATHS = (Path("config/config.json"), Path("config/config.toml"))
@@ -68,7 +68,7 @@ def load_config(
     inline_datasets = values.pop(INLINE_DATASETS_KEY, None)
     _apply_lora_type(values, origin, problems)
     values = validate.drop_unknown(
-        values, TrainConfig, keys.ORIGINAL_TRAIN_KEYS, keys.TRAIN_ALIASES, origin, problems, warnings
+        values, TrainConfig, original_keys.TRAIN_KEYS, keys.TRAIN_ALIASES, origin, problems, warnings
     )
     values = validate.prepare_values(values, TrainConfig)
     if data_config_path is not None:
@@ -293,14 +293,14 @@ def _load_datasets(raw: Any, where: str, family: str, warnings: list[str]) -> li
         label = f"{where}, dataset '{name}' (index {index})" if name else f"{where}, dataset at index {index}"
         values = validate.canonical_keys(entry, keys.DATASET_ALIASES, known, label, problems)
         values = validate.drop_unknown(
-            values, DatasetConfig, keys.ORIGINAL_DATASET_KEYS, keys.DATASET_ALIASES, label, problems, warnings
+            values, DatasetConfig, original_keys.DATASET_KEYS, keys.DATASET_ALIASES, label, problems, warnings
         )
         if isinstance(values.get("video"), dict):
             video = validate.canonical_keys(values["video"], keys.VIDEO_ALIASES, known_video, label, problems)
             video = validate.drop_unknown(
                 video,
                 VideoConfig,
-                keys.ORIGINAL_VIDEO_KEYS,
+                original_keys.VIDEO_KEYS,
                 keys.VIDEO_ALIASES,
                 label,
                 problems,

@@ -97,10 +97,6 @@ class TrainConfig(_Strict):
     gradient_checkpointing_interval: int | None = Field(None, ge=1)
     attention_mechanism: Literal["diffusers", "sdpa", "xformers", "flash", "sageattention"] = "sdpa"
     base_model_precision: Precision = "no_change"
-    text_encoder_1_precision: Precision = "no_change"
-    text_encoder_2_precision: Precision = "no_change"
-    text_encoder_3_precision: Precision = "no_change"
-    text_encoder_4_precision: Precision = "no_change"
     base_model_default_dtype: Literal["bf16", "fp32"] = "bf16"
     enable_group_offload: bool = False
     group_offload_type: Literal["block_level", "leaf_level"] = "block_level"

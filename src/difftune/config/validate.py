@@ -1,7 +1,8 @@
 """One settings dict (config.json, or one dataset entry) -> a schema object, every problem as a message.
 
-Steps: key spelling (`--key`, `key-name`) and aliases -> unknown keys (an error with the nearest valid
-key, or a warning for keys of the original tool that difftune has not built) -> value coercion
+Steps: key spelling (`--key`, `key-name`) and aliases -> keys outside the schema (an error with the
+nearest valid key; keys of the original tool as `original_keys` classifies them: refused, or
+ignored with a warning when they cannot change the weights) -> value coercion
 ("none" -> None, JSON text -> dict/list) -> pydantic validation, whose errors become
 "<where>: '<key>' is <value>, but it must be <what is allowed>".
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from difftune.config import keys
+from difftune.config import keys, original_keys
 
 
 def canonical_keys(
@@ -60,32 +61,39 @@ def _same_value(a: Any, b: Any) -> bool:
 def drop_unknown(
     values: dict[str, Any],
     model: type[BaseModel],
-    original_keys: frozenset[str],
+    table: dict[str, original_keys.Status],
     aliases: dict[str, str],
     origin: Any,
     problems: list[str],
     warnings: list[str],
     prefix: str = "",
 ) -> dict[str, Any]:
-    """Keep the schema's keys; warn on the original tool's other keys; report the rest with a suggestion.
+    """Keep the schema's keys; the original tool's other keys as `table` classifies them; report the rest.
 
-    `origin` is a dict key -> where it came from, or one string for all keys.
+    A refused key set to anything but a neutral value is a problem; a cosmetic key is a warning; an
+    unknown key is a problem with the nearest valid key. `origin` is a dict key -> where it came
+    from, or one string for all keys.
     """
     fields = set(model.model_fields)
     kept = {}
     for key, value in values.items():
         where = origin if isinstance(origin, str) else origin.get(key, "config")
+        status = table.get(key)
         if key in fields:
             kept[key] = value
-        elif key in original_keys:
+        elif isinstance(status, original_keys.Refused):
+            if not original_keys.is_neutral(status, value):
+                problems.append(
+                    f"{where}: '{prefix}{key}' is {_show(value)}, a setting of the original tool that "
+                    f"changes the trained weights and that difftune does not implement; {status.instead}"
+                )
+        elif isinstance(status, original_keys.Cosmetic):
             warnings.append(
-                f"{where}: '{prefix}{key}' is a setting of the original tool that difftune "
-                "does not implement yet; it is ignored"
+                f"{where}: '{prefix}{key}' is a setting of the original tool that difftune ignores: "
+                f"{status.why}"
             )
-        else:
-            hint = keys.nearest(key, sorted(fields | set(aliases))) or keys.nearest(
-                key, sorted(original_keys)
-            )
+        elif status is None:
+            hint = keys.nearest(key, sorted(fields | set(aliases))) or keys.nearest(key, sorted(table))
             guess = f"did you mean '{prefix}{hint}'?" if hint else "remove it or check its spelling"
             problems.append(f"{where}: unknown key '{prefix}{key}'; {guess}")
     return kept
