@@ -364,9 +364,28 @@ def _echoing_input(prompt: str) -> str:
     return answer
 
 
+CONFIGURE_EPILOG = """asks:
+  the model family and flavour (or a local model folder), LoRA or full training, the dataset folder
+  and how its captions are stored, the resolution, your GPU memory (which picks the memory settings),
+  the training steps, a validation prompt and the output folder; Enter keeps the shown default.
+
+writes:
+  config/config.json and config/multidatabackend.json under --workdir (asks before overwriting);
+  then run `difftune train` there. Answers may be piped on stdin, one per line.
+
+example:
+  difftune configure --workdir my-run && cd my-run && difftune train
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     """`difftune configure [--workdir DIR]`; 0 when the files were written."""
-    parser = argparse.ArgumentParser(prog="difftune configure", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="difftune configure",
+        description=__doc__.split("\n\n")[0],
+        epilog=CONFIGURE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--workdir", default=".", help="folder that gets config/ (default: the current one)")
     args = parser.parse_args(argv)
     input_fn = input if sys.stdin.isatty() else _echoing_input

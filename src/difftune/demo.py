@@ -96,11 +96,30 @@ def write_demo_config(workdir: Path, family: str, model_dir: Path, steps: int) -
     return path
 
 
+DEMO_EPILOG = """reads nothing: it builds a tiny random model, a generated dataset and a config under --workdir
+(models/, datasets/, config/), then trains through `difftune train`'s code path.
+
+writes (in WORKDIR/output/FAMILY):
+  pytorch_lora_weights.safetensors, validation/STEP/*.png (samples before and after), loss.png,
+  events.jsonl, config.resolved.json; the end message says what to look at.
+
+example:
+  difftune demo --family kandinsky5-image --workdir /tmp/demo
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="difftune demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="sdxl", choices=DEMO_FAMILIES)
+    parser = argparse.ArgumentParser(
+        prog="difftune demo",
+        description=__doc__.splitlines()[0],
+        epilog=DEMO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--family", default="sdxl", choices=DEMO_FAMILIES, help="default: %(default)s")
     parser.add_argument("--workdir", default="difftune-demo", help="where the model, data and output go")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=60, help="training steps (default: %(default)s)")
+    parser.add_argument("--verbose", action="store_true", help="also show the libraries' own output")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
     args = parser.parse_args(argv)
 
     from difftune.config import load_config

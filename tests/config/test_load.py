@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 
@@ -403,3 +404,18 @@ def test_demo_configs_load(workdir, family):
     assert loaded.train.model_family == family and loaded.train.max_train_steps == 4
     assert loaded.warnings == []
     assert loaded.text_embeds_dataset.id == "text-embeds"
+
+
+@pytest.mark.parametrize(
+    ("precision", "module", "package"),
+    [("int8-quanto", "optimum.quanto", "optimum-quanto"), ("int8-torchao", "torchao", "torchao")],
+)
+def test_a_precision_whose_package_is_missing_is_refused_at_load(
+    workdir, monkeypatch, precision, module, package
+):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    path = write_config(workdir, {**SDXL, "base_model_precision": precision})
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert f"'base_model_precision' is '{precision}'" in message and f"pip install {package}" in message

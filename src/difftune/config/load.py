@@ -9,6 +9,7 @@ is reported at once, each naming the file, the key, the value and what is allowe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -249,6 +250,14 @@ def _cross_key_problems(train: TrainConfig, family: str, origin: dict[str, str])
             "between CPU and GPU and conflict with each other. Pick one: group offload saves more memory "
             "during training, model CPU offload is simpler; set the other to false"
         )
+    package = _missing_package(train.base_model_precision)
+    if package:
+        problems.append(
+            f"{origin.get('base_model_precision', 'config')}: 'base_model_precision' is "
+            f"'{train.base_model_precision}', which needs the {package} package, and it is not installed "
+            f'— pip install {package} (or pip install -e ".[quant]" for both quantisation back-ends), '
+            "or set base_model_precision to no_change"
+        )
     frames = train.validation_num_video_frames
     if frames is not None:
         problem = _frame_count_problem(family, frames)
@@ -258,6 +267,22 @@ def _cross_key_problems(train: TrainConfig, family: str, origin: dict[str, str])
                 f"is {frames}, but {problem}"
             )
     return problems
+
+
+# base_model_precision suffix -> (module to import, package to install)
+_PRECISION_PACKAGES = {"quanto": ("optimum.quanto", "optimum-quanto"), "torchao": ("torchao", "torchao")}
+
+
+def _missing_package(precision: str) -> str | None:
+    """The pip package a precision setting needs when it is not installed, else None."""
+    module, package = _PRECISION_PACKAGES.get(precision.rpartition("-")[2], (None, None))
+    if module is None:
+        return None
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or hidden from this process
+        found = False
+    return None if found else package
 
 
 def _frame_count_problem(family: str, frames: int) -> str | None:

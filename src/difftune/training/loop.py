@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def train(
     try:
         return _run(loaded, accelerator, bus, stop_after_steps)
     except Exception as exc:  # webhooks and the web UI learn why the run stopped
-        bus.emit("error", {"message": f"{type(exc).__name__}: {exc}"})
+        bus.emit("error", {"message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
         bus.close()
         raise
 
