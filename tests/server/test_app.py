@@ -31,10 +31,9 @@ def test_loopback_host_header_parsing():
 
 def test_token_required_on_every_request(make_client):
     client = make_client(token="s3cret-token")
-    for url in ["/", "/api/config", "/api/schema", "/static/app.js", "/api/events"]:
+    for url in ["/api/config", "/api/schema", "/static/app.js", "/api/events"]:
         assert client.get(url).status_code == 401, url
     assert client.get("/api/config", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert client.get("/api/config?token=wrong").status_code == 401
     response = client.get("/api/config")
     assert "token" in response.json()["detail"]
     assert client.post("/api/job/start").status_code == 401  # no job started without the token
@@ -42,11 +41,31 @@ def test_token_required_on_every_request(make_client):
 
     ok = client.get("/api/config", headers={"Authorization": "Bearer s3cret-token"})
     assert ok.status_code == 200 and ok.json()["config"]["model_family"] == "sdxl"
-    page = client.get("/?token=s3cret-token")
-    assert page.status_code == 200
-    # the page keeps the token for its own script, stylesheet and API calls
-    assert 'src="/static/app.js?token=s3cret-token"' in page.text
-    assert client.get("/static/app.js?token=s3cret-token").status_code == 200
+    # without the token the page is the login form, and a token in the URL counts for nothing
+    for url in ["/", "/?token=s3cret-token"]:
+        login = client.get(url)
+        assert login.status_code == 401 and 'action="/login"' in login.text and "app.js" not in login.text
+    assert client.get("/api/config?token=s3cret-token").status_code == 401
+
+
+def test_login_form_sets_an_httponly_strict_cookie(make_client):
+    client = make_client(token="s3cret-token")
+    wrong = client.post("/login", data={"token": "nope"})
+    assert wrong.status_code == 401 and "wrong token" in wrong.text and not client.cookies
+    ok = client.post("/login", data={"token": "s3cret-token"}, follow_redirects=False)
+    assert ok.status_code == 303 and ok.headers["location"] == "/"
+    cookie = ok.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie
+    page = client.get("/")  # the client sends the cookie from now on
+    assert page.status_code == 200 and 'src="/static/app.js"' in page.text
+    assert "s3cret-token" not in page.text and "token=" not in page.text
+    assert client.get("/api/config").status_code == 200
+    assert client.get("/static/app.js").status_code == 200
+    # a cross-site form cannot log a browser in, nor write with its cookie
+    cross = client.put(
+        "/api/config", json={"model_family": "sdxl"}, headers={"Origin": "http://evil.example"}
+    )
+    assert cross.status_code == 403
 
 
 def test_loopback_refuses_foreign_host_and_cross_site_writes(make_client, workdir):

@@ -28,6 +28,10 @@ pytestmark = [
 ]
 
 
+# The page's Content-Security-Policy forbids eval: wait_for_function takes "() => ..." functions, not
+# bare expressions (which Playwright would eval inside the page).
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -95,7 +99,9 @@ def test_configure_train_and_watch_in_browser(server, workdir, monkeypatch):
 
             form.locator('[data-key="learning_rate"]').fill("0.0001")
             page.click("#config-save")
-            page.wait_for_function("document.querySelector('#config-status').textContent.startsWith('saved')")
+            page.wait_for_function(
+                "() => document.querySelector('#config-status').textContent.startsWith('saved')"
+            )
             assert page.locator("#config-errors li").count() == 0
             saved = json.loads((workdir / "config" / "config.json").read_text())
             assert saved == {
@@ -117,19 +123,19 @@ def test_configure_train_and_watch_in_browser(server, workdir, monkeypatch):
             page.click("#tabs button[data-tab=training]")
             page.click("#job-start")
             page.wait_for_function(
-                "document.querySelector('#stat-step').textContent === '5 / 5'", timeout=20000
+                "() => document.querySelector('#stat-step').textContent === '5 / 5'", timeout=20000
             )
             assert page.inner_text("#stat-loss") == "0.2000"
             assert page.inner_text("#stat-lr") == "1.00e-4"
             assert page.locator("#loss-plot polyline").count() == 1
             page.wait_for_function(
-                "document.querySelector('#job-badge').textContent === 'finished'", timeout=20000
+                "() => document.querySelector('#job-badge').textContent === 'finished'", timeout=20000
             )
             assert "fake trainer: fresh start" in page.inner_text("#log")
 
             page.click("#tabs button[data-tab=gallery]")
             image = page.wait_for_selector("#gallery figure img")
-            page.wait_for_function("document.querySelector('#gallery figure img').naturalWidth === 32")
+            page.wait_for_function("() => document.querySelector('#gallery figure img').naturalWidth === 32")
             assert page.inner_text("#gallery h3") == "step 1"
             assert "sample_0.png" in page.inner_text("#gallery figcaption")
             assert image.get_attribute("src").endswith("validation%2F1%2Fsample_0.png")

@@ -70,17 +70,19 @@ def test_form_to_first_validation_image_of_a_real_tiny_job(server, workdir):  # 
             form.locator('[data-key="validation_resolution"]').fill("64x64")
             form.locator('[data-key="validation_num_inference_steps"]').fill("2")
             page.click("#config-save")
-            page.wait_for_function("document.querySelector('#config-status').textContent.startsWith('saved')")
+            page.wait_for_function(
+                "() => document.querySelector('#config-status').textContent.startsWith('saved')"
+            )
 
             page.click("#tabs button[data-tab=training]")
             page.click("#job-start")
             page.wait_for_function(
-                "document.querySelector('#job-badge').textContent === 'finished'", timeout=240000
+                "() => document.querySelector('#job-badge').textContent === 'finished'", timeout=240000
             )
             assert page.inner_text("#stat-step") == "2 / 2"
             page.click("#tabs button[data-tab=gallery]")
             page.wait_for_selector("#gallery figure img", timeout=20000)
-            page.wait_for_function("document.querySelector('#gallery figure img').naturalWidth === 64")
+            page.wait_for_function("() => document.querySelector('#gallery figure img').naturalWidth === 64")
             assert "validation-64x64.png" in page.inner_text("#gallery figcaption")
         finally:
             browser.close()

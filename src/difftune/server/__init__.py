@@ -15,7 +15,7 @@ def token_for_host(host: str) -> str | None:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8001, workdir: str | Path = ".") -> None:
-    """Run the web UI until interrupted; off loopback, print the URL with the token every request needs."""
+    """Run the web UI until interrupted; off loopback, print the token every request needs."""
     try:
         import uvicorn
 
@@ -32,7 +32,7 @@ def serve(host: str = "127.0.0.1", port: int = 8001, workdir: str | Path = ".") 
     if token:
         print(
             f"difftune server: listening on {host}:{port}; every request needs the token.\n"
-            f"  open http://{shown_host}:{port}/?token={token}\n"
+            f"  open http://{shown_host}:{port}/ and enter the token {token}\n"
             f"  or send the header 'Authorization: Bearer {token}'",
             flush=True,
         )

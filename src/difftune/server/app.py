@@ -2,8 +2,12 @@
 
 Files it reads and writes, relative to `workdir`: config/config.json, config/multidatabackend.json, and
 the configured output_dir (events.jsonl, job.log, validation/<step>/). Off loopback every request needs
-the token (`Authorization: Bearer TOKEN` or `?token=TOKEN`); on loopback it refuses requests whose Host
-is not a loopback name (DNS rebinding) and cross-site writes.
+the token: `Authorization: Bearer TOKEN`, or the HttpOnly SameSite=Strict cookie the page's login form
+sets once the token has been typed in (a token never appears in a URL). On loopback it refuses requests
+whose Host is not a loopback name (DNS rebinding); in both modes it refuses cross-site writes.
+
+Every response says `nosniff` and may not be framed; the page runs only its own static script and
+style (no inline code), and files from dataset or output folders are served sandboxed (see files.py).
 """
 
 from __future__ import annotations
@@ -17,15 +21,25 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from html import escape
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from difftune.server.files import list_folder, resolve_inside, thumbnail_png
+from difftune.server.files import list_folder, resolve_inside, thumbnail_png, user_file_response
 from difftune.server.forms import normalize_keys, schema_groups, validate_datasets, validate_train
 from difftune.server.jobs import JobBusy, JobRunner, TrainCommand, default_train_command
 from difftune.server.progress import LineTail, loss_series, parse_event, validation_gallery
@@ -34,6 +48,18 @@ HERE = Path(__file__).parent
 CONFIG_FILE = Path("config/config.json")
 DATASETS_FILE = Path("config/multidatabackend.json")
 DEFAULT_OUTPUT_DIR = "output/models"
+# the page: its own script, style, images and API only; no inline code, no plugins, never framed
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; media-src 'self'; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",  # no-referrer would make form posts say Origin: null
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
 
 
 def is_loopback_host(host: str) -> bool:
@@ -93,37 +119,7 @@ def create_app(
     app.state.runner = runner
     app.state.workdir = workdir
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if token is not None:
-            header = request.headers.get("authorization", "")
-            given = (
-                header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token", "")
-            )
-            if not secrets.compare_digest(given.encode(), token.encode()):
-                return JSONResponse(
-                    {
-                        "detail": "missing or wrong token: open the URL printed at start "
-                        "(it ends in ?token=...) or send 'Authorization: Bearer TOKEN'"
-                    },
-                    status_code=401,
-                )
-        else:
-            host = request.headers.get("host", "")
-            if not is_loopback_host(host):
-                return JSONResponse(
-                    {
-                        "detail": f"Host '{host}' refused: open the UI as http://localhost:PORT, "
-                        "or start the server with --host 0.0.0.0 to use a token"
-                    },
-                    status_code=403,
-                )
-            origin = request.headers.get("origin")
-            if request.method not in ("GET", "HEAD") and origin and urlsplit(origin).netloc != host:
-                return JSONResponse(
-                    {"detail": f"cross-site request from '{origin}' refused"}, status_code=403
-                )
-        return await call_next(request)
+    app.add_middleware(Guard, token=token)
 
     # -- files of the working directory -------------------------------------------------------
     def read_json(relative: Path, empty: Any) -> Any:
@@ -160,10 +156,21 @@ def create_app(
     # -- page -----------------------------------------------------------------------------------
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
+    page = (HERE / "templates" / "index.html").read_text(encoding="utf-8")
+
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
-        page = (HERE / "templates" / "index.html").read_text(encoding="utf-8")
-        return page.replace("{{token_query}}", f"?token={token}" if token else "")
+        return page
+
+    @app.post("/login")
+    async def login(request: Request) -> Response:
+        """The login form's token -> the session cookie, then back to the page."""
+        given = parse_qs((await request.body()).decode("utf-8", errors="replace")).get("token", [""])[0]
+        if token is None or not secrets.compare_digest(given.strip().encode(), token.encode()):
+            return login_page("wrong token: copy it from the server's console")
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(cookie_name(request.scope), token, httponly=True, samesite="strict", path="/")
+        return response
 
     # -- config and datasets ----------------------------------------------------------------------
     @app.get("/api/schema")
@@ -184,6 +191,7 @@ def create_app(
     async def put_config(request: Request) -> Response:
         body = await _json_body(request, CONFIG_FILE)
         config, errors = validate_train(body)
+        errors = errors or resume_outside_output_dir(config, workdir)
         if errors:
             return _unprocessable(CONFIG_FILE, errors)
         _write_json(workdir / CONFIG_FILE, config)
@@ -216,7 +224,7 @@ def create_app(
         target = resolve_inside(dataset_root(dataset_id), path)
         if not target.is_file():
             raise HTTPException(400, f"'{path}' is a folder, not a file")
-        return FileResponse(target)
+        return user_file_response(target)
 
     @app.get("/api/datasets/{dataset_id}/thumbnail")
     def dataset_thumbnail(dataset_id: str, path: str, size: int = 160) -> Response:
@@ -229,6 +237,7 @@ def create_app(
         if raw is None:
             raise HTTPException(409, f"{CONFIG_FILE.as_posix()} does not exist yet: save the config first")
         config, errors = validate_train(raw)
+        errors = errors or resume_outside_output_dir(config, workdir)
         if errors:
             return _unprocessable(CONFIG_FILE, errors)
         out = workdir / str(config.get("output_dir") or DEFAULT_OUTPUT_DIR)
@@ -267,7 +276,7 @@ def create_app(
         target = resolve_inside(output_dir(), path)
         if not target.is_file():
             raise HTTPException(400, f"'{path}' is a folder, not a file")
-        return FileResponse(target)
+        return user_file_response(target)
 
     @app.get("/api/events")
     async def events(
@@ -281,6 +290,105 @@ def create_app(
         )
 
     return app
+
+
+def resume_outside_output_dir(config: dict[str, Any], workdir: Path) -> list[dict[str, Any]]:
+    """An error when `resume_from_checkpoint` names a folder outside the config's output_dir.
+
+    Paths resolve as the trainer resolves them: as given (relative to `workdir`) if that exists, else
+    inside output_dir; `..` is refused outright, since what it leads to depends on which folders exist.
+    The web UI never resumes from anything a dataset or another folder could ship.
+    """
+    value = config.get("resume_from_checkpoint")
+    if not value or value == "latest":
+        return []
+    out = (workdir / str(config.get("output_dir") or DEFAULT_OUTPUT_DIR)).resolve()
+    path = Path(value)
+    if not path.is_absolute():
+        path = workdir / value if (workdir / value).exists() else out / value
+    if ".." not in Path(value).parts and path.resolve().is_relative_to(out):
+        return []
+    message = (
+        f"'{value}' is outside output_dir '{config.get('output_dir') or DEFAULT_OUTPUT_DIR}'; the web UI "
+        "resumes only from a checkpoint of the run's own output_dir: use 'latest' or a checkpoint folder "
+        "name inside it (run `difftune train` by hand to resume from elsewhere)"
+    )
+    return [{"key": "resume_from_checkpoint", "value": value, "message": message}]
+
+
+def cookie_name(scope: Scope) -> str:
+    """One cookie per listening port: cookies are not kept apart by port, servers on one host are."""
+    server = scope.get("server") or ("", 0)
+    return f"difftune_token_{server[1]}"
+
+
+def login_page(message: str = "") -> HTMLResponse:
+    """The token form shown to a browser without the session cookie (no script)."""
+    html = (HERE / "templates" / "login.html").read_text(encoding="utf-8")
+    return HTMLResponse(html.replace("{{message}}", escape(message)), status_code=401)
+
+
+class Guard:
+    """Refuses what a request may not do, and adds the security headers to every response.
+
+    Token mode: the `Authorization: Bearer` header or the login cookie, else 401 (the login form for
+    the page itself). Loopback mode: the Host must be a loopback name. Both: no cross-site writes.
+    A plain ASGI middleware, so that event streams pass through without extra buffering.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+                if "content-security-policy" not in headers:
+                    headers["Content-Security-Policy"] = PAGE_POLICY
+            await send(message)
+
+        refusal = self.refusal(Request(scope))
+        await (refusal or self.app)(scope, receive, send_with_headers)
+
+    def refusal(self, request: Request) -> Response | None:
+        host = request.headers.get("host", "")
+        if self.token is None and not is_loopback_host(host):
+            return JSONResponse(
+                {
+                    "detail": f"Host '{host}' refused: open the UI as http://localhost:PORT, "
+                    "or start the server with --host 0.0.0.0 to use a token"
+                },
+                status_code=403,
+            )
+        origin = request.headers.get("origin")
+        if request.method not in ("GET", "HEAD") and origin and urlsplit(origin).netloc != host:
+            return JSONResponse({"detail": f"cross-site request from '{origin}' refused"}, status_code=403)
+        if self.token is None or self.authorized(request):
+            return None
+        if request.url.path == "/login" and request.method == "POST":
+            return None  # the login route checks the token itself
+        if request.url.path == "/" and request.method in ("GET", "HEAD"):
+            return login_page()
+        return JSONResponse(
+            {
+                "detail": "missing or wrong token: open the page and enter the token printed at start, "
+                "or send 'Authorization: Bearer TOKEN'"
+            },
+            status_code=401,
+        )
+
+    def authorized(self, request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        given = given or request.cookies.get(cookie_name(request.scope), "")
+        return secrets.compare_digest(given.encode(), self.token.encode())
 
 
 async def _json_body(request: Request, file: Path) -> Any:

@@ -1,4 +1,9 @@
-"""Files the web UI may read: paths confined to one root folder (a dataset's or the output folder)."""
+"""Files the web UI may read: paths confined to one root folder (a dataset's or the output folder).
+
+A dataset folder may hold anything, so what comes from it is served only as what it claims to be by
+its suffix: an image or video type, or plain text; anything else is a download. Nothing is ever
+served as HTML, SVG or script, and every served file carries a sandboxing policy.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,26 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fastapi import HTTPException
+from fastapi.responses import FileResponse
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi"}
+# fixed here rather than taken from the system's mime table, which may map a suffix to anything
+MEDIA_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".bmp": "image/bmp",
+    ".gif": "image/gif",
+    ".mp4": "video/mp4",
+    ".mov": "video/quicktime",
+    ".webm": "video/webm",
+    ".mkv": "video/x-matroska",
+    ".avi": "video/x-msvideo",
+}
+# a served file opened on its own gets an opaque origin, no script and no sub-resources
+USER_FILE_POLICY = "default-src 'none'; sandbox"
 
 
 def media_kind(path: Path) -> str:
@@ -71,6 +93,23 @@ def list_folder(root: Path, relative: str) -> dict[str, Any]:
         files.append(item)
     here = folder.relative_to(base).as_posix()
     return {"path": "" if here == "." else here, "dirs": dirs, "files": files}
+
+
+def user_file_response(path: Path) -> FileResponse:
+    """`path` as an image or video of its suffix's type, as plain text, or else as a download."""
+    headers = {"Content-Security-Policy": USER_FILE_POLICY}
+    kind = media_kind(path)
+    if kind in ("image", "video"):
+        return FileResponse(path, media_type=MEDIA_TYPES[path.suffix.lower()], headers=headers)
+    if kind == "text":
+        return FileResponse(path, media_type="text/plain; charset=utf-8", headers=headers)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=path.name,
+        content_disposition_type="attachment",
+        headers=headers,
+    )
 
 
 def thumbnail_png(path: Path, size: int) -> bytes:

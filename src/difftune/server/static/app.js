@@ -2,8 +2,8 @@
 // live progress over server-sent events, loss plot (SVG) and validation gallery. No build step.
 "use strict";
 
-const TOKEN = new URLSearchParams(location.search).get("token") || sessionStorage.getItem("difftune-token");
-if (TOKEN) sessionStorage.setItem("difftune-token", TOKEN);
+// Off loopback the server's login form has set an HttpOnly cookie: the browser sends it with every
+// request of this page, so no token appears in the page, its script or any URL.
 const $ = (id) => document.getElementById(id);
 let schema = null;
 let loadedConfig = {};
@@ -12,14 +12,8 @@ let totalSteps = null;
 const lossPoints = new Map();
 
 // -- helpers -----------------------------------------------------------------------------------
-function withToken(url) {
-  if (!TOKEN) return url;
-  return url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(TOKEN);
-}
-
 async function api(method, url, body) {
-  const options = { method, headers: {} };
-  if (TOKEN) options.headers.Authorization = "Bearer " + TOKEN;
+  const options = { method, headers: {}, credentials: "same-origin" };
   if (body !== undefined) {
     options.headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(body);
@@ -244,10 +238,13 @@ async function browse(path) {
   $("browser-dirs").replaceChildren(...listing.dirs.map((d) =>
     el("li", {}, el("a", { href: "#", onclick: (e) => { e.preventDefault(); browse(d.path); } }, d.name + "/"))));
   $("browser-files").replaceChildren(...listing.files.filter((f) => f.kind !== "text").map((f) => {
-    const url = withToken(`${base}/file?path=${encodeURIComponent(f.path)}`);
+    const url = `${base}/file?path=${encodeURIComponent(f.path)}`;
+    // other files come back as downloads (the server never serves them as a page)
     const preview = f.kind === "image"
-      ? el("img", { src: withToken(`${base}/thumbnail?path=${encodeURIComponent(f.path)}&size=160`), alt: f.name, loading: "lazy" })
-      : el("a", { href: url, target: "_blank" }, f.kind === "video" ? "▶ video" : "open");
+      ? el("img", { src: `${base}/thumbnail?path=${encodeURIComponent(f.path)}&size=160`, alt: f.name, loading: "lazy" })
+      : f.kind === "video"
+        ? el("a", { href: url, target: "_blank", rel: "noopener noreferrer" }, "▶ video")
+        : el("a", { href: url, download: f.name }, "download");
     return el("figure", {}, preview, el("figcaption", {}, f.name + (f.caption ? " — " + f.caption : "")));
   }));
 }
@@ -335,7 +332,7 @@ async function loadGallery() {
   $("gallery").replaceChildren(...result.data.steps.map((entry) => el("section", { class: "step" },
     el("h3", {}, "step " + entry.step),
     el("div", { class: "grid" }, ...entry.files.map((f) => {
-      const url = withToken(`/api/output/file?path=${encodeURIComponent(f.path)}`);
+      const url = `/api/output/file?path=${encodeURIComponent(f.path)}`;
       const media = f.kind === "video" ? el("video", { src: url, controls: "", loop: "" }) : el("img", { src: url, alt: f.name });
       return el("figure", {}, media, el("figcaption", {}, f.name));
     })))));
@@ -343,7 +340,7 @@ async function loadGallery() {
 
 // -- live events --------------------------------------------------------------------------------------
 function connectEvents() {
-  const source = new EventSource(withToken("/api/events"));
+  const source = new EventSource("/api/events");
   source.onmessage = (message) => {
     const event = JSON.parse(message.data);
     if (event.type === "joblog") appendLog(event.line);
