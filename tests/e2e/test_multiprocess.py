@@ -90,6 +90,25 @@ def test_two_ddp_processes_match_one_process_with_the_global_batch(tmp_path, tin
 
 
 @pytest.mark.slow
+def test_two_processes_follow_the_lr_schedule_of_one_step_per_optimizer_step(tmp_path, tiny_sdxl, images):
+    from diffusers.optimization import get_scheduler
+
+    schedule = dict(lr_scheduler="linear", lr_warmup_steps=2, learning_rate=1e-3)
+    config = write_run(tmp_path, tiny_sdxl, images, train_batch_size=1, **(COMMON | schedule))
+    torchrun(config)
+    rates = [e["lr"] for e in read_events(tmp_path / "out" / "events.jsonl", "progress")]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    reference = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=6)
+    expected = []
+    for _ in range(6):
+        optimizer.step()
+        reference.step()
+        expected.append(reference.get_last_lr()[0])
+    assert rates == pytest.approx(expected, rel=1e-9)
+    assert rates[1] == pytest.approx(1e-3) and rates[-1] == 0.0  # warm-up ends at step 2, decays to 0 at 6
+
+
+@pytest.mark.slow
 def test_fsdp2_checkpoint_resumes_under_fsdp2_and_exports_the_same_lora(
     tmp_path, tiny_sdxl, images, one_process
 ):

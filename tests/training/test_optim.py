@@ -56,3 +56,51 @@ def test_compile_model_compiles_the_denoiser_in_place():
     prepared = prepare_denoiser(SimpleNamespace(), SimpleNamespace(denoiser=denoiser), config, torch.float32)
     assert prepared is denoiser and prepared._compiled_call_impl is not None
     assert all(p.requires_grad for p in prepared.parameters())
+
+
+def expected_rates(name: str, warmup: int, total: int) -> list[float]:
+    """The LR after each of `total` optimizer steps of diffusers' schedule stepped once per step, alone."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    from diffusers.optimization import get_scheduler
+
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    rates = []
+    for _ in range(total):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    return rates
+
+
+@pytest.mark.parametrize("num_processes", [1, 2, 3])
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_lr_of_every_step_does_not_depend_on_the_number_of_processes(monkeypatch, num_processes, name):
+    """accelerate's stepping as the recipe drives it, with AcceleratorState reporting N processes."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    from difftune.training.optim import step_lr_schedule
+    from difftune.training.setup import prepare_for_accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        monkeypatch.setitem(shared, "num_processes", num_processes)
+    assert accelerator.num_processes == num_processes
+    config = TrainConfig(
+        model_family="sdxl", optimizer="adamw", learning_rate=1.0, lr_scheduler=name, lr_warmup_steps=3
+    )
+    model = torch.nn.Linear(2, 1)
+    optimizer = build_optimizer(model.parameters(), config)
+    scheduler = build_lr_scheduler(optimizer, config, total_steps=10)
+    model, optimizer = prepare_for_accelerator(accelerator, model, optimizer, config, sharded=False)
+    rates = []
+    for _ in range(10 * 2):  # two accumulated micro-batches per optimizer step
+        with accelerator.accumulate(model):
+            accelerator.backward(model(torch.ones(1, 2)).sum())
+            optimizer.step()
+            step_lr_schedule(scheduler, optimizer, accelerator.sync_gradients)
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            rates.append(scheduler.get_last_lr()[0])
+    assert rates == pytest.approx(expected_rates(name, 3, 10), abs=1e-12)
+    assert rates[2] == pytest.approx(1.0) and rates[-1] == pytest.approx(0.0, abs=1e-12)

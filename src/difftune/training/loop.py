@@ -34,7 +34,7 @@ from difftune.training.distributed import (
 )
 from difftune.training.features import TrainingFeatures
 from difftune.training.losses import build_crepa, crepa_loss, per_sample_loss
-from difftune.training.optim import build_lr_scheduler, build_optimizer
+from difftune.training.optim import build_lr_scheduler, build_optimizer, step_lr_schedule
 from difftune.training.scheduled_sampling import rollout_inputs
 from difftune.training.setup import (
     build_accelerator,
@@ -42,6 +42,7 @@ from difftune.training.setup import (
     default_bus,
     load_components,
     prepare_denoiser,
+    prepare_for_accelerator,
     prepare_frozen,
     save_final_weights,
     text_cache_dir,
@@ -135,14 +136,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     steps_per_epoch = max(1, data.sampler.batches_per_epoch // config.gradient_accumulation_steps)
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     lr_scheduler = build_lr_scheduler(optimizer, config, total_steps)
-    if sharded:  # fully_shard already distributes it; DDP must not wrap it
-        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    else:
-        # group offload places the denoiser's blocks itself
-        placement = [not config.enable_group_offload, True, True]
-        denoiser, optimizer, lr_scheduler = accelerator.prepare(
-            denoiser, optimizer, lr_scheduler, device_placement=placement
-        )
+    denoiser, optimizer = prepare_for_accelerator(accelerator, denoiser, optimizer, config, sharded)
     model = accelerator.unwrap_model(denoiser)
     objective = family.objective(components)
 
@@ -224,7 +218,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
             if accelerator.sync_gradients and config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(denoiser.parameters(), config.max_grad_norm)
             optimizer.step()
-            lr_scheduler.step()
+            step_lr_schedule(lr_scheduler, optimizer, accelerator.sync_gradients)
             optimizer.zero_grad(set_to_none=True)
         if accelerator.sync_gradients:
             features.after_optimizer_step(model)

@@ -78,7 +78,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
-    """diffusers' schedules: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial."""
+    """diffusers' schedules: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.
+
+    Counted in optimizer steps (`lr_warmup_steps`, `total_steps`) whatever the number of processes: the
+    schedule is not handed to accelerate, whose wrapper would step it once per process per optimizer step;
+    the recipe steps it with `step_lr_schedule`.
+    """
     from diffusers.optimization import get_scheduler
 
     name = config.lr_scheduler
@@ -92,3 +97,10 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, to
     return get_scheduler(
         name, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps, **kwargs
     )
+
+
+def step_lr_schedule(lr_scheduler, optimizer, sync_gradients: bool) -> None:
+    """Advance the schedule by one after an optimizer step that happened: not between accumulated
+    micro-batches, and not when the fp16 grad scaler skipped the step (`optimizer` is accelerate's)."""
+    if sync_gradients and not optimizer.step_was_skipped:
+        lr_scheduler.step()

@@ -151,6 +151,22 @@ def prepare_denoiser(
     return denoiser
 
 
+def prepare_for_accelerator(
+    accelerator, denoiser: torch.nn.Module, optimizer, config: TrainConfig, sharded: bool
+):
+    """accelerate's wrappers for the denoiser (DDP) and the optimizer -> (denoiser, optimizer).
+
+    The LR schedule is left out on purpose: accelerate's scheduler wrapper steps it num_processes times
+    per optimizer step (for data loaders that grow the batch with the process count), which would run a
+    schedule counted in optimizer steps N times too fast; see `optim.step_lr_schedule`.
+    """
+    if sharded:  # fully_shard already distributes the denoiser; DDP must not wrap it
+        return denoiser, accelerator.prepare(optimizer)
+    # group offload places the denoiser's blocks itself
+    placement = [not config.enable_group_offload, True]
+    return accelerator.prepare(denoiser, optimizer, device_placement=placement)
+
+
 def save_final_weights(
     family: Family,
     model: torch.nn.Module,
