@@ -17,7 +17,6 @@ import contextlib
 import ipaddress
 import json
 import math
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,6 +38,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from difftune.server.configfiles import non_finite, parse_body, read_config_file, save_config_file
 from difftune.server.files import list_folder, resolve_inside, thumbnail_png, user_file_response
 from difftune.server.forms import normalize_keys, schema_groups, validate_datasets, validate_train
 from difftune.server.jobs import JobBusy, JobRunner, TrainCommand, default_train_command
@@ -88,14 +88,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _write_json(path: Path, data: Any) -> None:
-    """Write atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, path)
-
-
 def _unprocessable(file: Path, errors: list[dict[str, Any]]) -> JSONResponse:
     return JSONResponse({"file": file.as_posix(), "detail": _finite(errors)}, status_code=422)
 
@@ -123,17 +115,7 @@ def create_app(
 
     # -- files of the working directory -------------------------------------------------------
     def read_json(relative: Path, empty: Any) -> Any:
-        path = workdir / relative
-        if not path.is_file():
-            return empty
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise HTTPException(
-                422,
-                f"{relative.as_posix()} is not valid JSON (line {exc.lineno}, column "
-                f"{exc.colno}: {exc.msg}); fix the file or save the form again",
-            ) from None
+        return read_config_file(workdir / relative, relative, empty)
 
     def output_dir() -> Path:
         """The running (or last) job's output_dir, else the configured one."""
@@ -189,12 +171,12 @@ def create_app(
 
     @app.put("/api/config")
     async def put_config(request: Request) -> Response:
-        body = await _json_body(request, CONFIG_FILE)
+        body = parse_body(await request.body(), CONFIG_FILE)
         config, errors = validate_train(body)
-        errors = errors or resume_outside_output_dir(config, workdir)
+        errors = non_finite(body) or errors or resume_outside_output_dir(config, workdir)
+        errors = errors or await asyncio.to_thread(save_config_file, workdir / CONFIG_FILE, config, validate_train)
         if errors:
             return _unprocessable(CONFIG_FILE, errors)
-        _write_json(workdir / CONFIG_FILE, config)
         return JSONResponse({"file": CONFIG_FILE.as_posix(), "config": config})
 
     @app.get("/api/datasets")
@@ -207,11 +189,14 @@ def create_app(
 
     @app.put("/api/datasets")
     async def put_datasets(request: Request) -> Response:
-        body = await _json_body(request, DATASETS_FILE)
+        body = parse_body(await request.body(), DATASETS_FILE)
         entries, errors = validate_datasets(body)
+        errors = non_finite(body) or errors
+        errors = errors or await asyncio.to_thread(
+            save_config_file, workdir / DATASETS_FILE, entries, validate_datasets
+        )
         if errors:
             return _unprocessable(DATASETS_FILE, errors)
-        _write_json(workdir / DATASETS_FILE, entries)
         return JSONResponse({"file": DATASETS_FILE.as_posix(), "datasets": entries})
 
     # -- dataset browser --------------------------------------------------------------------------
@@ -389,13 +374,6 @@ class Guard:
         given = header[7:] if header.lower().startswith("bearer ") else ""
         given = given or request.cookies.get(cookie_name(request.scope), "")
         return secrets.compare_digest(given.encode(), self.token.encode())
-
-
-async def _json_body(request: Request, file: Path) -> Any:
-    try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HTTPException(400, f"the body for {file.as_posix()} is not valid JSON: {exc}") from None
 
 
 def _sse(data: dict[str, Any]) -> str:
