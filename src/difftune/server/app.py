@@ -174,7 +174,9 @@ def create_app(
         body = parse_body(await request.body(), CONFIG_FILE)
         config, errors = validate_train(body)
         errors = non_finite(body) or errors or resume_outside_output_dir(config, workdir)
-        errors = errors or await asyncio.to_thread(save_config_file, workdir / CONFIG_FILE, config, validate_train)
+        errors = errors or await asyncio.to_thread(
+            save_config_file, workdir / CONFIG_FILE, config, validate_train
+        )
         if errors:
             return _unprocessable(CONFIG_FILE, errors)
         return JSONResponse({"file": CONFIG_FILE.as_posix(), "config": config})
