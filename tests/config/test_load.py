@@ -247,16 +247,16 @@ def test_validation_frame_count_off_the_vae_grid_suggests_two_counts(workdir):
     assert "use 57 or 61" in message
 
 
-def test_dataset_frame_count_off_the_vae_grid_names_the_dataset(workdir):
+@pytest.mark.parametrize("frames, usable", [(48, 45), (50, 49), (64, 61)])
+def test_dataset_frame_count_off_the_vae_grid_is_lowered_with_a_warning(workdir, frames, usable):
     datasets = [
-        {"id": "clips", "dataset_type": "video", "instance_data_dir": "v", "video": {"num_frames": 50}}
+        {"id": "clips", "dataset_type": "video", "instance_data_dir": "v", "video": {"num_frames": frames}}
     ]
-    path = write_config(workdir, {"model_family": "kandinsky5-video"}, datasets)
-    with pytest.raises(ConfigError) as error:
-        load_config(path)
-    message = str(error.value)
-    assert "multidatabackend.json, dataset 'clips' (index 0)" in message
-    assert "'video.num_frames' is 50" in message and "use 49 or 53" in message
+    loaded = load_config(write_config(workdir, {"model_family": "kandinsky5-video"}, datasets))
+    assert loaded.datasets[0].video.num_frames == usable
+    (warning,) = [w for w in loaded.warnings if "num_frames" in w]
+    assert "multidatabackend.json, dataset 'clips' (index 0)" in warning
+    assert f"'video.num_frames' is {frames}" in warning and f"training on {usable} frames instead" in warning
 
 
 def test_overrides_apply_over_the_file_with_the_same_checks(workdir):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,10 @@ def load_config(
         for key, value in validate.canonical_keys(raw, keys.TRAIN_ALIASES, known, where, problems).items():
             values[key], origin[key] = value, where
     inline_datasets = values.pop(INLINE_DATASETS_KEY, None)
+    if isinstance(values.get("caption_strategy"), str):
+        values["caption_strategy"] = keys.CAPTION_STRATEGY_ALIASES.get(
+            values["caption_strategy"], values["caption_strategy"]
+        )
     _apply_lora_type(values, origin, problems)
     values = validate.drop_unknown(
         values, TrainConfig, original_keys.TRAIN_KEYS, keys.TRAIN_ALIASES, origin, problems, warnings
@@ -96,7 +102,7 @@ def load_config(
     else:
         data_source = Path(train.data_backend_config)
         raw_datasets, data_where = _read_document(data_source, what="data_backend_config"), str(data_source)
-    all_datasets = _load_datasets(raw_datasets, data_where, family, warnings)
+    all_datasets = _load_datasets(raw_datasets, data_where, train, warnings)
     enabled = [d for d in all_datasets if not d.disabled]
     return LoadedConfig(
         train=train,
@@ -285,6 +291,14 @@ def _missing_package(precision: str) -> str | None:
     return None if found else package
 
 
+def valid_frame_count(family: str, frames: int) -> int:
+    """The largest frame count <= `frames` that the family's VAE takes ((frames - 1) % step == 0)."""
+    step = keys.TEMPORAL_COMPRESSION.get(family)
+    if step is None:
+        return frames
+    return (frames - 1) // step * step + 1
+
+
 def _frame_count_problem(family: str, frames: int) -> str | None:
     """None if `frames` suits the family's VAE, else what to use instead (the two nearest valid counts)."""
     step = keys.TEMPORAL_COMPRESSION.get(family)
@@ -298,8 +312,75 @@ def _frame_count_problem(family: str, frames: int) -> str | None:
 
 
 # -- datasets -------------------------------------------------------------------------------------
-def _load_datasets(raw: Any, where: str, family: str, warnings: list[str]) -> list[DatasetConfig]:
-    """Every entry of a multidatabackend list, checked; raises ConfigError listing all problems."""
+# Top-level keys that are the defaults of every image, video, conditioning or eval dataset.
+DATASET_DEFAULT_KEYS = (
+    "resolution",
+    "resolution_type",
+    "minimum_image_size",
+    "maximum_image_size",
+    "target_downsample_size",
+    "caption_strategy",
+    "instance_prompt",
+    "prepend_instance_prompt",
+    "crop",
+    "crop_aspect",
+    "crop_aspect_buckets",
+    "crop_style",
+    "cache_dir_vae",
+)
+_PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
+
+
+def expand_placeholders(value: Any, variables: dict[str, str]) -> Any:
+    """'{model_family}', '{output_dir}', '{id}' and '{env:NAME}' in every string of a dataset entry.
+
+    The original tool's example files write e.g. "cache_dir_vae": "cache/vae/{model_family}/{id}".
+    A placeholder that is not one of these stays as written.
+    """
+    if isinstance(value, dict):
+        return {key: expand_placeholders(item, variables) for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand_placeholders(item, variables) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        token = match.group(1)
+        if token.startswith("env:"):
+            return os.environ.get(token[4:], "")
+        return variables.get(token, match.group(0))
+
+    return _PLACEHOLDER.sub(replace, value)
+
+
+def _with_defaults(values: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
+    """A dataset entry with the top-level defaults for the keys it does not set, placeholders expanded."""
+    kind = values.get("dataset_type", "image")
+    filled = dict(values)
+    if kind in ("text_embeds", "image_embeds"):
+        if kind == "text_embeds" and "cache_dir" not in filled and train.cache_dir_text:
+            filled["cache_dir"] = train.cache_dir_text
+    else:
+        for key in DATASET_DEFAULT_KEYS:
+            default = getattr(train, key)
+            if key not in filled and default is not None:
+                filled[key] = default
+    variables = {
+        "model_family": train.model_family,
+        "output_dir": train.output_dir,
+        "id": str(filled.get("id", "")),
+    }
+    return expand_placeholders(filled, variables)
+
+
+def _load_datasets(raw: Any, where: str, train: TrainConfig, warnings: list[str]) -> list[DatasetConfig]:
+    """Every entry of a multidatabackend list, checked; raises ConfigError listing all problems.
+
+    Keys a dataset does not set take the top-level defaults (DATASET_DEFAULT_KEYS, and cache_dir_text
+    for the text_embeds dataset); a video dataset's num_frames that the family's VAE cannot take
+    is lowered to the nearest count it can, with a warning.
+    """
+    family = train.model_family
     if not isinstance(raw, list):
         raise ConfigError(
             f'{where}: must hold a JSON list of datasets ([{{"id": ...}}, ...]), found {validate.describe_kind(raw)}'
@@ -336,6 +417,7 @@ def _load_datasets(raw: Any, where: str, family: str, warnings: list[str]) -> li
         strategy = values.get("caption_strategy")
         if isinstance(strategy, str):
             values["caption_strategy"] = keys.CAPTION_STRATEGY_ALIASES.get(strategy, strategy)
+        values = _with_defaults(values, train)
         dataset = validate.validate_model(
             DatasetConfig,
             validate.prepare_values(values, DatasetConfig),
@@ -346,9 +428,15 @@ def _load_datasets(raw: Any, where: str, family: str, warnings: list[str]) -> li
             continue
         datasets.append(dataset)
         if dataset.video is not None and not dataset.disabled and dataset.dataset_type == "video":
-            problem = _frame_count_problem(family, dataset.video.num_frames)
-            if problem:
-                problems.append(f"{label}: 'video.num_frames' is {dataset.video.num_frames}, but {problem}")
+            frames = dataset.video.num_frames
+            usable = valid_frame_count(family, frames)
+            if usable != frames:
+                step = keys.TEMPORAL_COMPRESSION[family]
+                warnings.append(
+                    f"{label}: 'video.num_frames' is {frames}, but {family} needs (frames - 1) divisible by "
+                    f"{step} (its VAE compresses time {step}x); training on {usable} frames instead"
+                )
+                dataset.video.num_frames = usable
     for dataset_id, count in Counter(d.id for d in datasets).items():
         if count > 1:
             where_used = [

@@ -29,6 +29,12 @@ Precision = Literal[
 ]
 
 
+ResolutionType = Literal["pixel", "area", "pixel_area"]
+CaptionStrategy = Literal["filename", "textfile", "instanceprompt", "jsonl", "csv", "parquet"]
+CropAspect = Literal["square", "preserve", "closest", "random"]
+CropStyle = Literal["center", "centre", "random", "corner"]
+
+
 def parse_resolutions(value: str | int | float) -> list[tuple[int, int]]:
     """'1024x1024,1280x768' or '1024' -> [(width, height), ...]."""
     sizes = []
@@ -169,6 +175,22 @@ class TrainConfig(_Strict):
     num_validation_images: int = Field(1, ge=1)
     framerate: int = Field(24, ge=1)
 
+    # defaults of every dataset that does not set its own (the original tool's top-level keys)
+    resolution: float | None = None
+    resolution_type: ResolutionType | None = None
+    minimum_image_size: float | None = None
+    maximum_image_size: float | None = None
+    target_downsample_size: float | None = None
+    caption_strategy: CaptionStrategy | None = None
+    instance_prompt: str | None = None
+    prepend_instance_prompt: bool | None = None
+    crop: bool | None = None
+    crop_aspect: CropAspect | None = None
+    crop_aspect_buckets: list[float] | None = None
+    crop_style: CropStyle | None = None
+    cache_dir_vae: str | None = None  # may hold {id}, {model_family}, {output_dir}
+    cache_dir_text: str | None = None  # the text_embeds dataset's cache_dir
+
     # checkpoints
     checkpointing_steps: int = Field(500, ge=0)
     checkpoints_total_limit: int | None = Field(None, ge=1)
@@ -242,19 +264,17 @@ class DatasetConfig(_Strict):
     probability: float = Field(1.0, ge=0)
     repeats: int = Field(0, ge=0)
 
-    caption_strategy: Literal["filename", "textfile", "instanceprompt", "jsonl", "csv", "parquet"] = (
-        "filename"
-    )
+    caption_strategy: CaptionStrategy = "filename"
     instance_prompt: str | None = None
     prepend_instance_prompt: bool = False
     metadata_file: str | None = None  # jsonl/csv captions: file with file_name + caption columns
 
     resolution: float | None = None
-    resolution_type: Literal["pixel", "area", "pixel_area"] = "pixel_area"
+    resolution_type: ResolutionType = "pixel_area"
     crop: bool = False
-    crop_aspect: Literal["square", "preserve", "closest", "random"] = "square"
+    crop_aspect: CropAspect = "square"
     crop_aspect_buckets: list[float] | None = None
-    crop_style: Literal["center", "centre", "random", "corner"] = "random"
+    crop_style: CropStyle = "random"
     minimum_image_size: float | None = None
     maximum_image_size: float | None = None
     target_downsample_size: float | None = None
