@@ -419,3 +419,15 @@ def test_a_precision_whose_package_is_missing_is_refused_at_load(
         load_config(path)
     message = str(error.value)
     assert f"'base_model_precision' is '{precision}'" in message and f"pip install {package}" in message
+
+
+def test_validation_settings_without_a_prompt_warn_that_no_samples_will_be_made(workdir):
+    settings = {**SDXL, "validation_resolution": "1024x768", "validation_guidance": 4.2}
+    warnings = load_config(write_config(workdir, settings)).warnings
+    (warning,) = [w for w in warnings if "validation" in w]
+    assert "validation_resolution, validation_guidance" in warning and "no samples will be made" in warning
+
+    with_prompt = load_config(write_config(workdir, {**settings, "validation_prompt": "a cat"})).warnings
+    assert not [w for w in with_prompt if "no samples" in w]
+    defaults_only = load_config(write_config(workdir, SDXL)).warnings
+    assert not [w for w in defaults_only if "no samples" in w]

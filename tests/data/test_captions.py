@@ -56,7 +56,8 @@ def test_missing_textfile_falls_back_to_filename_and_is_reported_once(tmp_path):
     }
     message = captions.fallback_message("set", "textfile")
     assert (
-        message.startswith("dataset 'set': 2 file(s) have no .txt file") and "file names are used" in message
+        message.startswith("dataset 'set': 2 of 3 file(s) have no .txt file")
+        and "file names are used" in message
     )
 
 

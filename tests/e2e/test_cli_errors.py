@@ -34,3 +34,12 @@ def test_a_user_error_during_the_run_is_one_line_with_exit_2(tmp_path, tiny_sdxl
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith("difftune: ") and "64" in last and "Traceback" not in err
+
+
+def test_an_empty_dataset_is_reported_before_the_model_loads(tmp_path, capsys):
+    empty = tmp_path / "images"
+    empty.mkdir()
+    config = write_run(tmp_path, tmp_path / "no-model-here", empty)  # loading it would fail
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "dataset 'images'" in err and "holds no image files" in err and "no-model-here" not in err

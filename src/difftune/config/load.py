@@ -94,6 +94,7 @@ def load_config(
     )
     if train is not None and family is not None:
         problems.extend(_cross_key_problems(train, family, origin))
+        warnings.extend(_unused_validation_settings(train, origin, source))
     _raise_if_any(problems)
     assert train is not None and family is not None
 
@@ -273,6 +274,35 @@ def _cross_key_problems(train: TrainConfig, family: str, origin: dict[str, str])
                 f"is {frames}, but {problem}"
             )
     return problems
+
+
+# Settings that only shape validation samples: setting one says the user expects samples.
+_VALIDATION_KEYS = (
+    "validation_resolution",
+    "validation_guidance",
+    "validation_num_inference_steps",
+    "validation_steps",
+    "validation_num_video_frames",
+    "validation_negative_prompt",
+    "validation_seed",
+    "num_validation_images",
+)
+
+
+def _unused_validation_settings(train: TrainConfig, origin: dict[str, str], source: Path) -> list[str]:
+    """A warning when validation settings are given but no prompt would ever be sampled (a resolved
+    config, which lists every setting, does not count as giving them)."""
+    if train.validation_disable or train.validation_prompt or train.user_prompt_library:
+        return []
+    given = [key for key in _VALIDATION_KEYS if key in origin and source.name != RESOLVED_FILE_NAME]
+    if not given:
+        return []
+    where = origin[given[0]]
+    return [
+        f"{where}: validation settings are set ({', '.join(given)}) but there is no validation_prompt or "
+        "user_prompt_library, so no samples will be made — add a validation_prompt to see samples "
+        "during training, or set validation_disable to true"
+    ]
 
 
 # base_model_precision suffix -> (module to import, package to install)

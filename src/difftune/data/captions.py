@@ -42,8 +42,8 @@ class Captions:
         more = f" and {len(self.fallbacks) - 3} more" if len(self.fallbacks) > 3 else ""
         source = ".txt file" if strategy == "textfile" else "row in the metadata file"
         return (
-            f"dataset '{dataset_id}': {len(self.fallbacks)} file(s) have no {source} ({examples}{more}); "
-            "their file names are used as captions"
+            f"dataset '{dataset_id}': {len(self.fallbacks)} of {len(self.per_sample)} file(s) have no "
+            f"{source} ({examples}{more}); their file names are used as their captions"
         )
 
 

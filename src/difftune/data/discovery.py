@@ -169,6 +169,11 @@ def _add(result: Discovery, root: Path, relative: str, entry: dict[str, Any]) ->
     )
 
 
+def list_media_files(root: Path, video: bool = False) -> list[Path]:
+    """The images (videos) under root that discovery would read, without opening any of them."""
+    return [Path(path) for _, path, _ in _list_files(root, VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS)]
+
+
 def _list_files(root: Path, extensions: frozenset[str]) -> list[tuple[str, str, os.stat_result]]:
     """(relative posix path, full path, stat) of the files under root whose suffix is in extensions.
 

@@ -200,15 +200,35 @@ def save_final_weights(
 
 
 def check_dataset_folders(datasets) -> None:
-    """Every enabled dataset's instance_data_dir exists (a DataError naming the dataset otherwise)."""
+    """Before the model load: each enabled dataset's folder exists, a training dataset holds media
+    files, and a textfile dataset has captions (a DataError naming the dataset and the fix otherwise)."""
+    from difftune.data.discovery import list_media_files
     from difftune.data.errors import DataError
 
     for dataset in datasets:
         folder = dataset.instance_data_dir
-        if folder and not dataset.disabled and not Path(folder).expanduser().is_dir():
+        if not folder or dataset.disabled:
+            continue
+        root = Path(folder).expanduser()
+        if not root.is_dir():
             raise DataError(
                 f"dataset '{dataset.id}': instance_data_dir {folder} is not a folder; create it and put the "
                 "training files there, or fix the path in the data backend config"
+            )
+        if dataset.dataset_type not in ("image", "video"):
+            continue
+        files = list_media_files(root, video=dataset.dataset_type == "video")
+        if not files:
+            raise DataError(
+                f"dataset '{dataset.id}': {root} holds no {dataset.dataset_type} files "
+                "(subfolders included) — put the training files there, or fix instance_data_dir"
+            )
+        if dataset.caption_strategy == "textfile" and not any(f.with_suffix(".txt").is_file() for f in files):
+            raise DataError(
+                f"dataset '{dataset.id}': caption_strategy is textfile, but none of the {len(files)} files "
+                f"in {root} has a caption file beside it ({files[0].name} needs {files[0].stem}.txt) — add "
+                "the .txt captions, or set caption_strategy to filename (captions from the file names) or "
+                "instanceprompt (one instance_prompt for every file)"
             )
 
 
