@@ -165,11 +165,10 @@ def test_model_forward_matches_pipeline_style_calls(loaded):
 
 
 def add_lora(family, transformer):
-    from peft import LoraConfig
+    """The trainer's LoRA (family.config's lora_rank / lora_alpha) on the transformer; its parameters."""
+    from difftune.training.adapters import attach_lora
 
-    transformer.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=family.lora_targets())
-    )
+    attach_lora(transformer, family, family.config)
     return [p for n, p in transformer.named_parameters() if "lora_" in n]
 
 
@@ -199,10 +198,11 @@ def test_lora_targets_and_nonzero_grads(t2i_folder):
 
 
 def test_trained_lora_saves_and_loads_in_stock_pipeline(t2i_folder, tmp_path):
+    """lora_alpha != lora_rank: the stock pipeline must scale the loaded adapter as the trainer did."""
     from diffusers import Kandinsky5T2IPipeline
     from peft.utils import get_peft_model_state_dict
 
-    family = make_family(t2i_folder)
+    family = make_family(t2i_folder, lora_rank=4, lora_alpha=16)
     components = family.load(torch.device("cpu"), torch.float32)
     transformer = components.denoiser
     transformer.requires_grad_(False)

@@ -164,20 +164,20 @@ def test_model_forward_matches_pipeline_style_calls(loaded):
 
 
 def add_lora(family, transformer):
-    from peft import LoraConfig
+    """The trainer's LoRA (family.config's lora_rank / lora_alpha) on the transformer; its parameters."""
+    from difftune.training.adapters import attach_lora
 
-    transformer.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=family.lora_targets())
-    )
+    attach_lora(transformer, family, family.config)
     return [p for n, p in transformer.named_parameters() if "lora_" in n]
 
 
 def test_t2v_lora_trains_and_loads_in_stock_pipeline(t2v_folder, video_pixels, tmp_path):
+    """lora_alpha != lora_rank: the stock pipeline must scale the loaded adapter as the trainer did."""
     from diffusers import Kandinsky5T2VPipeline
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    family = make_family(t2v_folder)
+    family = make_family(t2v_folder, lora_rank=4, lora_alpha=16)
     components = family.load(torch.device("cpu"), torch.float32)
     transformer = components.denoiser
     transformer.requires_grad_(False)

@@ -159,9 +159,21 @@ class Family(ABC):
         """Generate with the pipeline; a list of PIL images (one video: a list of frames in a list)."""
         ...
 
+    def lora_metadata(self) -> dict[str, Any]:
+        """peft LoraConfig arguments saved with the weights, so loaders scale by lora_alpha / r (without
+        them diffusers rebuilds the adapter with lora_alpha = r)."""
+        return {
+            "r": self.config.lora_rank,
+            "lora_alpha": self.config.effective_lora_alpha,
+            "target_modules": self.lora_targets(),
+            "use_dora": self.config.use_dora,
+            "lora_dropout": self.config.lora_dropout,
+        }
+
     @abstractmethod
     def save_lora(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor]) -> Path:
-        """Write pytorch_lora_weights.safetensors that the pipeline's load_lora_weights reads."""
+        """Write pytorch_lora_weights.safetensors (weights and `lora_metadata()`) that the pipeline's
+        load_lora_weights reads."""
         ...
 
     def validate_config(self) -> list[str]:

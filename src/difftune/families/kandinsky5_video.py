@@ -375,7 +375,9 @@ class Kandinsky5VideoFamily(Family):
         layers = {key.removeprefix(prefix): value for key, value in lora_state_dict.items()}
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        Kandinsky5T2VPipeline.save_lora_weights(output_dir, transformer_lora_layers=layers)
+        Kandinsky5T2VPipeline.save_lora_weights(
+            output_dir, transformer_lora_layers=layers, transformer_lora_adapter_metadata=self.lora_metadata()
+        )
         return output_dir / "pytorch_lora_weights.safetensors"
 
     def validate_config(self) -> list[str]:

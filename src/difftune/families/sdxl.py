@@ -291,16 +291,6 @@ class SDXLFamily(Family):
             image = pipeline.watermark.apply_watermark(image)
         return list(pipeline.image_processor.postprocess(image, output_type="pil"))
 
-    def lora_metadata(self) -> dict[str, Any]:
-        """peft LoraConfig arguments stored with the weights, so loaders scale by lora_alpha / r."""
-        return {
-            "r": self.config.lora_rank,
-            "lora_alpha": self.config.effective_lora_alpha,
-            "target_modules": self.lora_targets(),
-            "use_dora": self.config.use_dora,
-            "lora_dropout": self.config.lora_dropout,
-        }
-
     def save_lora(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor]) -> Path:
         """Write pytorch_lora_weights.safetensors ("unet."-prefixed peft keys + LoraConfig metadata).
 
