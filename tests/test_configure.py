@@ -1,4 +1,3 @@
-import importlib
 import json
 import os
 import shutil
@@ -11,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from difftune.config.schema import DatasetConfig, TrainConfig
-from difftune.configure import FAMILY_PRESETS, run_wizard, vram_tier
+from difftune.configure import run_wizard, vram_tier
+from difftune.families import registry
 
 
 def scripted(answers):
@@ -167,30 +167,28 @@ def test_existing_files_kept_unless_confirmed(tmp_path):
     assert read_files(tmp_path)[0]["model_family"] == "kandinsky5-video"
 
 
-# The SDXL quickstart recommends guidance 4.2-6.4 for validation, below the family's generic default.
-QUICKSTART_OVERRIDES = {("sdxl", "validation_guidance")}
-
-
-def test_presets_match_the_registered_families():
-    from difftune.families import REGISTRY
-
-    assert set(FAMILY_PRESETS) == set(REGISTRY)
-    for name, target in REGISTRY.items():
-        module_name, class_name = target.split(":")
-        try:
-            family = getattr(importlib.import_module(module_name), class_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue  # that family's module is not in this tree yet
-        preset = FAMILY_PRESETS[name]
-        assert set(preset.flavours) == set(family.flavours), name
-        assert preset.default_flavour == family.default_flavour and preset.is_video == family.is_video
-        written = {**preset.config, "validation_resolution": preset.validation_resolution}
-        for key, value in family.config_defaults.items():
-            if (name, key) in QUICKSTART_OVERRIDES or written.get(key) is None:
-                continue
-            assert written[key] == value, (name, key)
+def test_the_wizard_offers_a_registered_family_from_its_registry_row(tmp_path, monkeypatch):
+    row = registry.FamilySpec(
+        name="newfam",
+        title="A New Family",
+        module="nowhere:NewFamily",
+        tiny_model="nowhere:build",
+        flavours={"v1": registry.Flavour("org/newfam-v1", "first release", "t2v")},
+        default_flavour="v1",
+        defaults={"validation_guidance": 3.5},
+        pixel_multiple=16,
+        frames_per_latent=4,
+    )
+    monkeypatch.setitem(registry.FAMILIES, row.name, row)
+    lines = []
+    input_fn, _ = scripted(["newfam", ""] + [""] * 9)
+    assert run_wizard(input_fn, lines.append, tmp_path)
+    config, datasets = read_files(tmp_path)
+    assert any("A New Family" in line for line in lines) and any(
+        "v1: first release" in line for line in lines
+    )
+    assert config["model_flavour"] == "v1" and config["validation_guidance"] == 3.5
+    assert datasets[0]["dataset_type"] == "video"
 
 
 def run_cli(workdir: Path, stdin: str) -> subprocess.CompletedProcess:

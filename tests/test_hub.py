@@ -134,3 +134,15 @@ def test_trigger_words_and_local_base_model(tmp_path):
     config = _config(tmp_path, pretrained_model_name_or_path=str(tmp_path))  # a local folder
     card = model_card(config, "a/b", [("", "images/00_x.png")])
     assert "base_model:" not in card and "![](images/00_x.png)" in card
+
+
+def test_the_card_tags_what_the_flavour_generates_from_what(tmp_path):
+    config = _config(
+        tmp_path,
+        model_family="kandinsky5-video",
+        model_flavour="i2v-lite-5s",
+        pretrained_model_name_or_path=None,
+    )
+    card = model_card(config, "a/b", [])
+    assert "pipeline_tag: image-to-video" in card
+    assert 'base_model: "kandinskylab/Kandinsky-5.0-I2V-Lite-5s-Diffusers"' in card

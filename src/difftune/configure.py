@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from difftune.config.schema import DatasetConfig, TrainConfig, parse_resolutions
+from difftune.families import registry
 
 CONFIG_FILE = Path("config/config.json")
 DATASETS_FILE = Path("config/multidatabackend.json")
@@ -32,28 +33,21 @@ _GROUP_OFFLOAD = {
 
 
 @dataclass(frozen=True)
-class FamilyPreset:
-    """What the quickstart of one model family recommends."""
+class Quickstart:
+    """What the quickstart of one model family recommends, beyond its registry row (title, flavours,
+    defaults). A family without a quickstart gets these neutral recommendations."""
 
-    title: str
-    flavours: dict[str, str]  # model_flavour -> one-line description
-    default_flavour: str
-    is_video: bool
-    resolution: int
-    validation_prompt: str
-    config: dict[str, Any]  # family defaults written into config.json
-    memory: dict[int, dict[str, Any]]  # VRAM tier (GB) -> memory settings
+    resolution: int = 1024
+    validation_prompt: str = "a photo of a cat sitting on a windowsill, soft morning light"
+    config: dict[str, Any] = field(default_factory=dict)  # written into config.json over the family defaults
+    memory: dict[int, dict[str, Any]] = field(default_factory=dict)  # VRAM tier (GB) -> memory settings
     dataset: dict[str, Any] = field(default_factory=dict)
     minimum_vram_gb: int = 12
     validation_resolution: str | None = None  # None: square, at the training resolution
 
 
-FAMILY_PRESETS: dict[str, FamilyPreset] = {
-    "sdxl": FamilyPreset(
-        title="Stable Diffusion XL",
-        flavours={"base-1.0": "SDXL 1.0 base"},
-        default_flavour="base-1.0",
-        is_video=False,
+QUICKSTARTS: dict[str, Quickstart] = {
+    "sdxl": Quickstart(
         resolution=1024,
         validation_prompt="a photo of a cat sitting on a windowsill, soft morning light",
         config={"validation_guidance": 4.2},
@@ -69,19 +63,9 @@ FAMILY_PRESETS: dict[str, FamilyPreset] = {
         },
         dataset={"crop": True, "crop_aspect": "square", "crop_style": "random", "repeats": 0},
     ),
-    "kandinsky5-image": FamilyPreset(
-        title="Kandinsky 5.0 Image",
-        flavours={
-            "t2i-lite-sft": "standard SFT checkpoint; best for styles and characters",
-            "t2i-lite-pretrain": "pretraining checkpoint; for teaching new concepts from scratch",
-            "i2i-lite-sft": "image-to-image (needs conditioning images)",
-            "i2i-lite-pretrain": "image-to-image pretraining checkpoint (needs conditioning images)",
-        },
-        default_flavour="t2i-lite-sft",
-        is_video=False,
+    "kandinsky5-image": Quickstart(
         resolution=1024,
         validation_prompt="A high quality portrait of a woman, cinematic lighting, 8k",
-        config={"validation_guidance": 5.0, "flow_schedule_shift": 1.0},
         memory={
             48: {},
             24: dict(_GROUP_OFFLOAD),
@@ -96,31 +80,10 @@ FAMILY_PRESETS: dict[str, FamilyPreset] = {
         dataset={"crop": True, "crop_aspect": "square", "repeats": 10},
         minimum_vram_gb=16,
     ),
-    "kandinsky5-video": FamilyPreset(
-        title="Kandinsky 5.0 Video",
-        flavours={
-            "t2v-lite-sft-5s": "Lite, ~5 s clips",
-            "t2v-lite-pretrain-5s": "Lite pretraining checkpoint, ~5 s",
-            "t2v-lite-sft-10s": "Lite, ~10 s clips",
-            "t2v-lite-pretrain-10s": "Lite pretraining checkpoint, ~10 s",
-            "t2v-pro-sft-5s-hd": "Pro, ~5 s, high definition (needs group offload on one GPU)",
-            "t2v-pro-sft-10s-hd": "Pro, ~10 s, high definition (needs group offload on one GPU)",
-            "t2v-pro-pretrain-5s-hd": "Pro pretraining checkpoint, ~5 s",
-            "t2v-pro-pretrain-10s-hd": "Pro pretraining checkpoint, ~10 s",
-            "i2v-lite-5s": "image-to-video Lite, 5 s (first frame conditions the clip)",
-            "i2v-pro-sft-5s": "image-to-video Pro SFT, 5 s",
-        },
-        default_flavour="t2v-lite-sft-5s",
-        is_video=True,
+    "kandinsky5-video": Quickstart(
         resolution=512,
         validation_resolution="512x768",
         validation_prompt="a cat walking through a sunny garden, camera pans right",
-        config={
-            "validation_guidance": 5.0,
-            "flow_schedule_shift": 1.0,
-            "validation_num_video_frames": 61,
-            "framerate": 24,
-        },
         memory={
             48: {},
             24: dict(_GROUP_OFFLOAD),
@@ -148,7 +111,14 @@ CAPTION_STRATEGIES = {
     "filename": "the file name is the caption",
     "instanceprompt": "one prompt for every file",
 }
+# Family defaults the wizard does not copy into config.json: asked for, or set by the training type.
+ASKED_OR_BY_TYPE = frozenset({"validation_resolution", "lora_rank"})
 LEARNING_RATES = {"lora": 1e-4, "lycoris": 1e-4, "full": 1e-5}
+
+
+def quickstart(family: str) -> Quickstart:
+    """The quickstart's recommendations for a family; neutral ones for a family without a quickstart."""
+    return QUICKSTARTS.get(family, Quickstart())
 
 
 def vram_tier(gigabytes: float) -> int:
@@ -160,7 +130,7 @@ def vram_tier(gigabytes: float) -> int:
 def build_files(answers: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """config.json and multidatabackend.json contents for the wizard's answers."""
     family = answers["model_family"]
-    preset = FAMILY_PRESETS[family]
+    spec, preset = registry.spec(family), quickstart(family)
     steps = int(answers["max_train_steps"])
     config: dict[str, Any] = {
         "model_family": family,
@@ -182,16 +152,17 @@ def build_files(answers: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str,
         "validation_steps": max(1, min(250, steps // 10)),
         "seed": 42,
         "report_to": "tensorboard",
+        **{key: value for key, value in spec.defaults.items() if key not in ASKED_OR_BY_TYPE},
         **preset.config,
-        **preset.memory[answers["vram_tier"]],
+        **preset.memory.get(answers["vram_tier"], {}),
     }
     if answers["model_type"] == "lora":
         config["lora_rank"] = 16
-    dataset_id = "my-videos" if preset.is_video else "my-images"
+    dataset_id = "my-videos" if spec.is_video else "my-images"
     dataset: dict[str, Any] = {
         "id": dataset_id,
         "type": "local",
-        "dataset_type": "video" if preset.is_video else "image",
+        "dataset_type": "video" if spec.is_video else "image",
         "instance_data_dir": answers["dataset_folder"],
         "caption_strategy": answers["caption_strategy"],
         "resolution": answers["resolution"],
@@ -269,10 +240,11 @@ def _positive_int(text: str) -> int:
 
 def ask_questions(ask: _Asker) -> dict[str, Any]:
     """Every question of the wizard, in order; returns the answers."""
-    families = {name: preset.title for name, preset in FAMILY_PRESETS.items()}
+    families = {name: spec.title for name, spec in registry.FAMILIES.items()}
     answers: dict[str, Any] = {"model_family": ask.choice("Model family:", families, "sdxl")}
-    preset = FAMILY_PRESETS[answers["model_family"]]
-    answers["model_flavour"] = ask.choice("Model flavour:", preset.flavours, preset.default_flavour)
+    spec, preset = registry.spec(answers["model_family"]), quickstart(answers["model_family"])
+    flavours = {name: flavour.description for name, flavour in spec.flavours.items()}
+    answers["model_flavour"] = ask.choice("Model flavour:", flavours, spec.default_flavour)
     answers["model_type"] = ask.choice(
         "Training type:",
         {
@@ -282,7 +254,7 @@ def ask_questions(ask: _Asker) -> dict[str, Any]:
         },
         "lora",
     )
-    media = "videos" if preset.is_video else "images"
+    media = "videos" if spec.is_video else "images"
     answers["dataset_folder"] = ask.text(f"Folder with your {media}", f"datasets/my_{media}")
     answers["caption_strategy"] = ask.choice("Captions:", CAPTION_STRATEGIES, "textfile")
     if answers["caption_strategy"] == "instanceprompt":
@@ -325,7 +297,8 @@ def run_wizard(
             output_fn("Nothing written; existing files kept.")
             return []
     answers = ask_questions(ask)
-    preset = FAMILY_PRESETS[answers["model_family"]]
+    preset = quickstart(answers["model_family"])
+    title = registry.spec(answers["model_family"]).title
     config, datasets = build_files(answers)
     try:  # the same checks `difftune train` makes: never write a file it would refuse
         TrainConfig.model_validate(config)
@@ -334,14 +307,14 @@ def run_wizard(
     except ValidationError as exc:
         raise ValueError(f"the answers make an invalid config: {exc}") from exc
 
-    memory = preset.memory[answers["vram_tier"]]
+    memory = preset.memory.get(answers["vram_tier"], {})
     output_fn(
         f"\nMemory settings for {answers['vram_gb']:g} GB (the {answers['vram_tier']} GB preset): "
         + (", ".join(f"{k}={v}" for k, v in memory.items()) or "none needed")
     )
     if answers["vram_gb"] < preset.minimum_vram_gb:
         output_fn(
-            f"Note: {preset.title} wants at least {preset.minimum_vram_gb} GB; expect to run out of "
+            f"Note: {title} wants at least {preset.minimum_vram_gb} GB; expect to run out of "
             "memory, or lower the resolution."
         )
     if not (Path(workdir) / answers["dataset_folder"]).is_dir():

@@ -8,39 +8,32 @@ code path (load_config -> train).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shutil
 import time
 from pathlib import Path
 
-DEMO_FAMILIES = ("sdxl", "kandinsky5-image", "kandinsky5-video")
+from difftune.families import registry
 
 
 def build_demo_model(family: str, folder: Path) -> Path:
-    """A tiny random model of `family` saved as a diffusers folder."""
-    if family == "sdxl":
-        from difftune.testing.sdxl import build_tiny_sdxl
-
-        return build_tiny_sdxl(folder)
-    if family == "kandinsky5-image":
-        from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
-
-        return build_tiny_kandinsky5_image(folder)
-    from difftune.testing.kandinsky5_video import build_tiny_kandinsky5_video
-
-    return build_tiny_kandinsky5_video(folder)
+    """A tiny random model of `family` (the builder its registry row names) saved as a diffusers folder."""
+    module_name, function_name = registry.spec(family).tiny_model.split(":")
+    return getattr(importlib.import_module(module_name), function_name)(folder)
 
 
 def demo_data_dir(workdir: Path, family: str) -> Path:
-    """Generated videos for the video family, generated images for the others."""
-    return workdir / "datasets" / ("demo-videos" if family == "kandinsky5-video" else "demo-images")
+    """Generated videos for a video family, generated images for the others."""
+    return workdir / "datasets" / ("demo-videos" if registry.spec(family).is_video else "demo-images")
 
 
 def write_demo_config(workdir: Path, family: str, model_dir: Path, steps: int) -> Path:
     """Write config/config.json and config/multidatabackend.json for the demo run; returns config.json."""
     config_dir = workdir / "config"
     config_dir.mkdir(parents=True, exist_ok=True)
-    is_video = family == "kandinsky5-video"
+    spec = registry.spec(family)
+    is_video = spec.is_video
     dataset = {
         "id": demo_data_dir(workdir, family).name,
         "type": "local",
@@ -56,7 +49,8 @@ def write_demo_config(workdir: Path, family: str, model_dir: Path, steps: int) -
         "repeats": 2,
     }
     if is_video:
-        dataset["video"] = {"num_frames": 5, "min_frames": 5, "frame_rate": 8}
+        frames = spec.frames_per_latent + 1  # two latent frames
+        dataset["video"] = {"num_frames": frames, "min_frames": frames, "frame_rate": 8}
     backends = [
         dataset,
         {
@@ -85,12 +79,13 @@ def write_demo_config(workdir: Path, family: str, model_dir: Path, steps: int) -
         "validation_prompt": "a red circle on a blue background",
         "validation_resolution": "64x64",
         "validation_num_inference_steps": 4,
-        "validation_num_video_frames": 5,
         "mixed_precision": "no",
         "lora_rank": 4,
         "seed": 42,
         "report_to": "tensorboard",
     }
+    if is_video:
+        config["validation_num_video_frames"] = dataset["video"]["num_frames"]
     path = config_dir / "config.json"
     path.write_text(json.dumps(config, indent=2))
     return path
@@ -115,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog=DEMO_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--family", default="sdxl", choices=DEMO_FAMILIES, help="default: %(default)s")
+    parser.add_argument(
+        "--family", default="sdxl", choices=list(registry.FAMILIES), help="default: %(default)s"
+    )
     parser.add_argument("--workdir", default="difftune-demo", help="where the model, data and output go")
     parser.add_argument("--steps", type=int, default=60, help="training steps (default: %(default)s)")
     parser.add_argument("--verbose", action="store_true", help="also show the libraries' own output")
@@ -133,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         build_demo_model(args.family, model_dir)
     data_dir = demo_data_dir(workdir, args.family)
     if not data_dir.exists():
-        if args.family == "kandinsky5-video":
+        if registry.spec(args.family).is_video:
             from difftune.testing.videos import make_video_dataset
 
             make_video_dataset(data_dir, n=6)

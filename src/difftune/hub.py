@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from difftune.errors import ConfigError
+from difftune.families import registry
+
 if TYPE_CHECKING:
     from difftune.config.schema import DatasetConfig, TrainConfig
 
@@ -138,16 +141,17 @@ def _resolve_base_model(config: TrainConfig, base_model: str | None) -> str | No
     if named:
         return None if Path(named).exists() else named
     try:
-        from difftune.families import family_class
-
-        family = family_class(config.model_family)
-        return family.flavours.get(config.model_flavour or family.default_flavour or "")
-    except (ImportError, KeyError):
+        return registry.flavour_hub_id(config.model_family, config.model_flavour)
+    except ConfigError:
         return None
 
 
-def _is_video(config: TrainConfig) -> bool:
-    return "video" in config.model_family.lower()
+def _pipeline_tag(config: TrainConfig) -> str:
+    """text-to-image, image-to-image, text-to-video or image-to-video, from the flavour's kind."""
+    spec = registry.spec(config.model_family)
+    source, target = spec.flavour(config.model_flavour).kind.split("2")
+    words = {"t": "text", "i": "image", "v": "video"}
+    return f"{words[source]}-to-{words[target]}"
 
 
 def trigger_words(datasets: Sequence[DatasetConfig]) -> list[str]:
@@ -174,9 +178,9 @@ def model_card(
 ) -> str:
     """README.md text: YAML metadata (base_model, tags, widget) and a body with usage, settings, images."""
     base = _resolve_base_model(config, base_model)
-    family = config.model_family.lower().replace("_", "-")
+    family = registry.canonical_name(config.model_family)
     is_lora = config.model_type in ("lora", "lycoris")
-    tags = ["diffusers", "difftune", family, "text-to-video" if _is_video(config) else "text-to-image"]
+    tags = ["diffusers", "difftune", family, _pipeline_tag(config)]
     if is_lora:
         tags += ["lora", "template:sd-lora"]
     words = trigger_words(datasets)
@@ -186,7 +190,7 @@ def model_card(
     meta += [
         "library_name: diffusers",
         "license: other",
-        f"pipeline_tag: {'text-to-video' if _is_video(config) else 'text-to-image'}",
+        f"pipeline_tag: {_pipeline_tag(config)}",
         "tags:",
     ]
     meta += [f"- {tag}" for tag in tags]

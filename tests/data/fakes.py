@@ -9,13 +9,21 @@ import torch
 import torch.nn.functional as F
 
 from difftune.families.base import Components, Family, Objective
+from difftune.families.registry import FamilySpec, Flavour
 
 
 class FakeFamily(Family):
     """encode_pixels: 8x average pool, 3 -> 4 channels; encode_prompts: a tensor seeded by the prompt's hash."""
 
-    name = "fake"
-    pixel_multiple = 16
+    spec = FamilySpec(
+        name="fake",
+        title="Fake",
+        module="tests.data.fakes:FakeFamily",
+        tiny_model="tests.data.fakes:fake_components",
+        flavours={"v1": Flavour("fake/fake-v1", "a stand-in", "t2i")},
+        default_flavour="v1",
+        pixel_multiple=16,
+    )
 
     def __init__(self, config, identity: str = "fake-model-v1"):
         super().__init__(config)

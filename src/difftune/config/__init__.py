@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-
-class ConfigError(ValueError):
-    """A setting cannot be used; the message names the file, the key, the value and the fix."""
-
-
-# Imported after ConfigError: the loader and the key tables raise it.
-from difftune.config.keys import flavour_hub_id  # noqa: E402
-from difftune.config.load import LoadedConfig, load_config, parse_cli_overrides, write_resolved  # noqa: E402
-from difftune.config.schema import DatasetConfig, TrainConfig, VideoConfig  # noqa: E402
+from difftune.config.load import LoadedConfig, load_config, parse_cli_overrides, write_resolved
+from difftune.config.schema import DatasetConfig, TrainConfig, VideoConfig
+from difftune.errors import ConfigError
+from difftune.families.registry import flavour_hub_id
 
 __all__ = [
     "ConfigError",

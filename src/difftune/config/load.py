@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from difftune.config import ConfigError, keys, original_keys, validate
+from difftune.config import keys, original_keys, validate
 from difftune.config.schema import DatasetConfig, TrainConfig, VideoConfig
+from difftune.errors import ConfigError
+from difftune.families import registry
 
 DEFAULT_CONFIG_PATHS = (Path("config/config.json"), Path("config/config.toml"))
 RESOLVED_FILE_NAME = "config.resolved.json"
@@ -83,7 +85,7 @@ def load_config(
 
     family = _check_family(values, origin, problems)
     if family is not None:
-        for key, default in keys.FAMILY_DEFAULTS[family].items():
+        for key, default in family.defaults.items():
             values.setdefault(key, default)
     train = validate.validate_model(
         TrainConfig,
@@ -221,34 +223,33 @@ def _raise_if_any(problems: list[str]) -> None:
 
 
 # -- checks across keys ---------------------------------------------------------------------------
-def _check_family(values: dict[str, Any], origin: dict[str, str], problems: list[str]) -> str | None:
-    """Canonical model_family (hyphenated) and a known model_flavour, or None after adding a problem."""
-    from difftune.families import REGISTRY, canonical_family_name
-
+def _check_family(
+    values: dict[str, Any], origin: dict[str, str], problems: list[str]
+) -> registry.FamilySpec | None:
+    """The family's registry row (model_family made canonical) with a known model_flavour, or None after a problem."""
     given = values.get("model_family")
-    valid = ", ".join(REGISTRY)
     if given is None or not str(given).strip():
         problems.append(
-            f"{origin.get('model_family', 'config')}: 'model_family' is required; use one of {valid}"
+            f"{origin.get('model_family', 'config')}: 'model_family' is required; "
+            f"use one of {', '.join(registry.FAMILIES)}"
         )
         return None
-    family = canonical_family_name(str(given))
-    if family not in REGISTRY or family not in keys.FLAVOURS:
-        hint = keys.nearest(family, REGISTRY)
-        guess = f"did you mean '{hint}'? " if hint else ""
-        problems.append(
-            f"{origin['model_family']}: 'model_family' is {given!r}, which is not a family difftune "
-            f"trains; {guess}Valid families: {valid}"
-        )
+    try:
+        family = registry.spec(str(given))
+    except ConfigError as error:
+        problems.append(f"{origin['model_family']}: {error}")
         return None
-    values["model_family"] = family
+    values["model_family"] = family.name
     flavour = values.get("model_flavour")
-    if flavour is not None and str(flavour) not in keys.FLAVOURS[family]:
-        problems.append(f"{origin['model_flavour']}: {keys.unknown_flavour_message(family, str(flavour))}")
+    if flavour is not None:
+        try:
+            family.flavour(str(flavour))
+        except ConfigError as error:
+            problems.append(f"{origin['model_flavour']}: {error}")
     return family
 
 
-def _cross_key_problems(train: TrainConfig, family: str, origin: dict[str, str]) -> list[str]:
+def _cross_key_problems(train: TrainConfig, family: registry.FamilySpec, origin: dict[str, str]) -> list[str]:
     problems = []
     if train.enable_group_offload and train.enable_model_cpu_offload:
         where = origin.get("enable_model_cpu_offload", "config")
@@ -267,7 +268,7 @@ def _cross_key_problems(train: TrainConfig, family: str, origin: dict[str, str])
         )
     frames = train.validation_num_video_frames
     if frames is not None:
-        problem = _frame_count_problem(family, frames)
+        problem = family.frame_count_problem(frames)
         if problem:
             problems.append(
                 f"{origin.get('validation_num_video_frames', 'config')}: 'validation_num_video_frames' "
@@ -319,26 +320,6 @@ def _missing_package(precision: str) -> str | None:
     except (ImportError, ValueError):  # a parent package missing, or hidden from this process
         found = False
     return None if found else package
-
-
-def valid_frame_count(family: str, frames: int) -> int:
-    """The largest frame count <= `frames` that the family's VAE takes ((frames - 1) % step == 0)."""
-    step = keys.TEMPORAL_COMPRESSION.get(family)
-    if step is None:
-        return frames
-    return (frames - 1) // step * step + 1
-
-
-def _frame_count_problem(family: str, frames: int) -> str | None:
-    """None if `frames` suits the family's VAE, else what to use instead (the two nearest valid counts)."""
-    step = keys.TEMPORAL_COMPRESSION.get(family)
-    if step is None or (frames - 1) % step == 0:
-        return None
-    lower = (frames - 1) // step * step + 1
-    return (
-        f"{family} needs (frames - 1) divisible by {step} (its VAE compresses time {step}x); "
-        f"use {lower} or {lower + step}"
-    )
 
 
 # -- datasets -------------------------------------------------------------------------------------
@@ -410,7 +391,7 @@ def _load_datasets(raw: Any, where: str, train: TrainConfig, warnings: list[str]
     for the text_embeds dataset); a video dataset's num_frames that the family's VAE cannot take
     is lowered to the nearest count it can, with a warning.
     """
-    family = train.model_family
+    family = registry.spec(train.model_family)
     if not isinstance(raw, list):
         raise ConfigError(
             f'{where}: must hold a JSON list of datasets ([{{"id": ...}}, ...]), found {validate.describe_kind(raw)}'
@@ -459,12 +440,12 @@ def _load_datasets(raw: Any, where: str, train: TrainConfig, warnings: list[str]
         datasets.append(dataset)
         if dataset.video is not None and not dataset.disabled and dataset.dataset_type == "video":
             frames = dataset.video.num_frames
-            usable = valid_frame_count(family, frames)
+            usable = family.usable_frame_count(frames)
             if usable != frames:
-                step = keys.TEMPORAL_COMPRESSION[family]
+                step = family.frames_per_latent
                 warnings.append(
-                    f"{label}: 'video.num_frames' is {frames}, but {family} needs (frames - 1) divisible by "
-                    f"{step} (its VAE compresses time {step}x); training on {usable} frames instead"
+                    f"{label}: 'video.num_frames' is {frames}, but {family.name} needs (frames - 1) divisible "
+                    f"by {step} (its VAE compresses time {step}x); training on {usable} frames instead"
                 )
                 dataset.video.num_frames = usable
     for dataset_id, count in Counter(d.id for d in datasets).items():

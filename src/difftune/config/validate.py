@@ -17,7 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from difftune.config import keys, original_keys
+from difftune.config import original_keys
+from difftune.errors import nearest
 
 
 def canonical_keys(
@@ -93,7 +94,7 @@ def drop_unknown(
                 f"{status.why}"
             )
         elif status is None:
-            hint = keys.nearest(key, sorted(fields | set(aliases))) or keys.nearest(key, sorted(table))
+            hint = nearest(key, sorted(fields | set(aliases))) or nearest(key, sorted(table))
             guess = f"did you mean '{prefix}{hint}'?" if hint else "remove it or check its spelling"
             problems.append(f"{where}: unknown key '{prefix}{key}'; {guess}")
     return kept

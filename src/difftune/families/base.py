@@ -23,6 +23,7 @@ import torch
 
 if TYPE_CHECKING:
     from difftune.config.schema import TrainConfig
+    from difftune.families.registry import FamilySpec
 
 
 @dataclass
@@ -57,27 +58,37 @@ class Objective(ABC):
 
 
 class Family(ABC):
-    """Base class of model families; a family module subclasses it and fills in the class data."""
+    """Base class of model families; a family module subclasses it and names its registry row in `spec`."""
 
-    name: ClassVar[str]
-    aliases: ClassVar[tuple[str, ...]] = ()
-    flavours: ClassVar[dict[str, str]] = {}  # model_flavour -> Hub id
-    default_flavour: ClassVar[str | None] = None
-    config_defaults: ClassVar[dict[str, Any]] = {}  # family defaults win over the global ones
-    pixel_multiple: ClassVar[int] = 64  # bucket width/height must be multiples of this
-    is_video: ClassVar[bool] = False
-    adapter_prefix: ClassVar[str] = "unet"  # key prefix of saved LoRA weights ("unet" / "transformer")
+    spec: ClassVar[FamilySpec]
 
     def __init__(self, config: TrainConfig):
         self.config = config
 
-    # -- identity -----------------------------------------------------------------------------
+    # -- identity (the registry row) ------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Bucket and validation widths and heights are multiples of this."""
+        return self.spec.pixel_multiple
+
+    @property
+    def is_video(self) -> bool:
+        return self.spec.is_video
+
+    @property
+    def adapter_prefix(self) -> str:
+        """Key prefix of saved LoRA weights ("unet" / "transformer")."""
+        return self.spec.adapter_prefix
+
     def model_id(self) -> str:
         """Hub id or local folder the weights come from."""
         if self.config.pretrained_model_name_or_path:
             return str(self.config.pretrained_model_name_or_path)
-        flavour = self.config.model_flavour or self.default_flavour
-        return self.flavours[flavour]
+        return self.spec.flavour(self.config.model_flavour).hub_id
 
     def cache_identity(self) -> str:
         """A string that changes whenever cached embeddings or latents would change."""

@@ -22,20 +22,13 @@ from typing import Any
 
 import torch
 
+from difftune.errors import ConfigError
 from difftune.families import kandinsky5_common as k5
+from difftune.families import registry
 from difftune.families.base import Components, Family, Objective
 from difftune.families.flow_matching import FlowMatchingObjective
 
 BURNT_GUIDANCE = 7.0
-
-
-def _config_error(message: str) -> Exception:
-    """difftune.config.ConfigError when that module defines it, else ValueError."""
-    try:
-        from difftune.config import ConfigError
-    except ImportError:
-        return ValueError(message)
-    return ConfigError(message)
 
 
 def _channels_last(latents: torch.Tensor) -> torch.Tensor:
@@ -46,30 +39,13 @@ def _channels_last(latents: torch.Tensor) -> torch.Tensor:
 class Kandinsky5ImageFamily(Family):
     """Kandinsky 5.0 Image Lite, text-to-image and image-to-image."""
 
-    name = "kandinsky5-image"
-    aliases = ("kandinsky5_image", "kandinsky-5-image")
-    flavours = {
-        "t2i-lite-sft": "kandinskylab/Kandinsky-5.0-T2I-Lite-sft-Diffusers",
-        "t2i-lite-pretrain": "kandinskylab/Kandinsky-5.0-T2I-Lite-pretrain-Diffusers",
-        "i2i-lite-sft": "kandinskylab/Kandinsky-5.0-I2I-Lite-sft-Diffusers",
-        "i2i-lite-pretrain": "kandinskylab/Kandinsky-5.0-I2I-Lite-pretrain-Diffusers",
-    }
-    default_flavour = "t2i-lite-sft"
-    config_defaults = {
-        "validation_guidance": 5.0,
-        "flow_schedule_shift": 1.0,
-        "validation_resolution": "1024x1024",
-        "lora_rank": 16,
-    }
-    pixel_multiple = 16  # 8x VAE downsampling times 2x2 patches
-    adapter_prefix = "transformer"
+    spec = registry.KANDINSKY5_IMAGE
 
     # -- identity -----------------------------------------------------------------------------
     @property
     def is_i2i(self) -> bool:
         """True for the image-to-image flavours (or a local folder whose transformer has visual_cond)."""
-        flavour = self.config.model_flavour or self.default_flavour
-        if flavour.startswith("i2i"):
+        if self.spec.flavour(self.config.model_flavour).kind == "i2i":
             return True
         path = Path(self.model_id()) / "transformer" / "config.json"
         if path.is_file():
@@ -271,16 +247,7 @@ class Kandinsky5ImageFamily(Family):
         return output_dir / "pytorch_lora_weights.safetensors"
 
     def validate_config(self) -> list[str]:
-        """Warn on guidance that burns images; unknown flavours are errors."""
-        flavour = self.config.model_flavour
-        if (
-            flavour is not None
-            and flavour not in self.flavours
-            and not self.config.pretrained_model_name_or_path
-        ):
-            raise _config_error(
-                f"model_flavour '{flavour}' is not a Kandinsky 5.0 Image flavour; use one of {sorted(self.flavours)}"
-            )
+        """Warn on guidance that burns images."""
         warnings_out = []
         if self.config.validation_guidance >= BURNT_GUIDANCE:
             warnings_out.append(
@@ -298,7 +265,7 @@ class Kandinsky5ImageFamily(Family):
             return
         enabled = [d for d in datasets if not getattr(d, "disabled", False)]
         if not any(getattr(d, "dataset_type", None) == "conditioning" for d in enabled):
-            raise _config_error(
+            raise ConfigError(
                 f"model_flavour '{self.config.model_flavour}' trains image-to-image and needs a dataset with "
                 '"dataset_type": "conditioning" in multidatabackend.json, linked from the image dataset by '
                 '"conditioning_data": "<its id>"'

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from difftune.data.video import check_frame_count, write_video
+from difftune.errors import ConfigError
 from difftune.families import kandinsky5_common as k5
+from difftune.families import registry
 from difftune.families.base import Components, Family, Objective
 from difftune.families.flow_matching import FlowMatchingObjective
 
@@ -39,17 +41,6 @@ DEFAULT_VALIDATION_FRAMES = 61
 I2V_MIN_FRAMES = 17
 PATCH_CONV_FRAMES = 8  # output frames per slice of a VAE 3D convolution with vae_enable_patch_conv
 
-_HUB = "kandinskylab/Kandinsky-5.0-{}-Diffusers"
-
-
-def _config_error(message: str) -> Exception:
-    """difftune.config.ConfigError when that module defines it, else ValueError."""
-    try:
-        from difftune.config import ConfigError
-    except ImportError:
-        return ValueError(message)
-    return ConfigError(message)
-
 
 def _channels_last(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, T, H, W) -> (B, T, H, W, C)."""
@@ -59,31 +50,7 @@ def _channels_last(latents: torch.Tensor) -> torch.Tensor:
 class Kandinsky5VideoFamily(Family):
     """Kandinsky 5.0 Video Lite and Pro, text-to-video and image-to-video."""
 
-    name = "kandinsky5-video"
-    aliases = ("kandinsky5_video", "kandinsky-5-video")
-    flavours = {
-        "t2v-lite-sft-5s": _HUB.format("T2V-Lite-sft-5s"),
-        "t2v-lite-pretrain-5s": _HUB.format("T2V-Lite-pretrain-5s"),
-        "t2v-lite-sft-10s": _HUB.format("T2V-Lite-sft-10s"),
-        "t2v-lite-pretrain-10s": _HUB.format("T2V-Lite-pretrain-10s"),
-        "t2v-pro-sft-5s-hd": _HUB.format("T2V-Pro-sft-5s"),
-        "t2v-pro-sft-10s-hd": _HUB.format("T2V-Pro-sft-10s"),
-        "t2v-pro-pretrain-5s-hd": _HUB.format("T2V-Pro-pretrain-5s"),
-        "t2v-pro-pretrain-10s-hd": _HUB.format("T2V-Pro-pretrain-10s"),
-        "i2v-lite-5s": _HUB.format("I2V-Lite-5s"),
-        "i2v-pro-sft-5s": _HUB.format("I2V-Pro-sft-5s"),
-    }
-    default_flavour = "t2v-lite-sft-5s"
-    config_defaults = {
-        "validation_guidance": 5.0,
-        "flow_schedule_shift": 1.0,
-        "validation_resolution": "512x768",
-        "validation_num_video_frames": DEFAULT_VALIDATION_FRAMES,
-        "framerate": 24,
-    }
-    pixel_multiple = 16  # 8x VAE downsampling times 2x2 patches
-    is_video = True
-    adapter_prefix = "transformer"
+    spec = registry.KANDINSKY5_VIDEO
     configures_vae = True  # load() applies vae_enable_patch_conv / tiling / slicing itself
 
     def __init__(self, config):
@@ -95,8 +62,7 @@ class Kandinsky5VideoFamily(Family):
     @property
     def is_i2v(self) -> bool:
         """True for the i2v flavours, or a local folder saved from `Kandinsky5I2VPipeline`."""
-        flavour = self.config.model_flavour or self.default_flavour
-        if flavour.startswith("i2v"):
+        if self.spec.flavour(self.config.model_flavour).kind == "i2v":
             return True
         index = Path(self.model_id()) / "model_index.json"
         if index.is_file():
@@ -381,24 +347,15 @@ class Kandinsky5VideoFamily(Family):
         return output_dir / "pytorch_lora_weights.safetensors"
 
     def validate_config(self) -> list[str]:
-        """Unknown flavours and frame counts breaking (n - 1) % 4 == 0 are errors; odd guidance warns."""
-        flavour = self.config.model_flavour
-        if (
-            flavour is not None
-            and flavour not in self.flavours
-            and not self.config.pretrained_model_name_or_path
-        ):
-            raise _config_error(
-                f"model_flavour '{flavour}' is not a Kandinsky 5.0 Video flavour; use one of {sorted(self.flavours)}"
-            )
+        """Frame counts breaking (n - 1) % 4 == 0 are errors; odd guidance warns."""
         frames = self.config.validation_num_video_frames
         if frames is not None:
             try:
                 check_frame_count(frames, "validation_num_video_frames")
             except ValueError as error:
-                raise _config_error(str(error)) from error
+                raise ConfigError(str(error)) from error
             if self.is_i2v and frames < I2V_MIN_FRAMES:
-                raise _config_error(
+                raise ConfigError(
                     f"validation_num_video_frames={frames} is too short for image-to-video validation: "
                     f"Kandinsky5I2VPipeline needs at least {I2V_MIN_FRAMES} frames; use 17 or more (61 for 5 s)"
                 )

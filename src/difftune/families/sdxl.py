@@ -21,21 +21,14 @@ from typing import Any
 
 import torch
 
+from difftune.errors import ConfigError
+from difftune.families import registry
 from difftune.families.base import Components, Family, Objective
 from difftune.families.objectives import Diff2FlowObjective, EpsilonObjective
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 MICRO_CONDITIONING_KEYS = ("original_sizes", "crop_coords", "target_sizes")
 ENCODE_CHUNK = 16  # prompts per text-encoder call
-
-
-def _config_error(message: str) -> Exception:
-    """difftune.config.ConfigError when that module defines it, else ValueError."""
-    try:
-        from difftune.config import ConfigError
-    except ImportError:
-        return ValueError(message)
-    return ConfigError(message)
 
 
 def _pairs(value: Any, key: str, batch_size: int) -> torch.Tensor:
@@ -52,13 +45,7 @@ def _pairs(value: Any, key: str, batch_size: int) -> torch.Tensor:
 class SDXLFamily(Family):
     """Stable Diffusion XL base 1.0 and models that share its layout."""
 
-    name = "sdxl"
-    aliases = ("sd-xl", "stable-diffusion-xl")
-    flavours = {"base-1.0": "stabilityai/stable-diffusion-xl-base-1.0"}
-    default_flavour = "base-1.0"
-    config_defaults = {"validation_resolution": "1024x1024", "validation_guidance": 7.5}
-    pixel_multiple = 64
-    adapter_prefix = "unet"
+    spec = registry.SDXL
 
     def __init__(self, config):
         super().__init__(config)
@@ -168,7 +155,7 @@ class SDXLFamily(Family):
         """Epsilon (or the config's / scheduler's prediction type) with optional min-SNR weighting."""
         prediction_type = self.config.prediction_type or components.scheduler.config.prediction_type
         if prediction_type == "flow_matching":
-            raise _config_error(
+            raise ConfigError(
                 "prediction_type 'flow_matching' does not apply to SDXL; "
                 "use epsilon or v_prediction (or leave it unset)"
             )
@@ -310,19 +297,10 @@ class SDXLFamily(Family):
         return output_dir / "pytorch_lora_weights.safetensors"
 
     def validate_config(self) -> list[str]:
-        """Unknown flavours are errors; a validation size off the 8-pixel grid too."""
-        flavour = self.config.model_flavour
-        if (
-            flavour is not None
-            and flavour not in self.flavours
-            and not self.config.pretrained_model_name_or_path
-        ):
-            raise _config_error(
-                f"model_flavour '{flavour}' is not an SDXL flavour; use one of {sorted(self.flavours)}"
-            )
+        """A validation size off the 8-pixel grid is an error."""
         for width, height in self.config.validation_sizes:
             if width % 8 or height % 8:
-                raise _config_error(
+                raise ConfigError(
                     f"validation_resolution {width}x{height}: SDXL sizes must be multiples of 8"
                 )
         return []

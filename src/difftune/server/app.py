@@ -157,9 +157,7 @@ def create_app(
     # -- config and datasets ----------------------------------------------------------------------
     @app.get("/api/schema")
     def schema() -> dict[str, Any]:
-        from difftune.configure import FAMILY_PRESETS
-
-        return schema_groups({name: list(preset.flavours) for name, preset in FAMILY_PRESETS.items()})
+        return schema_groups()
 
     @app.get("/api/config")
     def get_config() -> dict[str, Any]:

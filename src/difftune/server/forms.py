@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 from difftune.config.keys import TRAIN_ALIASES
 from difftune.config.schema import DatasetConfig, TrainConfig
 from difftune.config.validate import canonical_keys
+from difftune.families import registry
 
 GROUPS = ("model", "training", "memory", "validation", "datasets")
 
@@ -109,16 +110,17 @@ def describe_field(name: str, field: FieldInfo) -> dict[str, Any]:
     return described
 
 
-def schema_groups(families: dict[str, list[str]]) -> dict[str, Any]:
+def schema_groups() -> dict[str, Any]:
     """Fields of config.json grouped as the form shows them, plus the dataset entry's fields.
 
-    `families` maps model_family -> its flavours; it becomes the choices of model_family/model_flavour.
+    The registered families and their flavours are the choices of model_family / model_flavour.
     """
+    families = {name: list(spec.flavours) for name, spec in registry.FAMILIES.items()}
     groups: dict[str, list[dict[str, Any]]] = {name: [] for name in GROUPS}
     for name, field in TrainConfig.model_fields.items():
         described = describe_field(name, field)
         if name == "model_family":
-            described.update(type="choice", choices=sorted(families))
+            described.update(type="choice", choices=list(families))
         if name == "model_flavour":
             described["choices_by_family"] = families
         groups[group_of(name)].append(described)

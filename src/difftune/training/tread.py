@@ -27,19 +27,12 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from difftune.errors import ConfigError
+
 ROUTE_KEYS = ("selection_ratio", "start_layer_idx", "end_layer_idx")
 BLOCK_LIST_NAME = "visual_transformer_blocks"
 # Positions (and names) of the visual block forward's arguments.
 _HIDDEN, _TIME, _ROPE, _SPARSE = (0, "visual_embed"), (2, "time_embed"), (3, "rope"), (4, "sparse_params")
-
-
-def _config_error(message: str) -> Exception:
-    """difftune.config.ConfigError when that module defines it, else ValueError."""
-    try:
-        from difftune.config import ConfigError
-    except ImportError:
-        return ValueError(message)
-    return ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -54,17 +47,17 @@ class TreadRoute:
 def parse_routes(tread_config: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """The `routes` list of a `tread_config` value; an error names what is missing."""
     if not isinstance(tread_config, Mapping):
-        raise _config_error(
+        raise ConfigError(
             f"tread_config must be an object like "
             f'{{"routes": [{{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}}]}}, '
             f"got {tread_config!r}"
         )
     unknown = sorted(set(tread_config) - {"routes"})
     if unknown:
-        raise _config_error(f"tread_config: unknown key(s) {unknown}; the only key is 'routes'")
+        raise ConfigError(f"tread_config: unknown key(s) {unknown}; the only key is 'routes'")
     routes = tread_config.get("routes")
     if not isinstance(routes, Sequence) or isinstance(routes, str) or not routes:
-        raise _config_error(
+        raise ConfigError(
             f"tread_config.routes must be a non-empty list of routes, got {routes!r}; e.g. "
             '[{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]'
         )
@@ -77,23 +70,23 @@ def resolve_routes(routes: Sequence[Mapping[str, Any]], num_blocks: int) -> list
     for index, route in enumerate(routes):
         where = f"tread_config.routes[{index}]"
         if not isinstance(route, Mapping):
-            raise _config_error(f"{where} must be an object with keys {list(ROUTE_KEYS)}, got {route!r}")
+            raise ConfigError(f"{where} must be an object with keys {list(ROUTE_KEYS)}, got {route!r}")
         unknown = sorted(set(route) - set(ROUTE_KEYS))
         if unknown:
-            raise _config_error(f"{where}: unknown key(s) {unknown}; a route has keys {list(ROUTE_KEYS)}")
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; a route has keys {list(ROUTE_KEYS)}")
         missing = [key for key in ROUTE_KEYS if key not in route]
         if missing:
-            raise _config_error(f"{where}: missing key(s) {missing}; a route has keys {list(ROUTE_KEYS)}")
+            raise ConfigError(f"{where}: missing key(s) {missing}; a route has keys {list(ROUTE_KEYS)}")
         ratio = route["selection_ratio"]
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 < ratio < 1.0:
-            raise _config_error(
+            raise ConfigError(
                 f"{where}.selection_ratio is {ratio!r}; it must be a number strictly between 0 and 1 "
                 "(the share of tokens that skip the routed blocks, e.g. 0.5)"
             )
         start = _resolve_layer(route["start_layer_idx"], num_blocks, f"{where}.start_layer_idx")
         end = _resolve_layer(route["end_layer_idx"], num_blocks, f"{where}.end_layer_idx")
         if start > end:
-            raise _config_error(
+            raise ConfigError(
                 f"{where}: start_layer_idx {route['start_layer_idx']} (block {start}) comes after "
                 f"end_layer_idx {route['end_layer_idx']} (block {end}) of {num_blocks} visual blocks; "
                 "start_layer_idx must not be after end_layer_idx"
@@ -102,7 +95,7 @@ def resolve_routes(routes: Sequence[Mapping[str, Any]], num_blocks: int) -> list
     spans = sorted(enumerate(resolved), key=lambda item: item[1].start)
     for (first_index, first), (second_index, second) in zip(spans, spans[1:]):
         if second.start <= first.end:
-            raise _config_error(
+            raise ConfigError(
                 f"tread_config.routes[{first_index}] (blocks {first.start}..{first.end}) and "
                 f"tread_config.routes[{second_index}] (blocks {second.start}..{second.end}) overlap; "
                 "routes must cover separate block ranges"
@@ -113,10 +106,10 @@ def resolve_routes(routes: Sequence[Mapping[str, Any]], num_blocks: int) -> list
 def _resolve_layer(value: Any, num_blocks: int, key: str) -> int:
     """A block index in [0, num_blocks) from a possibly negative one."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _config_error(f"{key} must be an integer block index, got {value!r}")
+        raise ConfigError(f"{key} must be an integer block index, got {value!r}")
     resolved = value + num_blocks if value < 0 else value
     if not 0 <= resolved < num_blocks:
-        raise _config_error(
+        raise ConfigError(
             f"{key} is {value}, outside the model's {num_blocks} visual blocks; use 0..{num_blocks - 1} "
             f"or -{num_blocks}..-1 (negative indices count from the end)"
         )

@@ -6,28 +6,20 @@ import json
 from pathlib import Path
 
 from difftune.config.schema import TrainConfig
-
-
-def _config_error(message: str) -> Exception:
-    """difftune.config.ConfigError when that module defines it, else ValueError."""
-    try:
-        from difftune.config import ConfigError
-    except ImportError:
-        return ValueError(message)
-    return ConfigError(message)
+from difftune.errors import ConfigError
 
 
 def load_prompt_library(path: str | Path) -> list[tuple[str, str]]:
     """A user_prompt_library JSON file: {name: prompt} or {name: {"prompt": prompt, ...}} -> [(name, prompt)]."""
     path = Path(path)
     if not path.is_file():
-        raise _config_error(f"user_prompt_library: {path} does not exist; fix the path or remove the key")
+        raise ConfigError(f"user_prompt_library: {path} does not exist; fix the path or remove the key")
     try:
         library = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise _config_error(f"user_prompt_library: {path} is not valid JSON ({error})") from error
+        raise ConfigError(f"user_prompt_library: {path} is not valid JSON ({error})") from error
     if not isinstance(library, dict):
-        raise _config_error(
+        raise ConfigError(
             f'user_prompt_library: {path} must hold an object {{"name": "prompt", ...}}, '
             f"not a {type(library).__name__}"
         )
@@ -35,7 +27,7 @@ def load_prompt_library(path: str | Path) -> list[tuple[str, str]]:
     for name, entry in library.items():
         prompt = entry.get("prompt") if isinstance(entry, dict) else entry
         if not isinstance(prompt, str) or not prompt.strip():
-            raise _config_error(
+            raise ConfigError(
                 f"user_prompt_library: {path}, entry '{name}' needs a prompt: "
                 f'"{name}": "a photo of ..." or "{name}": {{"prompt": "a photo of ..."}}'
             )
