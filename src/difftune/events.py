@@ -66,7 +66,9 @@ class JsonlLog:
 class ConsoleReporter:
     """Progress bar (loss, lr, it/s, ETA) on stderr, and one line for each notable event."""
 
-    _quiet_types = {"progress", "cache_progress", "start", "error"}  # the command prints the error itself
+    # the command prints the error itself; previews are many per sample and shown by the web UI;
+    # library lines are the libraries' own logging, kept for the log (--verbose prints them as they come)
+    _quiet_types = {"progress", "cache_progress", "start", "error", "validation_preview", "library"}
 
     def __init__(self, total_steps: int | None = None, stream=None, enable_bar: bool = True) -> None:
         self.stream = stream or sys.stderr

@@ -88,3 +88,32 @@ def test_more_images_per_prompt_get_numbered_files(tiny_sdxl, tmp_path):
 def test_file_stem_makes_names_safe():
     assert file_stem("my prompt/1") == "my_prompt_1"
     assert file_stem("../..") == "prompt"
+
+
+def test_previews_of_each_prompt_and_size_get_their_own_files(tiny_sdxl, tmp_path):
+    config = TrainConfig(
+        model_family="sdxl",
+        pretrained_model_name_or_path=str(tiny_sdxl),
+        validation_prompt="a red circle",
+        validation_resolution="64x64,96x64",
+        validation_num_inference_steps=2,
+        validation_preview=True,
+        validation_preview_steps=1,
+        lora_rank=2,
+    )
+    family = SDXLFamily(config)
+    components = family.load(torch.device("cpu"), torch.float32)
+    events = []
+    run_validation(
+        family, components, components.denoiser, config, 3, tmp_path, lambda k, d: events.append((k, d))
+    )
+    previews = [d["path"] for k, d in events if k == "validation_preview"]
+    folder = tmp_path / "validation" / "3" / "previews"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "validation-64x64_001.png",
+        "validation-64x64_002.png",
+        "validation-96x64_001.png",
+        "validation-96x64_002.png",
+    ]
+    assert len(set(previews)) == 4
+    assert Image.open(folder / "validation-96x64_002.png").size == (96, 64)

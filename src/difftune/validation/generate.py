@@ -45,6 +45,22 @@ def _save(images: list, folder: Path, stem: str, family: Family, config: TrainCo
     return path
 
 
+def _previews(family, components, pipeline, config, events, folder: Path, step: int, stem: str):
+    """The preview callback of one sample: its files are named after the sample's own file."""
+    from difftune.validation.previews import preview_callback
+
+    return preview_callback(
+        pipeline,
+        lambda latents: family.decode_pipeline_latents(components, latents),
+        config.validation_preview_steps,
+        events,
+        out_dir=folder / "previews",
+        step=step,
+        tiny_vae=components.extras.get("tiny_vae"),
+        name=stem,
+    )
+
+
 def run_validation(
     family: Family,
     components: Components,
@@ -85,21 +101,16 @@ def run_validation(
                 module.eval()
             pipeline = family.pipeline(components, denoiser)
             pipeline.set_progress_bar_config(disable=True)  # the run's own progress bar is the one shown
-            if config.validation_preview:
-                from difftune.validation.previews import preview_callback
-
-                extra["callback_on_step_end"] = preview_callback(
-                    pipeline,
-                    lambda latents: family.decode_pipeline_latents(components, latents),
-                    config.validation_preview_steps,
-                    events,
-                    out_dir=folder / "previews",
-                    step=step,
-                    tiny_vae=components.extras.get("tiny_vae"),
-                )
             for name, prompt in prompts:
                 for width, height in config.validation_sizes:
                     for index in range(config.num_validation_images):
+                        stem = f"{file_stem(name)}-{width}x{height}"
+                        if config.num_validation_images > 1:
+                            stem += f"-{index}"
+                        if config.validation_preview:  # previews/<stem>_<inference step>.png
+                            extra["callback_on_step_end"] = _previews(
+                                family, components, pipeline, config, events, folder, step, stem
+                            )
                         generator = torch.Generator().manual_seed(seed + index)
                         images = family.generate(
                             pipeline,
@@ -112,9 +123,6 @@ def run_validation(
                             generator=generator,
                             **extra,
                         )
-                        stem = f"{file_stem(name)}-{width}x{height}"
-                        if config.num_validation_images > 1:
-                            stem += f"-{index}"
                         paths.append(_save(images, folder, stem, family, config))
     finally:
         for module, training, device in states:
