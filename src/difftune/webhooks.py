@@ -93,7 +93,14 @@ def load_webhook_config(value: str | Path | dict[str, Any] | list[dict[str, Any]
                     "JSON file (relative to the working directory) or an inline object"
                 )
             source = str(path)
-            value = _parse_json(path.read_text(encoding="utf-8"), source)
+            try:
+                text = path.read_text(encoding="utf-8-sig")
+            except UnicodeDecodeError as exc:
+                raise WebhookConfigError(
+                    f"webhook_config: {path} is not a JSON text file (undecodable byte at offset "
+                    f"{exc.start}); give the path of a UTF-8 JSON file"
+                ) from None
+            value = _parse_json(text, source)
     entries = [value] if isinstance(value, dict) else value
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise WebhookConfigError(
@@ -107,6 +114,8 @@ def _parse_json(text: str, source: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise WebhookConfigError(f"{source}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise WebhookConfigError(f"{source}: nested too deeply to be a webhook configuration") from None
 
 
 def _target_from_dict(entry: dict[str, Any], where: str) -> WebhookTarget:

@@ -98,3 +98,32 @@ def test_jsonl_errors_name_the_file_and_line(tmp_path):
         _captions(tmp_path, caption_strategy="jsonl")
     with pytest.raises(DataError, match="metadata_file .*missing.jsonl not found"):
         _captions(tmp_path, caption_strategy="jsonl", metadata_file="missing.jsonl")
+
+
+def test_a_binary_caption_file_leaves_its_sample_out_with_the_reason(tmp_path):
+    save_image(tmp_path / "data" / "good.png", (16, 16))
+    (tmp_path / "data" / "good.txt").write_text("a good caption")
+    save_image(tmp_path / "data" / "junk.png", (16, 16))
+    (tmp_path / "data" / "junk.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
+    save_image(tmp_path / "data" / "nul.png", (16, 16))
+    (tmp_path / "data" / "nul.txt").write_bytes(b"text\x00with a NUL")
+    _, captions = _captions(tmp_path, caption_strategy="textfile")
+    assert captions.per_sample == [["a good caption"], None, None]
+    reasons = {path.name: reason for path, reason in captions.unreadable}
+    assert "junk.txt is not UTF-8 text" in reasons["junk.txt"]
+    assert "nul.txt holds binary data" in reasons["nul.txt"]
+
+
+def test_a_utf16_caption_file_with_a_byte_order_mark_is_read(tmp_path):
+    save_image(tmp_path / "data" / "cat.png", (16, 16))
+    (tmp_path / "data" / "cat.txt").write_bytes("une chatte\n".encode("utf-16"))
+    _, captions = _captions(tmp_path, caption_strategy="textfile")
+    assert captions.per_sample == [["une chatte"]]
+
+
+@pytest.mark.parametrize("strategy", ["jsonl", "csv"])
+def test_a_binary_metadata_file_names_the_file(tmp_path, strategy):
+    save_image(tmp_path / "data" / "cat.png", (16, 16))
+    (tmp_path / "data" / f"metadata.{strategy}").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01")
+    with pytest.raises(DataError, match=rf"metadata\.{strategy} is not UTF-8 text"):
+        _captions(tmp_path, caption_strategy=strategy)

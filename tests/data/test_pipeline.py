@@ -109,6 +109,18 @@ def test_corrupt_image_is_skipped_reported_once_and_data_still_builds(tmp_path):
     assert [Path(p).name for p, _ in again.skipped] == ["img_0.png"]
 
 
+def test_a_binary_caption_file_is_skipped_and_reported(tmp_path):
+    paths = _make_images(tmp_path / "data")
+    paths[2].with_suffix(".txt").write_bytes(b"\xff\xfe\xfa binary \x00\x01")
+    run = Run(tmp_path)
+    data, _ = run.prepare()
+    skipped = [payload for kind, payload in run.events if kind == "skipped"]
+    assert [Path(s["path"]).name for s in skipped] == ["img_2.txt"]
+    assert "not UTF-8 text" in skipped[0]["reason"]
+    assert len(data.plans) == len(data.captions) == 5
+    assert all("picture number 2" not in captions for captions in data.captions)
+
+
 def test_changed_caption_reencodes_only_that_prompt(tmp_path):
     _make_images(tmp_path / "data")
     run = Run(tmp_path)

@@ -28,6 +28,8 @@ RESOLVED_FILE_NAME = "config.resolved.json"
 # A config file may hold its datasets inline under this key (config.resolved.json does).
 INLINE_DATASETS_KEY = "datasets"
 _CLI = "command line"
+# Deeper than any settings file needs; far deeper JSON is hostile and would exhaust Python's recursion.
+MAX_JSON_DEPTH = 32
 
 
 @dataclass
@@ -55,14 +57,14 @@ def load_config(
     and checks. Raises ConfigError listing every problem found.
     """
     source = Path(path) if path is not None else _default_config_path()
-    document = _read_document(source)
+    warnings: list[str] = []
+    document = _read_document(source, warnings=warnings)
     if not isinstance(document, dict):
         raise ConfigError(
             f'{source}: must hold one JSON object of settings ({{"key": value, ...}}), '
             f"found {validate.describe_kind(document)}"
         )
     problems: list[str] = []
-    warnings: list[str] = []
     train_keys = set(TrainConfig.model_fields)
     known = train_keys | keys.ORIGINAL_TRAIN_KEYS | {INLINE_DATASETS_KEY}
 
@@ -104,7 +106,8 @@ def load_config(
         data_source, raw_datasets, data_where = None, inline_datasets, f"{source} ({INLINE_DATASETS_KEY})"
     else:
         data_source = Path(train.data_backend_config)
-        raw_datasets, data_where = _read_document(data_source, what="data_backend_config"), str(data_source)
+        raw_datasets = _read_document(data_source, what="data_backend_config", warnings=warnings)
+        data_where = str(data_source)
     all_datasets = _load_datasets(raw_datasets, data_where, train, warnings)
     enabled = [d for d in all_datasets if not d.disabled]
     return LoadedConfig(
@@ -166,8 +169,11 @@ def _default_config_path() -> Path:
     return DEFAULT_CONFIG_PATHS[0]
 
 
-def _read_document(path: Path, what: str = "config") -> Any:
-    """Parse a JSON or TOML file; syntax errors name the file, line and column."""
+def _read_document(path: Path, what: str = "config", warnings: list[str] | None = None) -> Any:
+    """Parse a JSON or TOML file; syntax errors name the file, line and column.
+
+    A key given twice in one JSON object is added to `warnings` (JSON keeps the last value silently).
+    """
     if not path.is_file():
         raise ConfigError(
             f"{path}: {what} file not found (relative paths are read from the working directory "
@@ -177,16 +183,63 @@ def _read_document(path: Path, what: str = "config") -> Any:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise ConfigError(
+            f"{path}: not a text file ({exc.reason} at byte {exc.start}); the {what} file must be UTF-8 JSON"
+        ) from None
     if path.suffix.lower() == ".toml":
-        return _parse_toml(path, text)
+        document = _parse_toml(path, text)
+    else:
+        document = _parse_json(path, text, warnings if warnings is not None else [])
+    if _deeper_than(document, MAX_JSON_DEPTH):
+        raise ConfigError(
+            f"{path}: nested more than {MAX_JSON_DEPTH} levels deep; settings files need only a few "
+            f"levels. Check that this is the {what} file"
+        )
+    return document
+
+
+def _parse_json(path: Path, text: str, warnings: list[str]) -> Any:
+    repeated: dict[str, int] = {}
+
+    def keep_last(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                repeated[key] = repeated.get(key, 1) + 1
+            result[key] = value
+        return result
+
     try:
-        return json.loads(text)
+        document = json.loads(text, object_pairs_hook=keep_last)
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{path}, line {exc.lineno}, column {exc.colno}: not valid JSON: {exc.msg} "
             "(a trailing comma, a missing comma or quote, or a comment is the usual cause)"
         ) from exc
+    except RecursionError:
+        raise ConfigError(
+            f"{path}: nested too deeply to read; settings files need only a few levels (at most "
+            f"{MAX_JSON_DEPTH})"
+        ) from None
+    for key, count in repeated.items():
+        warnings.append(
+            f"{path}: the key '{key}' is given {count} times in one object; only the last value is used, "
+            "so remove the others"
+        )
+    return document
+
+
+def _deeper_than(document: Any, limit: int) -> bool:
+    """Whether objects and lists nest more than `limit` levels (no recursion: the input may be hostile)."""
+    stack = [(document, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (dict, list)):
+            if level > limit:
+                return True
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, level + 1) for child in children)
+    return False
 
 
 def _parse_toml(path: Path, text: str) -> Any:
@@ -251,6 +304,13 @@ def _check_family(
 
 def _cross_key_problems(train: TrainConfig, family: registry.FamilySpec, origin: dict[str, str]) -> list[str]:
     problems = []
+    if train.webhook_config:
+        from difftune.webhooks import WebhookConfigError, load_webhook_config
+
+        try:
+            load_webhook_config(train.webhook_config)
+        except WebhookConfigError as exc:
+            problems.append(f"{origin.get('webhook_config', 'config')}: {exc}")
     if train.enable_group_offload and train.enable_model_cpu_offload:
         where = origin.get("enable_model_cpu_offload", "config")
         problems.append(

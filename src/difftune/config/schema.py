@@ -7,13 +7,47 @@ arrive as strings ("true", "1e-4", "20") are converted by pydantic's lax mode.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import types
+import typing
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+SEED_MAX = 2**32 - 1  # torch and numpy seeds are unsigned 32-bit
+MAX_SIDE_PIXELS = 16384  # larger images or videos than this are a typo, and would not fit in memory
+MAX_LORA_RANK = 4096  # beyond the width of any layer of the supported models
+MAX_REPEATS = 10_000  # a dataset repeated more than this is a typo (and the epoch would never end)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan: "Infinity" / NaN pass a bound check and then break the run
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads true as 1; a true where a number is meant (max_train_steps: true) is a mistake."""
+        annotation = cls.model_fields[info.field_name].annotation
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, bool) for v in values) and _wants_number(annotation):
+            raise ValueError("it must be a number, not true or false")
+        return value
+
+
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field (or the items of a list field) holds numbers and not booleans."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list):
+        arguments = typing.get_args(annotation)
+        return any(_wants_number(a) for a in arguments) and bool not in arguments
+    if origin is Annotated:
+        return _wants_number(typing.get_args(annotation)[0])
+    return annotation in (int, float)
+
+
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 Precision = Literal[
@@ -38,6 +72,8 @@ CropStyle = Literal["center", "centre", "random", "corner"]
 def parse_resolutions(value: str | int | float) -> list[tuple[int, int]]:
     """'1024x1024,1280x768' or '1024' -> [(width, height), ...]."""
     sizes = []
+    if isinstance(value, bool):
+        raise ValueError("expected sizes like '1024x1024' or '1024x1024,1280x768', not true or false")
     for part in str(value).replace(" ", "").split(","):
         if not part:
             continue
@@ -54,6 +90,11 @@ def parse_resolutions(value: str | int | float) -> list[tuple[int, int]]:
             ) from None
     if not sizes:
         raise ValueError("expected sizes like '1024x1024' or '1024x1024,1280x768'")
+    for width, height in sizes:
+        if not (1 <= width <= MAX_SIDE_PIXELS and 1 <= height <= MAX_SIDE_PIXELS):
+            raise ValueError(
+                f"'{width}x{height}' is not a usable size; each side must be from 1 to {MAX_SIDE_PIXELS} pixels"
+            )
     return sizes
 
 
@@ -81,20 +122,20 @@ class TrainConfig(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_train_steps: int | None = Field(None, ge=0)
     num_train_epochs: int = Field(1, ge=0)
-    seed: int | None = None
+    seed: Seed | None = None
     learning_rate: float = Field(4e-7, gt=0)
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
-    lr_num_cycles: float = 1.0
-    lr_power: float = 1.0
+    lr_num_cycles: float = Field(1.0, gt=0)
+    lr_power: float = Field(1.0, gt=0)
     optimizer: Literal["adamw_bf16", "adamw", "optimi-adamw", "optimi-lion", "prodigy"] = "adamw_bf16"
     optimizer_config: str | None = None  # "key=value,key=value" passed to the optimizer
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = Field(1e-8, ge=0)
     max_grad_norm: float = Field(2.0, ge=0)
 
     # precision and memory
@@ -120,19 +161,19 @@ class TrainConfig(_Strict):
     compile_model: bool = False
 
     # adapters
-    lora_rank: int = Field(16, ge=1)
-    lora_alpha: float | None = None  # defaults to lora_rank
+    lora_rank: int = Field(16, ge=1, le=MAX_LORA_RANK)
+    lora_alpha: float | None = Field(None, gt=0)  # defaults to lora_rank
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     use_dora: bool = False
     lora_format: Literal["diffusers", "comfyui"] = "diffusers"  # comfyui also writes the kohya layout
 
     # objective
     snr_gamma: float | None = Field(None, gt=0)
-    noise_offset: float = 0.0
+    noise_offset: float = Field(0.0, ge=0, le=1)
     caption_dropout_probability: float = Field(0.0, ge=0, le=1)
     flow_schedule_shift: float = Field(3.0, gt=0)
     flow_use_uniform_schedule: bool = False
-    flow_sigmoid_scale: float = 1.0
+    flow_sigmoid_scale: float = Field(1.0, gt=0)
     tread_config: dict[str, Any] | None = None
     # Diff2Flow (SDXL): flow-matching time and inputs mapped onto the diffusion schedule
     diff2flow_enabled: bool = False
@@ -156,18 +197,18 @@ class TrainConfig(_Strict):
     crepa_adjacent_distance: int = Field(1, ge=0)
     crepa_adjacent_tau: float = Field(1.0, gt=0)
     crepa_model: str = "dinov2_vitg14"
-    crepa_encoder_image_size: int = Field(518, ge=14)
+    crepa_encoder_image_size: int = Field(518, ge=14, le=MAX_SIDE_PIXELS)
     crepa_drop_vae_encoder: bool = False
 
     # validation
     validation_prompt: str | None = None
     validation_negative_prompt: str = "blurry, cropped, ugly"
     validation_resolution: str = "1024x1024"
-    validation_guidance: float = 7.5
-    validation_guidance_rescale: float = 0.0
-    validation_num_inference_steps: int = Field(30, ge=1)
+    validation_guidance: float = Field(7.5, ge=0)
+    validation_guidance_rescale: float = Field(0.0, ge=0, le=1)
+    validation_num_inference_steps: int = Field(30, ge=1, le=1000)
     validation_steps: int = Field(100, ge=0)
-    validation_seed: int | None = None
+    validation_seed: Seed | None = None
     validation_disable: bool = False
     validation_num_video_frames: int | None = Field(None, ge=1)
     validation_preview: bool = False
@@ -228,6 +269,8 @@ class TrainConfig(_Strict):
     @field_validator("max_train_steps", mode="before")
     @classmethod
     def _zero_steps_means_epochs(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # false == 0: refused as a boolean, not read as "no limit"
+            return value
         return None if value in (0, "0", "", None) else value
 
     @property
@@ -243,7 +286,7 @@ class TrainConfig(_Strict):
 class VideoConfig(_Strict):
     """The `video` block of a video dataset."""
 
-    num_frames: int = Field(125, ge=1)
+    num_frames: int = Field(125, ge=1, le=100_000)
     min_frames: int | None = Field(None, ge=1)  # defaults to num_frames
     max_frames: int | None = Field(None, ge=1)
     frame_rate: float | None = Field(None, gt=0)  # resample to this rate; None keeps the source's
@@ -259,27 +302,28 @@ class DatasetConfig(_Strict):
     type: Literal["local"] = "local"
     dataset_type: Literal["image", "video", "text_embeds", "image_embeds", "conditioning", "eval"] = "image"
     instance_data_dir: str | None = None
+    follow_symlinks_outside_root: bool = False  # symbolic links to files or folders outside instance_data_dir
     disabled: bool = False
     default: bool = False
     probability: float = Field(1.0, ge=0)
-    repeats: int = Field(0, ge=0)
+    repeats: int = Field(0, ge=0, le=MAX_REPEATS)
 
     caption_strategy: CaptionStrategy = "filename"
     instance_prompt: str | None = None
     prepend_instance_prompt: bool = False
     metadata_file: str | None = None  # jsonl/csv captions: file with file_name + caption columns
 
-    resolution: float | None = None
+    resolution: float | None = Field(None, gt=0)
     resolution_type: ResolutionType = "pixel_area"
     crop: bool = False
     crop_aspect: CropAspect = "square"
-    crop_aspect_buckets: list[float] | None = None
+    crop_aspect_buckets: list[Annotated[float, Field(gt=0)]] | None = None
     crop_style: CropStyle = "random"
-    minimum_image_size: float | None = None
-    maximum_image_size: float | None = None
-    target_downsample_size: float | None = None
-    minimum_aspect_ratio: float | None = None
-    maximum_aspect_ratio: float | None = None
+    minimum_image_size: float | None = Field(None, ge=0)
+    maximum_image_size: float | None = Field(None, gt=0)
+    target_downsample_size: float | None = Field(None, gt=0)
+    minimum_aspect_ratio: float | None = Field(None, gt=0)
+    maximum_aspect_ratio: float | None = Field(None, gt=0)
 
     cache_dir_vae: str | None = None
     cache_dir: str | None = None
@@ -289,6 +333,19 @@ class DatasetConfig(_Strict):
 
     video: VideoConfig | None = None
     conditioning_data: str | list[str] | None = None  # id(s) of linked conditioning datasets
+
+    @model_validator(mode="after")
+    def _resolution_in_range(self) -> DatasetConfig:
+        # pixel / pixel_area give a side in pixels, area gives megapixels
+        limit = MAX_SIDE_PIXELS if self.resolution_type != "area" else MAX_SIDE_PIXELS**2 / 1e6
+        for key in ("resolution", "maximum_image_size", "target_downsample_size"):
+            value = getattr(self, key)
+            if value is not None and value > limit:
+                raise ValueError(
+                    f"dataset '{self.id}': '{key}' is {value:g}, but with resolution_type "
+                    f"{self.resolution_type} it must be at most {limit:g}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _needs_a_folder(self) -> DatasetConfig:

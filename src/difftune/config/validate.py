@@ -162,6 +162,7 @@ _KINDS = {
     "bool_type": "true or false",
     "bool_parsing": "true or false",
     "none_required": "null",
+    "finite_number": "a finite number",
 }
 _BOUNDS = {
     "greater_than_equal": ("ge", "at least"),
@@ -234,7 +235,12 @@ def _plain(message: str) -> str:
 
 def _show(value: Any) -> str:
     """A value as the user wrote it: strings quoted, None/True as null/true, long values cut."""
-    text = json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
+    text = repr(value)
+    if value is None or isinstance(value, (bool, list, dict)):
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError):
+            pass
     return text if len(text) <= 80 else text[:77] + "..."
 
 

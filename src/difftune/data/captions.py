@@ -8,8 +8,10 @@ several captions; `pick_caption` chooses one per epoch, the same one for the sam
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import json
 import re
 from collections.abc import Sequence
@@ -31,8 +33,9 @@ _CAPTION_COLUMNS = ("caption", "text")
 class Captions:
     """Captions per sample (aligned with the samples given), and the samples that fell back to the filename."""
 
-    per_sample: list[list[str]]
+    per_sample: list[list[str] | None]  # None: the sample's caption file is unreadable (see `unreadable`)
     fallbacks: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (caption file, reason)
 
     def fallback_message(self, dataset_id: str, strategy: str) -> str | None:
         """One line for the event bus when some samples had no caption of their own, else None."""
@@ -58,12 +61,39 @@ def caption_from_filename(path: str | Path) -> str:
     return re.sub(r"\s+", " ", stem.replace("_", " ")).strip()
 
 
+class UnreadableCaption(ValueError):
+    """A caption file that is not text: undecodable bytes or control characters such as NUL."""
+
+
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+
+
 def read_textfile(path: Path) -> list[str] | None:
-    """The non-empty lines of the .txt beside path, or None when there is none (or it holds no text)."""
+    """The non-empty lines of the .txt beside path, or None when there is none (or it holds no text).
+
+    UTF-8, or UTF-16 with a byte-order mark; anything else raises UnreadableCaption, so that a binary
+    file is never trained on as a caption.
+    """
     caption_file = path.with_suffix(".txt")
     if not caption_file.is_file():
         return None
-    lines = [line.strip() for line in caption_file.read_text(encoding="utf-8", errors="replace").splitlines()]
+    raw = caption_file.read_bytes()
+    encoding = next((name for bom, name in _BOMS if raw.startswith(bom)), "utf-8")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise UnreadableCaption(
+            f"caption file {caption_file.name} is not UTF-8 text (undecodable byte at offset {error.start}); "
+            "save it as UTF-8 or remove it"
+        ) from None
+    control = _CONTROL.search(text)
+    if control:
+        raise UnreadableCaption(
+            f"caption file {caption_file.name} holds binary data (control character "
+            f"{control.group()!r} at character {control.start()}); save it as plain text or remove it"
+        )
+    lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line]
     return lines or None
 
@@ -79,7 +109,12 @@ def load_captions(dataset: DatasetConfig, samples: Sequence[SampleInfo], root: P
         elif strategy == "filename":
             captions = [caption_from_filename(sample.path)]
         else:
-            found = read_textfile(sample.path) if strategy == "textfile" else _lookup(table, sample)
+            try:
+                found = read_textfile(sample.path) if strategy == "textfile" else _lookup(table, sample)
+            except UnreadableCaption as error:
+                result.unreadable.append((sample.path.with_suffix(".txt"), str(error)))
+                result.per_sample.append(None)
+                continue
             if found is None:
                 result.fallbacks.append(sample.path)
                 found = [caption_from_filename(sample.path)]
@@ -131,9 +166,16 @@ def _read_metadata_table(dataset: DatasetConfig, root: Path) -> dict[str, list[s
             'metadata.jsonl (one {"file_name": ..., "caption": ...} per line) and use caption_strategy jsonl'
         )
     path = _metadata_file(dataset, root)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"dataset '{dataset.id}': metadata_file {path} is not UTF-8 text (undecodable byte at offset "
+            f"{error.start}); save it as UTF-8 {dataset.caption_strategy}"
+        ) from None
     rows: list[dict[str, Any]] = []
     if dataset.caption_strategy == "jsonl":
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -143,8 +185,10 @@ def _read_metadata_table(dataset: DatasetConfig, root: Path) -> dict[str, list[s
                     f"{path} line {number} is not valid JSON ({error}); fix or remove that line"
                 ) from error
     else:
-        with path.open(encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        try:
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as error:
+            raise DataError(f"{path} is not a readable CSV file ({error}); fix it or use jsonl") from None
     table: dict[str, list[str]] = {}
     for number, row in enumerate(rows, start=1):
         name = row.get("file_name") if isinstance(row, dict) else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,12 +91,15 @@ def discover(dataset: DatasetConfig, metadata_dir: Path) -> Discovery:
         return result
 
     entries: dict[str, dict[str, Any]] = {}
-    for relative, path, stat in _list_files(root, VIDEO_EXTENSIONS if is_video else IMAGE_EXTENSIONS):
+    files, result.skipped = _list_files(
+        root, VIDEO_EXTENSIONS if is_video else IMAGE_EXTENSIONS, dataset.follow_symlinks_outside_root
+    )
+    for relative, path, info in files:
         previous = cached.get(relative)
-        if previous and previous["size_bytes"] == stat.st_size and previous["mtime_ns"] == stat.st_mtime_ns:
+        if previous and previous["size_bytes"] == info.st_size and previous["mtime_ns"] == info.st_mtime_ns:
             entry = previous
         else:
-            entry = {"size_bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            entry = {"size_bytes": info.st_size, "mtime_ns": info.st_mtime_ns}
             entry.update(_read_video_header(Path(path)) if is_video else _read_image_header(Path(path)))
             result.headers_read += 1
         entries[relative] = entry
@@ -169,31 +173,124 @@ def _add(result: Discovery, root: Path, relative: str, entry: dict[str, Any]) ->
     )
 
 
-def list_media_files(root: Path, video: bool = False) -> list[Path]:
+def list_media_files(root: Path, video: bool = False, follow_outside: bool = False) -> list[Path]:
     """The images (videos) under root that discovery would read, without opening any of them."""
-    return [Path(path) for _, path, _ in _list_files(root, VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS)]
+    files, _ = _list_files(root, VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS, follow_outside)
+    return [Path(path) for _, path, _ in files]
 
 
-def _list_files(root: Path, extensions: frozenset[str]) -> list[tuple[str, str, os.stat_result]]:
-    """(relative posix path, full path, stat) of the files under root whose suffix is in extensions.
+def _list_files(
+    root: Path, extensions: frozenset[str], follow_outside: bool = False
+) -> tuple[list[tuple[str, str, os.stat_result]], list[tuple[Path, str]]]:
+    """(relative posix path, full path, stat) of the files under root whose suffix is in extensions,
+    sorted by relative path, and the (path, reason) of every entry left out.
 
-    Recursive, following links, hidden files and folders left out, sorted by relative path. Plain
-    strings rather than Path objects: on 100k files pathlib's parsing cost more than the stat calls.
+    Recursive, hidden files and folders left out. The folders themselves are walked first; then each
+    symbolic link is followed at most once per real file or folder ((st_dev, st_ino)), so `self -> .`
+    or a loop of links adds nothing, and a link whose target lies outside root is left out unless
+    `follow_outside`. Names that are not valid UTF-8 are left out (their captions and cache keys
+    could not be written). Plain strings rather than Path objects: on 100k files pathlib's parsing
+    cost more than the stat calls.
     """
-    found = []
     top = str(root)
-    for folder, subfolders, names in os.walk(top, followlinks=True):
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        prefix = os.path.relpath(folder, top).replace(os.sep, "/") + "/" if folder != top else ""
-        for name in names:
-            if os.path.splitext(name)[1].lower() in extensions and not name.startswith("."):
-                path = os.path.join(folder, name)
+    real_top = os.path.realpath(top)
+    top_stat = os.stat(top)
+    seen: dict[tuple[int, int], str] = {(top_stat.st_dev, top_stat.st_ino): "."}
+    found: list[tuple[str, str, os.stat_result]] = []
+    skipped: list[tuple[Path, str]] = []
+    links: list[tuple[str, str]] = []  # (relative, full) of every link met, followed after the folders
+
+    def walk(folder: str, prefix: str) -> None:
+        stack = [(folder, prefix)]
+        while stack:
+            current, current_prefix = stack.pop()
+            try:
+                with os.scandir(current) as listing:
+                    entries = sorted(listing, key=lambda entry: entry.name)
+            except OSError as error:
+                skipped.append((_shown(current), f"folder cannot be read ({error.strerror})"))
+                continue
+            subfolders = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                relative = current_prefix + entry.name
                 try:
-                    found.append((prefix + name, path, os.stat(path)))
+                    if entry.is_symlink():
+                        links.append((relative, entry.path))
+                    elif entry.is_dir(follow_symlinks=False):
+                        info = entry.stat(follow_symlinks=False)
+                        if seen.setdefault((info.st_dev, info.st_ino), relative) == relative:
+                            subfolders.append((entry.path, relative + "/"))
+                    elif (
+                        os.path.splitext(entry.name)[1].lower() in extensions
+                        and entry.is_file(follow_symlinks=False)  # not a pipe or a device
+                    ):
+                        add_file(relative, entry.path, entry.stat(follow_symlinks=False))
                 except OSError:  # vanished between listing and stat
                     continue
+            stack.extend(reversed(subfolders))
+
+    def add_file(relative: str, path: str, info: os.stat_result) -> None:
+        if not _is_utf8(relative):
+            skipped.append((_shown(path), "the file name is not valid UTF-8; rename the file"))
+            return
+        seen.setdefault((info.st_dev, info.st_ino), relative)
+        found.append((relative, path, info))
+
+    walk(top, "")
+    index = 0
+    while index < len(links):  # following a link to a folder may find more links
+        relative, path = links[index]
+        index += 1
+        try:
+            info = os.stat(path)
+        except OSError as error:
+            skipped.append((_shown(path), f"broken symbolic link ({error.strerror})"))
+            continue
+        is_folder = stat.S_ISDIR(info.st_mode)
+        if not is_folder and (
+            not stat.S_ISREG(info.st_mode) or os.path.splitext(relative)[1].lower() not in extensions
+        ):
+            continue
+        real = os.path.realpath(path)
+        identity = (info.st_dev, info.st_ino)
+        if identity in seen:
+            skipped.append(
+                (
+                    _shown(path),
+                    f"symbolic link to {_shown(real)}, which is already in the dataset as '{seen[identity]}'",
+                )
+            )
+        elif not follow_outside and os.path.commonpath([real_top, real]) != real_top:
+            skipped.append(
+                (
+                    _shown(path),
+                    f"symbolic link to {_shown(real)}, outside the dataset folder; set "
+                    '"follow_symlinks_outside_root": true on the dataset to include it',
+                )
+            )
+        elif is_folder:
+            seen[identity] = relative
+            walk(path, relative + "/")
+        else:
+            add_file(relative, path, info)
     found.sort(key=lambda item: item[0])
-    return found
+    return found, skipped
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name holding undecodable bytes (Python keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(path: str) -> Path:
+    """A path that prints and writes as UTF-8: undecodable bytes shown as \\xNN escapes."""
+    return Path(os.fsencode(path).decode("utf-8", "backslashreplace"))
 
 
 def _read_cache(cache_file: Path, root: Path) -> dict[str, dict[str, Any]]:

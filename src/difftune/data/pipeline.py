@@ -156,6 +156,12 @@ def _add_dataset(
         kept, rejected = plan_samples(found.samples, dataset, family.pixel_multiple, seed)
         kept = as_one_frame_clips(kept) if family.is_video else kept
         keys = [plan.bucket for plan in kept]
+    by_path = {s.path: s for s in found.samples}
+    dataset_captions = load_captions(dataset, [by_path[p.path] for p in kept], found.root)
+    readable = [i for i, captions in enumerate(dataset_captions.per_sample) if captions is not None]
+    kept, keys = [kept[i] for i in readable], [keys[i] for i in readable]
+    per_sample = [dataset_captions.per_sample[i] for i in readable]
+    rejected = rejected + dataset_captions.unreadable
 
     pairs: dict[int, SamplePlan] = {}
     linked = linked_conditioning_datasets(dataset, datasets)
@@ -174,6 +180,7 @@ def _add_dataset(
         rejected = rejected + unpaired
         paired = sorted(pairs)
         kept, keys = [kept[k] for k in paired], [keys[k] for k in paired]
+        per_sample = [per_sample[k] for k in paired]
         pairs = {new: pairs[old] for new, old in enumerate(paired)}
     elif wants_first_frame(dataset, family):
         data.first_frame_datasets.add(dataset.id)
@@ -184,15 +191,13 @@ def _add_dataset(
     for path, reason in found.skipped + rejected:
         data.skipped.append((str(path), reason))
         data.events("skipped", {"dataset": dataset.id, "path": str(path), "reason": reason})
-    by_path = {s.path: s for s in found.samples}
-    dataset_captions = load_captions(dataset, [by_path[p.path] for p in kept], found.root)
     message = dataset_captions.fallback_message(dataset.id, dataset.caption_strategy)
     if message:
         data.events("warning", {"message": message})
     offset = len(data.plans)
     data.plans += kept
     data.bucket_keys += keys
-    data.captions += dataset_captions.per_sample
+    data.captions += per_sample
     data.conditioning_plans.update({offset + k: plan for k, plan in pairs.items()})
     buckets = len(set(keys))
     data.events(

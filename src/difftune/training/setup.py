@@ -217,7 +217,9 @@ def check_dataset_folders(datasets) -> None:
             )
         if dataset.dataset_type not in ("image", "video"):
             continue
-        files = list_media_files(root, video=dataset.dataset_type == "video")
+        files = list_media_files(
+            root, video=dataset.dataset_type == "video", follow_outside=dataset.follow_symlinks_outside_root
+        )
         if not files:
             raise DataError(
                 f"dataset '{dataset.id}': {root} holds no {dataset.dataset_type} files "
