@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from difftune import __version__
+from difftune.threads import choose_cpu_threads
 
 USAGE = """usage: difftune <command> [options]      (difftune <command> --help for each one)
 
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if own_process:
+        choose_cpu_threads()  # before any command imports torch
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
