@@ -41,6 +41,10 @@ def test_ema_eval_loss_and_webhooks_in_one_run(tmp_path, tiny_sdxl, image_folder
     final = load_file(str(result.lora_path))
     assert ema.keys() == final.keys()
     assert any(not ema[k].equal(final[k]) for k in ema)  # the average differs from the last weights
+    # ema_validation "comparison" (the default): every validation image also with the averaged weights
+    images = sorted(p.name for p in (out / "validation" / "2").glob("*.png"))
+    trained = [name for name in images if not name.endswith("-ema.png")]
+    assert trained and images == sorted(trained + [name.replace(".png", "-ema.png") for name in trained])
 
     kinds = [body.get("message_type") for body in receiver.json_bodies()]
     assert "finished" in kinds and "validation" in kinds

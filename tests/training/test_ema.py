@@ -17,20 +17,94 @@ def test_only_trainable_parameters_are_tracked():
     assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ema.shadow.values())
 
 
-def test_update_follows_the_ema_formula():
+def test_update_follows_the_ema_formula_with_its_warm_up():
     model = _model()
     start = model[1].weight.detach().clone()
     ema = EMAModel(model, decay=0.9)
     with torch.no_grad():
         model[1].weight.add_(1.0)
+    assert ema.current_decay() == pytest.approx(1 / 10)  # min(0.9, (1 + 0) / (10 + 0))
     ema.update(model)
-    expected = 0.9 * start + 0.1 * (start + 1.0)
+    expected = 0.1 * start + 0.9 * (start + 1.0)
     torch.testing.assert_close(ema.shadow["1.weight"], expected)
     with torch.no_grad():
         model[1].weight.fill_(2.0)
-    ema.update(model)
-    torch.testing.assert_close(ema.shadow["1.weight"], 0.9 * expected + 0.1 * 2.0)
+    ema.update(model)  # d = 2 / 11
+    torch.testing.assert_close(ema.shadow["1.weight"], 2 / 11 * expected + 9 / 11 * 2.0)
     assert ema.num_updates == 2
+    ema.num_updates = 1000  # (1 + n) / (10 + n) > 0.9: the configured decay from then on
+    assert ema.current_decay() == 0.9
+
+
+def test_warm_up_forgets_the_untrained_start():
+    """With a constant 0.995, 0.995 ** 200 = 37 % of the start would remain after 200 updates."""
+    model = _model()
+    with torch.no_grad():
+        model[1].weight.zero_()
+    ema = EMAModel(model, decay=0.995)
+    with torch.no_grad():
+        model[1].weight.fill_(1.0)
+    for _ in range(200):
+        ema.update(model)
+    share_of_start = 1.0 - ema.shadow["1.weight"]
+    assert share_of_start.abs().max() < 1e-6
+
+
+def _features(**settings):
+    from difftune.config.schema import TrainConfig
+    from difftune.training.features import TrainingFeatures
+
+    model = _model()
+    config = TrainConfig(model_family="sdxl", use_ema=True, **settings)
+    return model, TrainingFeatures(config=config, family=None, ema=EMAModel(model, config.ema_decay))
+
+
+def test_ema_update_interval_updates_every_nth_optimizer_step():
+    model, features = _features(ema_update_interval=3)
+    for step in range(1, 8):
+        features.after_optimizer_step(model, step)
+    assert features.ema.num_updates == 2  # steps 3 and 6
+    model, features = _features()
+    for step in range(1, 8):
+        features.after_optimizer_step(model, step)
+    assert features.ema.num_updates == 7
+
+
+@pytest.mark.parametrize(
+    ("mode", "passes"),
+    [
+        ("none", [("", "trained")]),
+        ("ema_only", [("", "ema")]),
+        ("comparison", [("", "trained"), ("-ema", "ema")]),
+    ],
+)
+def test_ema_validation_chooses_the_weights_of_each_validation_pass(mode, passes):
+    model, features = _features(ema_validation=mode, ema_decay=0.5)
+    with torch.no_grad():
+        model[1].weight.fill_(4.0)
+    features.ema.update(model)
+    trained = model[1].weight.detach().clone()
+    seen = []
+    for suffix, weights in features.validation_weights(model):
+        with weights:
+            same = torch.equal(model[1].weight, trained)
+            seen.append((suffix, "trained" if same else "ema"))
+            if not same:
+                torch.testing.assert_close(model[1].weight, features.ema.shadow["1.weight"])
+    assert seen == passes
+    torch.testing.assert_close(model[1].weight, trained)
+
+
+def test_ema_settings_are_checked_when_the_config_loads():
+    from pydantic import ValidationError
+
+    from difftune.config.schema import TrainConfig
+
+    assert TrainConfig(model_family="sdxl").ema_validation == "comparison"  # the original tool's default
+    with pytest.raises(ValidationError, match="ema_validation"):
+        TrainConfig(model_family="sdxl", ema_validation="both")
+    with pytest.raises(ValidationError, match="ema_update_interval"):
+        TrainConfig(model_family="sdxl", ema_update_interval=0)
 
 
 def test_copy_to_and_averaged_context_restore_the_trained_weights():

@@ -370,9 +370,9 @@ TRAIN_KEYS: dict[str, Status] = {
     "ema_decay": BUILT,
     "ema_device": BUILT,
     "ema_cpu_only": refused("use ema_device: cpu"),
-    "ema_update_interval": refused("difftune updates the EMA after every step; remove it", 1),
+    "ema_update_interval": BUILT,
     "ema_foreach_disable": _SPEED,
-    "ema_validation": refused("validation uses the EMA weights when use_ema is on; remove it"),
+    "ema_validation": BUILT,
     # checkpoints
     "checkpointing_steps": BUILT,
     "checkpoint_step_interval": BUILT,  # alias of checkpointing_steps

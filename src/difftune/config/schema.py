@@ -253,6 +253,9 @@ class TrainConfig(_Strict):
     use_ema: bool = False
     ema_decay: float = Field(0.995, gt=0, lt=1)
     ema_device: Literal["cpu", "accelerator"] = "cpu"
+    ema_update_interval: int | None = Field(None, ge=1)  # optimizer steps between updates; None: every step
+    # validation with the trained weights ("none"), the average ("ema_only") or both ("comparison")
+    ema_validation: Literal["none", "ema_only", "comparison"] = "comparison"
 
     # evaluation: stable eval loss on a fixed slice at fixed timesteps and noise; CLIP score
     eval_steps_interval: int = Field(0, ge=0)  # 0: at every validation

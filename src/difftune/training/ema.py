@@ -1,8 +1,11 @@
 """Exponential moving average of the trained weights (config keys use_ema, ema_decay, ema_device).
 
 Only parameters with requires_grad are averaged (the LoRA weights, or the whole denoiser for full
-training), in fp32, on the CPU or on the accelerator. After every optimizer step:
-    ema = decay * ema + (1 - decay) * weight
+training), in fp32, on the CPU or on the accelerator. At every update (after every optimizer step, or
+every ema_update_interval steps):
+    ema = d * ema + (1 - d) * weight,   d = min(ema_decay, (1 + n) / (10 + n))
+where n counts the updates made before this one. The warm-up term keeps early averages close to the
+recent weights instead of the untrained start (the usual EMA warm-up of diffusion trainers).
 """
 
 from __future__ import annotations
@@ -37,14 +40,19 @@ class EMAModel:
                 "model trainable (attach the adapter) before creating the EMA"
             )
 
+    def current_decay(self) -> float:
+        """The decay the next update uses: the warm-up term until it reaches `decay`."""
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        """One EMA step from the model's current weights; call after each optimizer step."""
+        """One EMA step from the model's current weights."""
+        weight = 1.0 - self.current_decay()
         for name, param in _trainable(model):
             shadow = self.shadow.get(name)
             if shadow is None:
                 raise KeyError(f"EMA has no parameter named {name!r}; was the EMA created for another model?")
-            shadow.lerp_(param.detach().to(self.device, dtype=torch.float32), 1.0 - self.decay)
+            shadow.lerp_(param.detach().to(self.device, dtype=torch.float32), weight)
         self.num_updates += 1
 
     @torch.no_grad()

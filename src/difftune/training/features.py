@@ -54,17 +54,25 @@ class TrainingFeatures:
             features.evaluator = Evaluator(family, components, data, config, device)
         return features
 
-    def after_optimizer_step(self, model: torch.nn.Module) -> None:
-        if self.ema is not None:
+    def after_optimizer_step(self, model: torch.nn.Module, step: int) -> None:
+        """After optimizer step `step` (counted from 1): the EMA update, every ema_update_interval steps."""
+        if self.ema is not None and step % (self.config.ema_update_interval or 1) == 0:
             self.ema.update(model)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint stores for these features."""
         return {"ema": self.ema.state_dict()} if self.ema is not None else {}
 
-    def validation_weights(self, model: torch.nn.Module):
-        """Validation sees the EMA weights when EMA is on."""
-        return self.ema.averaged(model) if self.ema is not None else contextlib.nullcontext(model)
+    def validation_weights(self, model: torch.nn.Module) -> list[tuple[str, Any]]:
+        """(file-name suffix, weights context) of each validation pass, as ema_validation says: the trained
+        weights ("none", or no EMA), the average ("ema_only"), or both, the average's files ending in
+        "-ema" ("comparison")."""
+        trained = ("", contextlib.nullcontext(model))
+        if self.ema is None or self.config.ema_validation == "none":
+            return [trained]
+        if self.config.ema_validation == "ema_only":
+            return [("", self.ema.averaged(model))]
+        return [trained, ("-ema", self.ema.averaged(model))]
 
     def after_validation(self, model, paths: list[Path], prompts, step: int, emit: Emit) -> None:
         if self.evaluator is None:

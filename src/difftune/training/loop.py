@@ -83,7 +83,7 @@ def train(
 
 def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int | None) -> TrainResult:
     from difftune.data.pipeline import prepare_training_data
-    from difftune.validation.generate import run_validation, validation_conditioning_image
+    from difftune.validation.generate import validation_conditioning_image
     from difftune.validation.prompts import validation_prompts
 
     config = loaded.train
@@ -220,14 +220,13 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
             optimizer.step()
             step_lr_schedule(lr_scheduler, optimizer, accelerator.sync_gradients)
             optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients:
-            features.after_optimizer_step(model)
         accumulated += accelerator.reduce(loss.detach(), "mean").item()  # the global batch's loss
         micro_count += 1
         if not accelerator.sync_gradients:
             continue
 
         state.global_step += 1
+        features.after_optimizer_step(model, state.global_step)
         step_loss = accumulated / micro_count
         accumulated, micro_count = 0.0, 0
         result.losses.append(step_loss)
@@ -272,17 +271,9 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
             and state.global_step < total_steps
             and accelerator.is_main_process
         ):
-            with features.validation_weights(model):
-                paths = run_validation(
-                    family,
-                    components,
-                    model,
-                    config,
-                    state.global_step,
-                    output_dir,
-                    bus.emit,
-                    conditioning_image,
-                )
+            paths = validate(
+                family, components, model, config, state.global_step, bus, conditioning_image, features
+            )
             result.validation_paths += paths
             features.after_validation(model, paths, prompts, state.global_step, bus.emit)
         features.maybe_evaluate(model, state.global_step, bus.emit)
@@ -300,17 +291,9 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         )
         bus.emit("saved", {"step": state.global_step, "path": str(result.lora_path or result.model_path)})
         if prompts and not config.validation_disable:
-            with features.validation_weights(model):
-                paths = run_validation(
-                    family,
-                    components,
-                    model,
-                    config,
-                    state.global_step,
-                    output_dir,
-                    bus.emit,
-                    conditioning_image,
-                )
+            paths = validate(
+                family, components, model, config, state.global_step, bus, conditioning_image, features
+            )
             result.validation_paths += paths
             features.after_validation(model, paths, prompts, state.global_step, bus.emit)
         from difftune.training.plot import plot_loss
@@ -330,3 +313,26 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     bus.close()
     accelerator.end_training()
     return result
+
+
+def validate(
+    family, components, model, config, step: int, bus: EventBus, conditioning_image, features
+) -> list[Path]:
+    """Validation images of every pass ema_validation asks for (the trained weights, the EMA average)."""
+    from difftune.validation.generate import run_validation
+
+    paths: list[Path] = []
+    for suffix, weights in features.validation_weights(model):
+        with weights:
+            paths += run_validation(
+                family,
+                components,
+                model,
+                config,
+                step,
+                Path(config.output_dir),
+                bus.emit,
+                conditioning_image,
+                suffix=suffix,
+            )
+    return paths

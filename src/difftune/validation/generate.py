@@ -70,10 +70,12 @@ def run_validation(
     output_dir: Path,
     events: Callable[[str, dict[str, Any]], None],
     conditioning_image=None,
+    suffix: str = "",
 ) -> list[Path]:
-    """Write output_dir/validation/<step>/<name>-<W>x<H>.png for every prompt and validation size.
+    """Write output_dir/validation/<step>/<name>-<W>x<H><suffix>.png for every prompt and validation size.
 
     conditioning_image (a PIL image) is passed as `image=` to image-conditioned pipelines (i2i, i2v).
+    `suffix` tells passes of one step apart (the EMA weights' files end in "-ema").
 
     Uses validation_guidance, validation_num_inference_steps, validation_negative_prompt and
     validation_seed (else seed, else 0; the same for every image, so steps compare). With
@@ -107,6 +109,7 @@ def run_validation(
                         stem = f"{file_stem(name)}-{width}x{height}"
                         if config.num_validation_images > 1:
                             stem += f"-{index}"
+                        stem += suffix
                         if config.validation_preview:  # previews/<stem>_<inference step>.png
                             extra["callback_on_step_end"] = _previews(
                                 family, components, pipeline, config, events, folder, step, stem
