@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from difftune.config import keys, original_keys, validate
+from difftune.config.memory import resolve_memory_settings
 from difftune.config.schema import DatasetConfig, TrainConfig, VideoConfig
 from difftune.errors import ConfigError
 from difftune.families import registry
@@ -99,6 +100,7 @@ def load_config(
     if train is not None and family is not None:
         problems.extend(_cross_key_problems(train, family, origin))
         warnings.extend(_unused_validation_settings(train, origin, source))
+        train = resolve_memory_settings(train, origin, warnings, problems)
     _raise_if_any(problems)
     assert train is not None and family is not None
 

@@ -17,6 +17,7 @@ from difftune.training.memory_offload import (
     apply_offload,
     enable_group_offload,
     group_offload_hooks,
+    group_residencies,
     offload_when_idle,
     resident,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "enable_group_offload",
     "fp8_supported",
     "group_offload_hooks",
+    "group_residencies",
     "is_quantized",
     "offload_when_idle",
     "patch_conv3d",

@@ -49,12 +49,6 @@ def apply_offload(
             "for a denoiser too big for the GPU, enable_model_cpu_offload for the text encoders/VAE"
         )
     if config.enable_group_offload:
-        if any(type(m).__module__.startswith("optimum.quanto") for m in denoiser.modules()):
-            raise ValueError(
-                "config.json: enable_group_offload cannot move optimum-quanto weights (its tensors "
-                "do not follow diffusers' offload hooks); use base_model_precision int8-torchao "
-                "with group offload, or turn enable_group_offload off"
-            )
         enable_group_offload(
             denoiser,
             device,
@@ -147,46 +141,124 @@ def _pin_trainable_to_device(module: torch.nn.Module, device: torch.device) -> N
         group.offload_ = keeping(group.offload_)
 
 
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class GroupResidency:
+    """Whether one offload group's frozen weights are on the device, and when they may leave it.
+
+    Outside backward the group follows diffusers' hooks (onloaded before its forward, offloaded after).
+    Inside backward, gradient checkpointing re-runs the group's blocks; the recomputed graph saves the
+    weights themselves, so they stay on the device until the group's backward is done. That moment is
+    when the gradient of the group's input stream (the first input tensor that needs a gradient) is
+    complete: autograd runs the ready nodes of a block latest-created first, so by then every node of
+    the group that reads a frozen weight has run. The group is then offloaded at once and, with
+    `prefetch`, the group that ran before it in forward is onloaded (on the side stream, when there is
+    one) so its recompute does not wait. Groups whose input needs no gradient go back at the end of the
+    backward pass.
+    """
+
+    def __init__(self, group, prefetch: bool):
+        self.group = group
+        self.prefetch = prefetch
+        self.previous: GroupResidency | None = None  # the group that ran before this one in forward
+        self.on = False
+        self.done = False  # its backward finished in the current backward pass
+        self.queued = False  # an offload at the end of the backward pass is queued
+        self.onloads = 0  # transfers to the device, for accounting
+        self._onload, self._offload = group.onload_, group.offload_
+        group.onload_, group.offload_ = self.onload, self.offload
+
+    def onload(self, force: bool = False) -> None:
+        if self.on:
+            if self.group.stream is not None:  # onloaded ahead on the side stream
+                torch.accelerator.current_stream().wait_stream(self.group.stream)
+            return
+        if self.done and _in_backward() and not force:
+            return  # diffusers' forward-order prefetch during a recompute: that group is finished
+        self._onload()
+        self.on = True
+        self.onloads += 1
+        if _in_backward():
+            self.offload()  # queued, in case its own backward never reports (an input without gradient)
+
+    def offload(self) -> None:
+        if not _in_backward():
+            self._release()
+        elif not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def backward_done(self, _grad=None) -> None:
+        self.done = True
+        self._release()
+        if self.prefetch and self.previous is not None and not self.previous.done:
+            self.previous.onload()
+
+    def _release(self) -> None:
+        if self.on:
+            self._offload()
+            self.on = False
+
+    def _end_of_backward(self) -> None:
+        self.queued = self.done = False
+        self._release()
+
+
+def group_residencies(module: torch.nn.Module) -> list[GroupResidency]:
+    """The residency trackers of `module`'s offload groups, in forward order once a forward has run."""
+    return list(getattr(module, "_difftune_residencies", []))
+
+
 def _onload_for_recompute(module: torch.nn.Module) -> None:
-    """Keep groups usable while gradient checkpointing re-runs their blocks in backward.
+    """Keep groups usable while gradient checkpointing re-runs their blocks, and release them after.
 
     A checkpointed block nested inside a group (a UNet resnet) is re-run directly, so its parts
-    onload the group themselves. Offloads asked for during backward (diffusers' hook, after the
-    re-run) wait until the backward pass ends: checkpoint's recomputed tensors are the weights
-    themselves, which must stay on the device until their gradients are computed.
+    onload the group themselves. Each group leaves the device as soon as its own backward is done
+    (see GroupResidency); with gradient checkpointing the group that runs next in backward is
+    prefetched meanwhile.
     """
-    for group in _groups(module):
-        state = {"on": False, "pending": False}
-        onload, offload = group.onload_, group.offload_
+    prefetch = bool(getattr(module, "is_gradient_checkpointing", False))
+    residencies = [GroupResidency(group, prefetch) for group in _groups(module)]
+    order: list[GroupResidency] = []
+    module._difftune_residencies = order
 
-        def tracked_onload(_onload=onload, _state=state):
-            _onload()
-            _state["on"] = True
+    def start_forward(_module, _args):
+        if not _in_backward():
+            order.clear()
 
-        def tracked_offload(_offload=offload, _state=state):
-            if torch._C._current_graph_task_id() == -1:  # not inside backward
-                _offload()
-                _state["on"] = False
-            elif not _state["pending"]:
-                _state["pending"] = True
-                torch.autograd.Variable._execution_engine.queue_callback(
-                    lambda: (_offload(), _state.update(on=False, pending=False))
-                )
+    module.register_forward_pre_hook(start_forward)
 
-        group.onload_, group.offload_ = tracked_onload, tracked_offload
+    for residency in residencies:
+        group = residency.group
 
-        def before(_module, _args, _group=group, _state=state):
-            if not _state["on"]:
-                _group.onload_()
-                if _group.stream is not None:
-                    _group.stream.synchronize()
-                if torch._C._current_graph_task_id() == -1:
-                    return
-                _group.offload_()  # queued for the end of this backward pass
+        def before(_module, _args, _residency=residency):
+            if not _residency.on:
+                _residency.onload(force=True)
+                if _residency.group.stream is not None:
+                    _residency.group.stream.synchronize()
 
         for top in group.modules:
             for inner in list(top.modules())[1:]:
                 inner.register_forward_pre_hook(before)
+
+        def watch_input(_module, args, kwargs, _residency=residency):
+            if _in_backward():
+                return
+            if _residency not in order:
+                _residency.previous = order[-1] if order else None
+                order.append(_residency)
+            _residency.done = False
+            stream = next(
+                (t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor) and t.requires_grad),
+                None,
+            )
+            if stream is not None and _module is _residency.group.modules[0]:
+                stream.register_hook(_residency.backward_done)
+
+        if group.modules:
+            group.modules[0].register_forward_pre_hook(watch_input, with_kwargs=True)
 
 
 def _refetch_saved_weights(module: torch.nn.Module, device: torch.device) -> None:

@@ -120,7 +120,7 @@ def quantize_module(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kind, backend = _resolve(precision, device)
     if backend == "quanto":
-        _quantize_quanto(module, kind, exclude)
+        _quantize_quanto(module, kind, exclude, torch.device(device))
     else:
         _quantize_torchao(module, kind, exclude)
     for name in quantizable_names(module, exclude):
@@ -129,7 +129,9 @@ def quantize_module(
     return module
 
 
-def _quantize_quanto(module: torch.nn.Module, kind: str, exclude: Sequence[str]) -> None:
+def _quantize_quanto(
+    module: torch.nn.Module, kind: str, exclude: Sequence[str], device: torch.device
+) -> None:
     try:
         import optimum.quanto as quanto
     except ImportError as error:
@@ -141,6 +143,15 @@ def _quantize_quanto(module: torch.nn.Module, kind: str, exclude: Sequence[str])
         return
     quanto.quantize(module, weights=getattr(quanto, QUANTO_WEIGHTS[kind]), include=names)
     quanto.freeze(module)
+    if device.type == "cpu":
+        # quanto's CPU int8 kernel refuses inputs whose last dimension is strided, which diffusers'
+        # attention blocks pass (a permuted reshape) under bf16 autocast
+        for name in names:
+            module.get_submodule(name).register_forward_pre_hook(_contiguous_input)
+
+
+def _contiguous_input(_module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
 
 
 def _quantize_torchao(module: torch.nn.Module, kind: str, exclude: Sequence[str]) -> None:
