@@ -431,3 +431,30 @@ def test_validation_settings_without_a_prompt_warn_that_no_samples_will_be_made(
     assert not [w for w in with_prompt if "no samples" in w]
     defaults_only = load_config(write_config(workdir, SDXL)).warnings
     assert not [w for w in defaults_only if "no samples" in w]
+
+
+def test_offset_noise_alone_means_the_original_tools_defaults(workdir):
+    train = load_config(write_config(workdir, {**SDXL, "offset_noise": "true"})).train
+    assert (train.effective_noise_offset, train.effective_noise_offset_probability) == (0.1, 0.25)
+    train = load_config(write_config(workdir, {**SDXL, "noise_offset": 0.05})).train
+    assert (train.effective_noise_offset, train.effective_noise_offset_probability) == (0.05, 1.0)
+    train = load_config(write_config(workdir, {**SDXL, "noise_offset": 0.05, "offset_noise": False})).train
+    assert train.effective_noise_offset == 0.0
+
+
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        ({"use_soft_min_snr": True}, "'use_soft_min_snr' is true, but it softens min-SNR weighting"),
+        ({"snr_gamma": 5, "diff2flow_enabled": True}, "Diff2Flow (diff2flow_enabled) trains without min-SNR"),
+        (
+            {"timestep_bias_strategy": "range", "timestep_bias_begin": 500, "timestep_bias_end": 200},
+            "[500, 200), which is empty",
+        ),
+        ({"loss_type": "l1"}, "'loss_type' is 'l1', but it must be one of 'l2', 'huber' or 'smooth_l1'"),
+    ],
+)
+def test_objective_settings_that_cannot_work_together_are_refused(workdir, settings, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(write_config(workdir, {**SDXL, **settings}))
+    assert words in str(error.value)

@@ -74,3 +74,22 @@ def test_validation_previews_decode_intermediate_latents(tmp_path, tiny_sdxl, im
     for event in previews:
         with Image.open(event["path"]) as image:
             assert image.size == (64, 64)
+
+
+@pytest.mark.slow
+def test_loss_type_timestep_bias_and_input_perturbation_reach_the_training_step(
+    tmp_path, tiny_sdxl, image_folder
+):
+    def first_loss(name, **settings):
+        config = write_run(
+            tmp_path / name, tiny_sdxl, image_folder, max_train_steps=1, validation_disable=True, **settings
+        )
+        return train(load_config(config)).losses[0]
+
+    plain = first_loss("plain")
+    assert first_loss("again") == pytest.approx(plain, rel=1e-5)
+    assert first_loss("huber", loss_type="huber", huber_schedule="constant") != pytest.approx(plain, rel=1e-3)
+    assert first_loss("bias", timestep_bias_strategy="later", timestep_bias_multiplier=50.0) != pytest.approx(
+        plain, rel=1e-3
+    )
+    assert first_loss("perturbed", input_perturbation=0.5) != pytest.approx(plain, rel=1e-3)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -61,3 +63,39 @@ def test_add_noise_and_target_for_4d_and_5d_latents(shape):
 def test_invalid_shift_is_rejected():
     with pytest.raises(ValueError, match="flow_schedule_shift"):
         FlowMatchingObjective(shift=0.0)
+
+
+def test_beta_schedule_draws_sigmas_from_the_beta_distribution_repeatably():
+    objective = FlowMatchingObjective(beta=(5.0, 1.0))
+    first = objective.sample_timesteps(4000, torch.Generator().manual_seed(1), "cpu")
+    torch.manual_seed(99)  # the global RNG must not matter
+    again = objective.sample_timesteps(4000, torch.Generator().manual_seed(1), "cpu")
+    assert torch.equal(first, again)
+    # Beta(5, 1): mean 5/6, standard deviation 0.14, so the mean of 4000 draws is within 0.02 of it
+    assert first.mean().item() == pytest.approx(5 / 6, abs=0.02)
+    logit = FlowMatchingObjective().sample_timesteps(4000, torch.Generator().manual_seed(1), "cpu")
+    assert logit.mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_auto_shift_grows_with_the_latent_size():
+    from difftune.families.flow_matching import resolution_shift
+
+    assert resolution_shift((1, 16, 32, 32)) == pytest.approx(math.exp(0.5))  # 256 tokens
+    assert resolution_shift((1, 16, 128, 128)) == pytest.approx(math.exp(1.15))  # 4096 tokens
+    assert resolution_shift((1, 16, 2, 64, 64)) == pytest.approx(math.exp(0.5 + 0.65 * (2048 - 256) / 3840))
+    objective = FlowMatchingObjective(auto_shift=True, uniform=True)
+    small = objective.sample_timesteps_for((8, 16, 32, 32), 8, torch.Generator().manual_seed(0), "cpu")
+    large = objective.sample_timesteps_for((8, 16, 128, 128), 8, torch.Generator().manual_seed(0), "cpu")
+    plain = FlowMatchingObjective(uniform=True).sample_timesteps(8, torch.Generator().manual_seed(0), "cpu")
+    torch.testing.assert_close(small, shift_sigmas(plain, math.exp(0.5)))
+    torch.testing.assert_close(large, shift_sigmas(plain, math.exp(1.15)))
+
+
+def test_min_snr_weights_of_the_velocity_loss_weight_the_x0_error_by_min_snr():
+    sigmas = torch.tensor([0.1, 0.5, 0.9])
+    snr = ((1 - sigmas) / sigmas) ** 2
+    hard = FlowMatchingObjective(snr_gamma=5.0).loss_weights(sigmas)
+    soft = FlowMatchingObjective(snr_gamma=5.0, soft_min_snr=True).loss_weights(sigmas)
+    torch.testing.assert_close(hard, sigmas**2 * snr.clamp(max=5.0))
+    torch.testing.assert_close(soft, sigmas**2 * snr * 5.0 / (snr + 5.0))
+    assert FlowMatchingObjective().loss_weights(sigmas) is None

@@ -92,3 +92,14 @@ def test_flow_interpolation_and_target():
     torch.testing.assert_close(noisy[1], 0.7 * latents[1] + 0.3 * noise[1])
     torch.testing.assert_close(noisy[2], noise[2])
     torch.testing.assert_close(objective.target(latents, noise, sigmas), noise - latents)
+
+
+def test_soft_min_snr_weights_are_a_smooth_minimum():
+    scheduler = EulerDiscreteScheduler(**SDXL_BETAS)
+    timesteps = torch.tensor([10, 300, 900])
+    hard = EpsilonObjective(scheduler, snr_gamma=5.0)
+    soft = EpsilonObjective(scheduler, snr_gamma=5.0, soft_min_snr=True)
+    snr = hard.snr(timesteps)
+    torch.testing.assert_close(soft.loss_weights(timesteps), 5.0 / (snr + 5.0))
+    assert not torch.allclose(soft.loss_weights(timesteps), hard.loss_weights(timesteps))
+    assert hard.noise_fraction(torch.tensor([0, 500])).tolist() == [0.0, 0.5]

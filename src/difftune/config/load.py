@@ -86,6 +86,8 @@ def load_config(
     if data_config_path is not None:
         values["data_backend_config"] = str(data_config_path)
 
+    if str(values.get("offset_noise", "")).strip().lower() == "true" and "noise_offset" not in values:
+        values["noise_offset"] = 0.1  # the original tool's default strength
     family = _check_family(values, origin, problems)
     if family is not None:
         for key, default in family.defaults.items():
@@ -328,6 +330,7 @@ def _cross_key_problems(train: TrainConfig, family: registry.FamilySpec, origin:
             f'— pip install {package} (or pip install -e ".[quant]" for both quantisation back-ends), '
             "or set base_model_precision to no_change"
         )
+    problems.extend(_objective_problems(train, origin))
     frames = train.validation_num_video_frames
     if frames is not None:
         problem = family.frame_count_problem(frames)
@@ -382,6 +385,28 @@ def _missing_package(precision: str) -> str | None:
     except (ImportError, ValueError):  # a parent package missing, or hidden from this process
         found = False
     return None if found else package
+
+
+def _objective_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:
+    """Objective settings that would be ignored together: each is refused with the fix."""
+    problems = []
+    if train.use_soft_min_snr and train.snr_gamma is None:
+        problems.append(
+            f"{origin.get('use_soft_min_snr', 'config')}: 'use_soft_min_snr' is true, but it softens "
+            "min-SNR weighting, which needs snr_gamma; set snr_gamma (5.0 is the paper's value) or remove it"
+        )
+    if train.diff2flow_enabled and train.snr_gamma is not None:
+        problems.append(
+            f"{origin.get('snr_gamma', 'config')}: 'snr_gamma' is {train.snr_gamma}, but Diff2Flow "
+            "(diff2flow_enabled) trains without min-SNR weighting; remove one of them"
+        )
+    if train.timestep_bias_strategy == "range" and train.timestep_bias_begin >= train.timestep_bias_end:
+        problems.append(
+            f"{origin.get('timestep_bias_end', 'config')}: timestep_bias_strategy 'range' biases timesteps "
+            f"[timestep_bias_begin, timestep_bias_end) = [{train.timestep_bias_begin}, "
+            f"{train.timestep_bias_end}), which is empty; make timestep_bias_begin smaller than timestep_bias_end"
+        )
+    return problems
 
 
 # -- datasets -------------------------------------------------------------------------------------

@@ -85,7 +85,6 @@ _DATA_FILTER = (
     "difftune trains on every file of a dataset and never deletes or filters files; "
     "remove it and clean the folder yourself"
 )
-_LOSS = "difftune trains with the mean squared error; remove it"
 _TIMESTEPS = "difftune draws timesteps without this; remove it (flow models: flow_schedule_shift)"
 _EVAL = (
     "difftune's eval loss scores a fixed slice of the training data; use eval_steps_interval and eval_batches"
@@ -310,22 +309,22 @@ TRAIN_KEYS: dict[str, Status] = {
     # objective: noise, timesteps, loss
     "snr_gamma": BUILT,
     "snr_weight": refused("use snr_gamma; remove it", 1),
-    "use_soft_min_snr": refused("use snr_gamma (min-SNR); remove it"),
+    "use_soft_min_snr": BUILT,
     "soft_min_snr_sigma_data": refused("use snr_gamma (min-SNR); remove it"),
     "noise_offset": BUILT,
-    "offset_noise": refused("set noise_offset alone: difftune applies it to every batch"),
-    "noise_offset_probability": refused("difftune applies noise_offset to every batch; remove it", 1),
-    "input_perturbation": refused(_NOT_YET, 0),
-    "input_perturbation_steps": refused(_NOT_YET, 0),
-    "loss_type": refused(_LOSS, "l2", "mse"),
-    "huber_c": refused(_LOSS),
-    "huber_schedule": refused(_LOSS),
+    "offset_noise": BUILT,
+    "noise_offset_probability": BUILT,
+    "input_perturbation": BUILT,
+    "input_perturbation_steps": BUILT,
+    "loss_type": BUILT,
+    "huber_c": BUILT,
+    "huber_schedule": BUILT,
     "masked_loss_probability": refused("difftune has no masked loss; remove it"),
-    "timestep_bias_strategy": refused(_TIMESTEPS),
-    "timestep_bias_begin": refused(_TIMESTEPS),
-    "timestep_bias_end": refused(_TIMESTEPS),
-    "timestep_bias_multiplier": refused(_TIMESTEPS),
-    "timestep_bias_portion": refused(_TIMESTEPS),
+    "timestep_bias_strategy": BUILT,
+    "timestep_bias_begin": BUILT,
+    "timestep_bias_end": BUILT,
+    "timestep_bias_multiplier": BUILT,
+    "timestep_bias_portion": BUILT,
     "disable_segmented_timestep_sampling": cosmetic(
         "difftune draws each sample's timestep independently from the same distribution"
     ),
@@ -333,12 +332,12 @@ TRAIN_KEYS: dict[str, Status] = {
     "inference_scheduler_timestep_spacing": _VALIDATION,
     "rescale_betas_zero_snr": refused("difftune uses the model's noise schedule as published; remove it"),
     "flow_schedule_shift": BUILT,
-    "flow_schedule_auto_shift": refused("set flow_schedule_shift yourself"),
+    "flow_schedule_auto_shift": BUILT,
     "flow_use_uniform_schedule": BUILT,
     "flow_sigmoid_scale": BUILT,
-    "flow_use_beta_schedule": refused("use flow_use_uniform_schedule or the default sigmoid schedule"),
-    "flow_beta_schedule_alpha": refused("use flow_use_uniform_schedule or the default sigmoid schedule"),
-    "flow_beta_schedule_beta": refused("use flow_use_uniform_schedule or the default sigmoid schedule"),
+    "flow_use_beta_schedule": BUILT,
+    "flow_beta_schedule_alpha": BUILT,
+    "flow_beta_schedule_beta": BUILT,
     "tread_config": BUILT,
     "diff2flow_enabled": BUILT,
     "diff2flow_loss": BUILT,

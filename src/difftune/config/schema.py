@@ -172,8 +172,25 @@ class TrainConfig(_Strict):
     noise_offset: float = Field(0.0, ge=0, le=1)
     caption_dropout_probability: float = Field(0.0, ge=0, le=1)
     flow_schedule_shift: float = Field(3.0, gt=0)
+    flow_schedule_auto_shift: bool = False  # shift from each batch's latent size instead
     flow_use_uniform_schedule: bool = False
     flow_sigmoid_scale: float = Field(1.0, gt=0)
+    flow_use_beta_schedule: bool = False
+    flow_beta_schedule_alpha: float = Field(2.0, gt=0)
+    flow_beta_schedule_beta: float = Field(2.0, gt=0)
+    use_soft_min_snr: bool = False  # with snr_gamma: soft minimum SNR * gamma / (SNR + gamma)
+    offset_noise: bool | None = None  # false: no offset noise; true: noise_offset (0.1 if unset)
+    noise_offset_probability: float | None = Field(None, ge=0, le=1)  # None: 0.25 with offset_noise, else 1
+    input_perturbation: float = Field(0.0, ge=0)
+    input_perturbation_steps: int = Field(0, ge=0)  # > 0: decays linearly to 0 over these steps
+    loss_type: Literal["l2", "huber", "smooth_l1"] = "l2"
+    huber_c: float = Field(0.1, gt=0, le=1)
+    huber_schedule: Literal["snr", "exponential", "constant"] = "snr"
+    timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = "none"
+    timestep_bias_multiplier: float = Field(1.0, gt=0)
+    timestep_bias_begin: int = Field(0, ge=0, le=1000)
+    timestep_bias_end: int = Field(1000, ge=0, le=1000)
+    timestep_bias_portion: float = Field(0.25, gt=0, le=1)
     tread_config: dict[str, Any] | None = None
     # Diff2Flow (SDXL): flow-matching time and inputs mapped onto the diffusion schedule
     diff2flow_enabled: bool = False
@@ -280,6 +297,18 @@ class TrainConfig(_Strict):
     def validation_sizes(self) -> list[tuple[int, int]]:
         """validation_resolution as [(width, height), ...]."""
         return parse_resolutions(self.validation_resolution)
+
+    @property
+    def effective_noise_offset(self) -> float:
+        """noise_offset as applied: 0 with offset_noise false (the loader sets 0.1 for offset_noise alone)."""
+        return 0.0 if self.offset_noise is False else self.noise_offset
+
+    @property
+    def effective_noise_offset_probability(self) -> float:
+        """The share of batches that get offset noise: as set, else 0.25 with offset_noise (as the original), else 1."""
+        if self.noise_offset_probability is not None:
+            return self.noise_offset_probability
+        return 0.25 if self.offset_noise else 1.0
 
     @property
     def effective_lora_alpha(self) -> float:

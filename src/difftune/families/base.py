@@ -56,6 +56,24 @@ class Objective(ABC):
         """Per-sample loss weights (B,), e.g. min-SNR; None means uniform."""
         return None
 
+    def sample_timesteps_for(
+        self, latent_shape: tuple[int, ...], batch_size: int, generator: torch.Generator, device
+    ) -> torch.Tensor:
+        """Timesteps for latents of `latent_shape` (B, C, [F,] H, W); resolution-aware schedules override it."""
+        return self.sample_timesteps(batch_size, generator, device)
+
+    def noise_fraction(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Each timestep's place on the noise scale, 0 (clean) to 1 (pure noise), (B,) fp32.
+
+        The default reads the timesteps as flow sigmas (x_t = (1 - sigma) x0 + sigma noise).
+        """
+        return timesteps.float()
+
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio per sample (B,), fp32; the default reads flow sigmas: ((1 - s) / s)^2."""
+        sigma = self.noise_fraction(timesteps).clamp(1e-6, 1.0)
+        return ((1.0 - sigma) / sigma) ** 2
+
 
 class Family(ABC):
     """Base class of model families; a family module subclasses it and names its registry row in `spec`."""

@@ -137,12 +137,8 @@ class Kandinsky5ImageFamily(Family):
 
     # -- training -----------------------------------------------------------------------------
     def objective(self, components: Components) -> Objective:
-        """Flow matching with the config's shift, schedule and sigmoid scale."""
-        return FlowMatchingObjective(
-            shift=self.config.flow_schedule_shift,
-            uniform=self.config.flow_use_uniform_schedule,
-            sigmoid_scale=self.config.flow_sigmoid_scale,
-        )
+        """Flow matching with the config's shift, schedule, sigmoid scale and min-SNR weighting."""
+        return FlowMatchingObjective.from_config(self.config)
 
     def model_forward(
         self,

@@ -27,7 +27,13 @@ class EpsilonObjective(Objective):
     (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v.
     """
 
-    def __init__(self, noise_scheduler, snr_gamma: float | None = None, prediction_type: str | None = None):
+    def __init__(
+        self,
+        noise_scheduler,
+        snr_gamma: float | None = None,
+        prediction_type: str | None = None,
+        soft_min_snr: bool = False,
+    ):
         config = noise_scheduler.config
         self.prediction_type = prediction_type or getattr(config, "prediction_type", None) or "epsilon"
         if self.prediction_type not in PREDICTION_TYPES:
@@ -38,6 +44,7 @@ class EpsilonObjective(Objective):
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0 (5.0 is the paper's value), got {snr_gamma}")
         self.snr_gamma = snr_gamma
+        self.soft_min_snr = bool(soft_min_snr)
         self.num_train_timesteps = int(config.num_train_timesteps)
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.detach().to(torch.float32).cpu()
 
@@ -67,17 +74,21 @@ class EpsilonObjective(Objective):
         velocity = alphas.sqrt() * noise.float() - (1.0 - alphas).sqrt() * latents.float()
         return velocity.to(latents.dtype)
 
+    def noise_fraction(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """t / num_train_timesteps (B,), fp32: 0 is clean, 1 pure noise."""
+        return timesteps.float() / self.num_train_timesteps
+
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio a_t / (1 - a_t) per sample (B,), fp32, on the timesteps' device."""
         alphas = self._alphas(timesteps)
         return (alphas / (1.0 - alphas)).to(timesteps.device)
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
-        """Min-SNR weights (B,), or None without snr_gamma."""
+        """Min-SNR weights (B,) (soft minimum with soft_min_snr), or None without snr_gamma."""
         if self.snr_gamma is None:
             return None
         snr = self.snr(timesteps)
-        clipped = snr.clamp(max=self.snr_gamma)
+        clipped = flow_matching.snr_minimum(snr, self.snr_gamma, self.soft_min_snr)
         if self.prediction_type == "epsilon":
             return clipped / snr
         if self.prediction_type == "v_prediction":
@@ -99,8 +110,9 @@ class FlowMatchingObjective(flow_matching.FlowMatchingObjective):
         uniform: bool = False,
         sigmoid_scale: float = 1.0,
         num_train_timesteps: int = 1000,
+        **options,
     ):
-        super().__init__(shift=shift, uniform=uniform, sigmoid_scale=sigmoid_scale)
+        super().__init__(shift=shift, uniform=uniform, sigmoid_scale=sigmoid_scale, **options)
         self.num_train_timesteps = int(num_train_timesteps)
 
     def timestep_for_model(self, sigmas: torch.Tensor) -> torch.Tensor:

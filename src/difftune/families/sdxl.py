@@ -167,7 +167,10 @@ class SDXLFamily(Family):
             )
             return self._diff2flow
         return EpsilonObjective(
-            components.scheduler, snr_gamma=self.config.snr_gamma, prediction_type=prediction_type
+            components.scheduler,
+            snr_gamma=self.config.snr_gamma,
+            prediction_type=prediction_type,
+            soft_min_snr=self.config.use_soft_min_snr,
         )
 
     def add_time_ids(self, batch: dict[str, Any], batch_size: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from difftune.config.schema import TrainConfig
 from difftune.data.sampler import BucketBatchSampler, check_enough_samples
 from difftune.training.checkpoints import TrainerState, load_checkpoint, trainable_state
+from difftune.training.noise import TimestepBias, draws_offset
 
 
 # -- the global batch --------------------------------------------------------------------------
@@ -74,11 +75,14 @@ def draw_noise_and_timesteps(
     num_processes: int = 1,
     process_index: int = 0,
     noise_offset: float = 0.0,
+    noise_offset_probability: float = 1.0,
+    bias: TimestepBias | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise (B, ...) and timesteps (B,) of this process's rows, drawn for the global batch.
 
     noise_offset adds a per-sample, per-channel constant to the noise (offset noise), which lets the
-    model learn overall brightness shifts.
+    model learn overall brightness shifts; with noise_offset_probability < 1 one draw per global
+    batch decides whether it is added. `bias` reweights the timesteps (timestep_bias_*).
 
     The draw order (all the noise, then all the timesteps) is the single-process order, so one
     process with batch n * B draws exactly what n processes with batch B draw together.
@@ -87,15 +91,39 @@ def draw_noise_and_timesteps(
     noise = global_rows(
         lambda n: torch.randn((n, *rest), generator=generator), batch_size, num_processes, process_index
     )
-    timesteps = global_rows(
-        lambda n: objective.sample_timesteps(n, generator, device), batch_size, num_processes, process_index
-    )
-    if noise_offset:
+
+    def timesteps_of(n: int) -> torch.Tensor:
+        if bias is not None:
+            return bias.draw(objective, (n, *rest), n, generator, device)
+        return objective.sample_timesteps_for((n, *rest), n, generator, device)
+
+    timesteps = global_rows(timesteps_of, batch_size, num_processes, process_index)
+    if noise_offset and draws_offset(noise_offset_probability, generator):
         offsets = global_rows(
             lambda n: torch.randn((n, rest[0]), generator=generator), batch_size, num_processes, process_index
         )
         noise = noise + noise_offset * offsets.view(batch_size, rest[0], *([1] * (len(rest) - 1)))
     return noise.to(device), timesteps
+
+
+def perturb_inputs(
+    noise: torch.Tensor,
+    scale: float,
+    generator: torch.Generator,
+    num_processes: int = 1,
+    process_index: int = 0,
+) -> torch.Tensor:
+    """noise + scale * fresh noise (input_perturbation): what the noisy inputs are built from.
+
+    The target keeps the unperturbed noise. Drawn for the global batch like the noise itself.
+    """
+    if scale == 0:
+        return noise
+    batch_size, rest = noise.shape[0], tuple(noise.shape[1:])
+    extra = global_rows(
+        lambda n: torch.randn((n, *rest), generator=generator), batch_size, num_processes, process_index
+    )
+    return noise + scale * extra.to(device=noise.device, dtype=noise.dtype)
 
 
 # -- FSDP2 -------------------------------------------------------------------------------------

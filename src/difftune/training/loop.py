@@ -29,11 +29,13 @@ from difftune.training.distributed import (
     draw_noise_and_timesteps,
     full_trainable_state,
     load_sharded_checkpoint,
+    perturb_inputs,
     shard_global_batches,
     shard_if_configured,
 )
 from difftune.training.features import TrainingFeatures
-from difftune.training.losses import build_crepa, crepa_loss, per_sample_loss
+from difftune.training.losses import LossKind, build_crepa, crepa_loss, per_sample_loss
+from difftune.training.noise import TimestepBias, input_perturbation_scale
 from difftune.training.optim import build_lr_scheduler, build_optimizer, step_lr_schedule
 from difftune.training.scheduled_sampling import rollout_inputs
 from difftune.training.setup import (
@@ -139,6 +141,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     denoiser, optimizer = prepare_for_accelerator(accelerator, denoiser, optimizer, config, sharded)
     model = accelerator.unwrap_model(denoiser)
     objective = family.objective(components)
+    timestep_bias, loss_kind = TimestepBias.from_config(config), LossKind.from_config(config)
 
     # -- resume -------------------------------------------------------------------------------
     noise_generator = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
@@ -188,7 +191,15 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
                 accelerator.device,
                 accelerator.num_processes,
                 accelerator.process_index,
-                config.noise_offset,
+                config.effective_noise_offset,
+                config.effective_noise_offset_probability,
+                timestep_bias,
+            )
+            perturbation = input_perturbation_scale(
+                config.input_perturbation, config.input_perturbation_steps, state.global_step
+            )
+            inputs_noise = perturb_inputs(
+                noise, perturbation, noise_generator, accelerator.num_processes, accelerator.process_index
             )
             with accelerator.autocast():
                 noisy = rollout_inputs(
@@ -197,7 +208,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
                     model,
                     objective,
                     latents,
-                    noise,
+                    inputs_noise,
                     timesteps,
                     batch,
                     config,
@@ -208,7 +219,12 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
                 )
                 prediction = family.model_forward(components, denoiser, noisy, timesteps, batch)
             losses = per_sample_loss(
-                prediction, objective.target(latents, noise, timesteps), family.loss_mask(batch, latents)
+                prediction,
+                objective.target(latents, noise, timesteps),
+                family.loss_mask(batch, latents),
+                loss_kind,
+                objective,
+                timesteps,
             )
             weights = objective.loss_weights(timesteps)
             loss = (losses * weights).mean() if weights is not None else losses.mean()

@@ -2,14 +2,64 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
+@dataclass(frozen=True)
+class LossKind:
+    """loss_type with huber_c and huber_schedule, as the original tool defines them.
+
+    l2: d^2. huber: 2 c (sqrt(d^2 + c^2) - c). smooth_l1: 2 (sqrt(d^2 + c^2) - c); d = prediction
+    - target. huber_schedule sets c per sample: constant c; exponential c ** u, u the noise
+    fraction of the timestep (c at pure noise, 1 when clean); snr (1 - c) / (1 + r)^2 + c, r = 1 /
+    sqrt(SNR) the noise-to-signal ratio.
+    """
+
+    loss_type: str = "l2"
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+
+    @classmethod
+    def from_config(cls, config) -> LossKind:
+        return cls(config.loss_type, config.huber_c, config.huber_schedule)
+
+    def c(self, objective, timesteps: torch.Tensor) -> torch.Tensor:
+        """huber_c per sample (B,), fp32."""
+        if self.huber_schedule == "constant":
+            return torch.full(timesteps.shape, float(self.huber_c), device=timesteps.device)
+        if self.huber_schedule == "exponential":
+            return float(self.huber_c) ** objective.noise_fraction(timesteps).float()
+        ratio = objective.snr(timesteps).float().clamp_min(1e-12).rsqrt()
+        return (1.0 - self.huber_c) / (1.0 + ratio) ** 2 + self.huber_c
+
+    def elementwise(self, error: torch.Tensor, objective, timesteps: torch.Tensor) -> torch.Tensor:
+        """The loss of each element of `error` (prediction - target, (B, ...), fp32)."""
+        if self.loss_type == "l2":
+            return error**2
+        c = self.c(objective, timesteps).to(error.device).reshape(-1, *([1] * (error.ndim - 1)))
+        smooth = 2.0 * (torch.sqrt(error**2 + c**2) - c)
+        return c * smooth if self.loss_type == "huber" else smooth
+
+
 def per_sample_loss(
-    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+    kind: LossKind | None = None,
+    objective=None,
+    timesteps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error per sample (B,), in fp32, over the unmasked elements (mask 1 = counted)."""
-    error = (prediction.float() - target.float()) ** 2
+    """Mean loss per sample (B,), in fp32, over the unmasked elements (mask 1 = counted).
+
+    Squared error unless `kind` says otherwise (huber and smooth_l1 need the objective and timesteps).
+    """
+    difference = prediction.float() - target.float()
+    if kind is None or kind.loss_type == "l2":
+        error = difference**2
+    else:
+        error = kind.elementwise(difference, objective, timesteps)
     dims = tuple(range(1, error.ndim))
     if mask is None:
         return error.mean(dim=dims)

@@ -1,0 +1,56 @@
+"""loss_type l2 / huber / smooth_l1 with huber_c and its schedules."""
+
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler
+
+from difftune.families.flow_matching import FlowMatchingObjective
+from difftune.families.objectives import EpsilonObjective
+from difftune.training.losses import LossKind, per_sample_loss
+
+SDXL_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def batch(scale=1.0):
+    g = torch.Generator().manual_seed(0)
+    return scale * torch.randn(3, 4, 8, 8, generator=g), torch.zeros(3, 4, 8, 8)
+
+
+def test_huber_gives_another_loss_than_l2_on_the_same_batch():
+    objective, timesteps = FlowMatchingObjective(), torch.tensor([0.2, 0.5, 0.8])
+    prediction, target = batch()
+    l2 = per_sample_loss(prediction, target, None)
+    huber = per_sample_loss(
+        prediction, target, None, LossKind("huber", 0.1, "constant"), objective, timesteps
+    )
+    smooth = per_sample_loss(
+        prediction, target, None, LossKind("smooth_l1", 0.1, "constant"), objective, timesteps
+    )
+    assert not torch.allclose(l2, huber)
+    torch.testing.assert_close(huber, 0.1 * smooth)
+    # large errors: huber grows linearly (about 2 c |d|), far below the squared error
+    assert (huber < 0.5 * l2).all()
+    torch.testing.assert_close(
+        per_sample_loss(prediction, target, None, LossKind(), objective, timesteps), l2
+    )
+
+
+def test_huber_is_the_squared_error_for_small_errors():
+    prediction, target = batch(scale=1e-3)
+    kind = LossKind("huber", 0.1, "constant")
+    huber = per_sample_loss(prediction, target, None, kind, FlowMatchingObjective(), torch.tensor([0.5] * 3))
+    torch.testing.assert_close(huber, per_sample_loss(prediction, target, None), rtol=1e-3, atol=0)
+
+
+def test_huber_c_schedules():
+    objective = EpsilonObjective(EulerDiscreteScheduler(**SDXL_BETAS))
+    timesteps = torch.tensor([0, 500, 1000 - 1])
+    exponential = LossKind("huber", 0.1, "exponential").c(objective, timesteps)
+    assert exponential[0].item() == pytest.approx(1.0)
+    assert exponential[1].item() == pytest.approx(0.1**0.5)
+    snr = LossKind("huber", 0.1, "snr").c(objective, timesteps)
+    ratio = objective.snr(timesteps).rsqrt()
+    torch.testing.assert_close(snr, 0.9 / (1 + ratio) ** 2 + 0.1)
+    assert snr[0] > snr[1] > snr[2] > 0.1  # clean timesteps tolerate larger errors quadratically
+    constant = LossKind("huber", 0.3, "constant").c(objective, timesteps)
+    assert constant.tolist() == pytest.approx([0.3] * 3)
