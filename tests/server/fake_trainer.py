@@ -2,7 +2,9 @@
 
 argv: CONFIG_PATH [--resume_from_checkpoint latest]. Settings from the config: output_dir,
 max_train_steps; from the environment: FAKE_STEP_SECONDS (pause per step), FAKE_CHILD_PID_FILE (start a
-sleeping grandchild and write its pid there, to check that stopping reaches the whole process group).
+sleeping grandchild and write its pid there, to check that stopping reaches the whole process group),
+FAKE_FAIL_AT_STEP and FAKE_FAIL_MESSAGE (print `difftune: MESSAGE` and exit 2 at that step),
+FAKE_VALIDATION_SECONDS (how long validation at step 1 takes).
 """
 
 import json
@@ -47,7 +49,13 @@ for step in range(1, steps + 1):
         eta_s=(steps - step) * pause,
     )
     print(f"step {step} loss {1.0 / step:.4f}", flush=True)
+    if step == int(os.environ.get("FAKE_FAIL_AT_STEP", "0")):
+        emit(type="error", message="ValueError: " + os.environ.get("FAKE_FAIL_MESSAGE", "failed"))
+        print("difftune: " + os.environ.get("FAKE_FAIL_MESSAGE", "failed"), file=sys.stderr, flush=True)
+        sys.exit(2)
     if step == 1:
+        emit(type="validation_start", step=step, prompts=1)
+        time.sleep(float(os.environ.get("FAKE_VALIDATION_SECONDS", "0")))
         folder = output_dir / "validation" / str(step)
         folder.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (32, 24), (200, 30, 30)).save(folder / "sample_0.png")

@@ -49,7 +49,8 @@ def test_job_runs_and_results_are_served(make_client, workdir):
 
     out = workdir / "out"
     assert "fresh start" in (out / "job.log").read_text()
-    assert client.get("/api/loss").json() == {"steps": [1, 2, 3], "loss": [1.0, 0.5, 1 / 3], "lr": [1e-4] * 3}
+    loss = client.get("/api/loss").json()
+    assert loss == {"steps": [1, 2, 3], "loss": [1.0, 0.5, 1 / 3], "lr": [1e-4] * 3, "total": 3}
     gallery = client.get("/api/validation").json()["steps"]
     assert gallery == [
         {"step": 1, "files": [{"name": "sample_0.png", "kind": "image", "path": "validation/1/sample_0.png"}]}
@@ -139,6 +140,7 @@ def test_event_stream_replays_recent_events_and_hides_nan(make_client, workdir):
     client = make_client()
     with client.stream("GET", "/api/events", params={"backlog": 4, "max_seconds": 5}) as response:
         events = read_sse(response, lambda ev: any(e.get("step") == 11 for e in ev))
-    assert [e["step"] for e in events if e["type"] == "progress"] == [9, 10, 11]  # last 4 lines, one broken
+    # the last 4 messages (a broken line is none)
+    assert [e["step"] for e in events if e["type"] == "progress"] == [8, 9, 10, 11]
     assert events[-1]["loss"] is None
     assert client.get("/api/loss").json()["loss"][-1] is None

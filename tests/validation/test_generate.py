@@ -58,7 +58,10 @@ def test_every_prompt_at_every_size_and_the_denoiser_unchanged(tiny_sdxl, tmp_pa
     ]
     assert [p.name for p in paths] == expected and all(p.parent == folder for p in paths)
     assert [Image.open(p).size for p in paths] == [(64, 64), (96, 64)] * 2
-    assert events == [("validation", {"step": 7, "paths": [str(p) for p in paths]})]
+    assert events == [
+        ("validation_start", {"step": 7, "prompts": 2, "message": "validating at step 7"}),
+        ("validation", {"step": 7, "paths": [str(p) for p in paths]}),
+    ]
 
     assert unet.training and not components.vae.training
     assert {n for n, p in unet.named_parameters() if p.requires_grad} == trainable

@@ -15,11 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
-import math
 import secrets
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -42,7 +39,8 @@ from difftune.server.configfiles import non_finite, parse_body, read_config_file
 from difftune.server.files import list_folder, resolve_inside, thumbnail_png, user_file_response
 from difftune.server.forms import normalize_keys, schema_groups, validate_datasets, validate_train
 from difftune.server.jobs import JobBusy, JobRunner, TrainCommand, default_train_command
-from difftune.server.progress import LineTail, loss_series, parse_event, validation_gallery
+from difftune.server.progress import LossSeries, finite, validation_gallery
+from difftune.server.stream import EventHub
 
 HERE = Path(__file__).parent
 CONFIG_FILE = Path("config/config.json")
@@ -77,19 +75,8 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def _finite(value: Any) -> Any:
-    """NaN/inf -> None, recursively, so that the browser's JSON.parse accepts the event."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _unprocessable(file: Path, errors: list[dict[str, Any]]) -> JSONResponse:
-    return JSONResponse({"file": file.as_posix(), "detail": _finite(errors)}, status_code=422)
+    return JSONResponse({"file": file.as_posix(), "detail": finite(errors)}, status_code=422)
 
 
 def create_app(
@@ -141,7 +128,7 @@ def create_app(
     page = (HERE / "templates" / "index.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
-    def index() -> str:
+    async def index() -> str:
         return page
 
     @app.post("/login")
@@ -244,13 +231,24 @@ def create_app(
         return runner.stop()
 
     @app.get("/api/job")
-    def job_state() -> dict[str, Any]:
-        return runner.state()
+    async def job_state() -> dict[str, Any]:
+        return runner.state()  # cheap and non-blocking: answered on the event loop, never queued
 
     # -- progress -----------------------------------------------------------------------------------
+    loss_series: dict[tuple[Path, int], LossSeries] = {}
+
     @app.get("/api/loss")
-    def loss() -> dict[str, Any]:
-        return _finite(loss_series(output_dir() / "events.jsonl"))
+    async def loss(points: int = 1000) -> dict[str, Any]:
+        """The current run's loss by step (every run's, later ones winning, when none was started
+        here), averaged down to at most `points` points; read incrementally, off the event loop."""
+        job = runner.job
+        key = (output_dir() / "events.jsonl", job.events_offset if job else 0)
+        if key not in loss_series:
+            loss_series.clear()
+            loss_series[key] = LossSeries(*key)
+        series = loss_series[key]
+        await asyncio.to_thread(series.update)
+        return series.points(max(2, min(points, 20_000)))
 
     @app.get("/api/validation")
     def validation() -> dict[str, Any]:
@@ -263,13 +261,15 @@ def create_app(
             raise HTTPException(400, f"'{path}' is a folder, not a file")
         return user_file_response(target)
 
+    hub = EventHub(runner, output_dir, poll_seconds)
+
     @app.get("/api/events")
     async def events(
-        request: Request, backlog: int = 200, max_seconds: float | None = None
+        request: Request, backlog: int | None = None, max_seconds: float | None = None
     ) -> StreamingResponse:
-        """`max_seconds` ends the stream after that long (the browser's EventSource reconnects)."""
+        """The run's events as server-sent events (see stream.py); `backlog` caps the replayed ones."""
         return StreamingResponse(
-            _event_stream(request, runner, output_dir, backlog, poll_seconds, max_seconds),
+            hub.stream(request.headers.get("last-event-id"), max_seconds, backlog),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -374,47 +374,3 @@ class Guard:
         given = header[7:] if header.lower().startswith("bearer ") else ""
         given = given or request.cookies.get(cookie_name(request.scope), "")
         return secrets.compare_digest(given.encode(), self.token.encode())
-
-
-def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(_finite(data), default=str)}\n\n"
-
-
-async def _event_stream(
-    request: Request,
-    runner: JobRunner,
-    output_dir: Callable[[], Path],
-    backlog: int,
-    poll_seconds: float,
-    max_seconds: float | None,
-) -> AsyncIterator[str]:
-    """Server-sent events: each events.jsonl line as is, job log lines as {"type": "joblog", "line"},
-    and {"type": "job", ...state} whenever the job's state changes."""
-    yield "retry: 2000\n\n"
-    events_tail: LineTail | None = None
-    log_tail: LineTail | None = None
-    last_state: dict[str, Any] | None = None
-    last_sent = time.monotonic()
-    deadline = None if max_seconds is None else last_sent + max_seconds
-    while not await request.is_disconnected() and (deadline is None or time.monotonic() < deadline):
-        sent = []
-        events_path = output_dir() / "events.jsonl"
-        if events_tail is None or events_tail.path != events_path:
-            events_tail = LineTail(events_path, backlog)
-        sent += [_sse(event) for event in map(parse_event, events_tail.read_new()) if event]
-        job = runner.job
-        if job is not None and (log_tail is None or log_tail.path != job.log_path):
-            log_tail = LineTail(job.log_path, backlog)
-        if log_tail is not None:
-            sent += [_sse({"type": "joblog", "line": line}) for line in log_tail.read_new()]
-        state = runner.state()
-        if state != last_state:
-            sent.append(_sse({"type": "job", **state}))
-            last_state = state
-        if sent:
-            yield "".join(sent)
-            last_sent = time.monotonic()
-        elif time.monotonic() - last_sent > 15:
-            yield ": keep-alive\n\n"
-            last_sent = time.monotonic()
-        await asyncio.sleep(poll_seconds)

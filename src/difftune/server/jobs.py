@@ -30,13 +30,19 @@ class JobBusy(RuntimeError):
 
 @dataclass
 class Job:
+    """One training process; `log_offset` and `events_offset` are where its own part of job.log and
+    events.jsonl begin (both files keep earlier runs above it)."""
+
     argv: list[str]
     output_dir: Path
     log_path: Path
     process: subprocess.Popen
+    log_offset: int = 0
+    events_offset: int = 0
     started_at: float = field(default_factory=time.time)
     stopped: bool = False
     exit_code: int | None = None
+    reason: str | None = None  # why a failed job failed: its last `difftune: ...` line
 
 
 class JobRunner:
@@ -55,8 +61,11 @@ class JobRunner:
                 raise JobBusy(f"a job is already running (pid {self.job.process.pid}); stop it first")
             output_dir.mkdir(parents=True, exist_ok=True)
             log_path = output_dir / "job.log"
+            events_path = output_dir / "events.jsonl"
+            events_offset = events_path.stat().st_size if events_path.exists() else 0
             argv = self.train_command(config_path, resume)
             with log_path.open("ab") as log:
+                log_offset = log.tell()
                 log.write(f"$ {' '.join(argv)}\n".encode())
                 log.flush()
                 # start_new_session: the job and its workers (dataloader, compile) form one process
@@ -70,7 +79,14 @@ class JobRunner:
                     start_new_session=True,
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 )
-            job = Job(argv=argv, output_dir=output_dir, log_path=log_path, process=process)
+            job = Job(
+                argv=argv,
+                output_dir=output_dir,
+                log_path=log_path,
+                process=process,
+                log_offset=log_offset,
+                events_offset=events_offset,
+            )
             self.job = job
         threading.Thread(target=self._reap, args=(job,), daemon=True).start()
         return self.state()
@@ -79,6 +95,8 @@ class JobRunner:
         code = job.process.wait()
         with job.log_path.open("ab") as log:
             log.write(f"[job exited with code {code}]\n".encode())
+        if code != 0 and not job.stopped:
+            job.reason = failure_reason(job.log_path, job.log_offset, code)
         job.exit_code = code
 
     def stop(self, grace_seconds: float = 10.0) -> dict[str, Any]:
@@ -122,4 +140,18 @@ class JobRunner:
             "started_at": job.started_at,
             "output_dir": str(job.output_dir),
             "log": str(job.log_path),
+            "reason": job.reason,
         }
+
+
+def failure_reason(log_path: Path, start: int, code: int, tail_bytes: int = 64 << 10) -> str:
+    """The last `difftune: ...` line the job printed (its error message), else its last line of output."""
+    with log_path.open("rb") as log:
+        log.seek(max(start, log.seek(0, os.SEEK_END) - tail_bytes))
+        lines = log.read().decode("utf-8", errors="replace").splitlines()
+    lines = [line.strip() for line in lines if line.strip() and not line.startswith("[job exited")]
+    for line in reversed(lines):
+        if line.startswith("difftune: "):
+            return line.removeprefix("difftune: ")
+    last = lines[-1] if lines and not lines[-1].startswith("$ ") else "no output"
+    return f"exit code {code}: {last}"

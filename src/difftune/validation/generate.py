@@ -81,9 +81,13 @@ def run_validation(
     validation_seed (else seed, else 0; the same for every image, so steps compare). With
     num_validation_images > 1 the files end in -<i> and image i uses seed + i. The denoiser's
     weights, train/eval mode and device, and torch's global RNG are as they were afterwards.
-    Emits events("validation", {"step", "paths"}); returns the paths.
+    Emits events("validation_start", {"step", "prompts", "message"}) first (the web UI shows that it
+    is validating) and events("validation", {"step", "paths"}) at the end; returns the paths.
     """
     prompts = validation_prompts(config)
+    events(
+        "validation_start", {"step": step, "prompts": len(prompts), "message": f"validating at step {step}"}
+    )
     folder = Path(output_dir) / "validation" / str(step)
     folder.mkdir(parents=True, exist_ok=True)
     seed = config.validation_seed if config.validation_seed is not None else (config.seed or 0)
