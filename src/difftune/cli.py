@@ -147,8 +147,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean a setting, a file or the environment needs changing, not a bug."""
     from difftune.config import ConfigError
     from difftune.data.errors import DataError
+    from difftune.training.checkpoint_paths import CheckpointError
 
-    return (ConfigError, DataError, OSError)
+    return (ConfigError, DataError, OSError, CheckpointError)
 
 
 def report_error(exc: BaseException, debug: bool, log_path: Path | None = None) -> int:

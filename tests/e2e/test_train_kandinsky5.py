@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from difftune.config import load_config
 from difftune.events import read_events
 from difftune.training.loop import train
+from difftune.training.state_files import load_state
 
 from .conftest import write_run
 
@@ -263,7 +264,7 @@ def test_t2v_with_crepa_trains_its_projector_through_the_run(tmp_path, tiny_k5_v
     plain = train(load_config(plain_config))
     # the same seed and batches: only CREPA's term (-crepa_lambda * alignment) makes the losses differ
     assert plain.losses != pytest.approx(result.losses, abs=1e-7)
-    saved = torch.load(tmp_path / "out" / "checkpoint-3" / "trainer_state.pt", weights_only=False)
+    saved = load_state(tmp_path / "out" / "checkpoint-3", "trainer_state")
     projector = saved["extra"]["crepa"]
     assert projector and any(torch.is_tensor(v) and v.abs().sum() > 0 for v in _tensors(projector))
 

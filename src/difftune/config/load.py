@@ -23,6 +23,7 @@ from difftune.config.memory import resolve_memory_settings
 from difftune.config.schema import DatasetConfig, TrainConfig, VideoConfig
 from difftune.errors import ConfigError
 from difftune.families import registry
+from difftune.training.checkpoint_paths import outside_output_dir_problem
 
 DEFAULT_CONFIG_PATHS = (Path("config/config.json"), Path("config/config.toml"))
 RESOLVED_FILE_NAME = "config.resolved.json"
@@ -331,6 +332,11 @@ def _cross_key_problems(train: TrainConfig, family: registry.FamilySpec, origin:
             "or set base_model_precision to no_change"
         )
     problems.extend(_objective_problems(train, origin))
+    outside = outside_output_dir_problem(
+        train.output_dir, train.resume_from_checkpoint, train.allow_resume_outside_output_dir
+    )
+    if outside:
+        problems.append(f"{origin.get('resume_from_checkpoint', 'config')}: {outside}")
     frames = train.validation_num_video_frames
     if frames is not None:
         problem = family.frame_count_problem(frames)

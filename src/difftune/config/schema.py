@@ -253,6 +253,8 @@ class TrainConfig(_Strict):
     checkpointing_steps: int = Field(500, ge=0)
     checkpoints_total_limit: int | None = Field(None, ge=1)
     resume_from_checkpoint: str | None = None
+    allow_resume_outside_output_dir: bool = False  # a checkpoint from elsewhere is an explicit choice
+    skip_checkpoint_on_disk_full: bool = False  # a full disk skips that checkpoint instead of stopping
 
     # tracking
     report_to: Literal["tensorboard", "wandb", "none", "all"] = "tensorboard"

@@ -19,6 +19,7 @@ from difftune.config import LoadedConfig, write_resolved
 from difftune.events import EventBus
 from difftune.families import get_family
 from difftune.training.checkpoints import (
+    CheckpointDiskFull,
     TrainerState,
     load_checkpoint,
     resolve_resume,
@@ -146,7 +147,9 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     # -- resume -------------------------------------------------------------------------------
     noise_generator = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
     state = TrainerState()
-    resume_path = resolve_resume(output_dir, config.resume_from_checkpoint)
+    resume_path = resolve_resume(
+        output_dir, config.resume_from_checkpoint, config.allow_resume_outside_output_dir, bus.emit
+    )
     if resume_path is not None:
         state = (load_sharded_checkpoint if sharded else load_checkpoint)(
             resume_path, model, optimizer, lr_scheduler
@@ -270,15 +273,23 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
             state.extra = features.state_dict() | ({"crepa": crepa.state_dict()} if crepa else {})
             trainable, optimizer_state = checkpoint_parts(model, optimizer)  # gathered under FSDP2
             if accelerator.is_main_process:
-                path = save_checkpoint(
-                    output_dir,
-                    trainable,
-                    optimizer_state,
-                    lr_scheduler,
-                    state,
-                    config.checkpoints_total_limit,
-                )
-                bus.emit("checkpoint", {"step": state.global_step, "path": str(path)})
+                try:
+                    path = save_checkpoint(
+                        output_dir,
+                        trainable,
+                        optimizer_state,
+                        lr_scheduler,
+                        state,
+                        config.checkpoints_total_limit,
+                    )
+                    bus.emit("checkpoint", {"step": state.global_step, "path": str(path)})
+                except CheckpointDiskFull as error:
+                    if not config.skip_checkpoint_on_disk_full:
+                        raise CheckpointDiskFull(
+                            f"{error}. To train on without a checkpoint when the disk is full, set "
+                            "skip_checkpoint_on_disk_full: true"
+                        ) from None
+                    bus.emit("warning", {"message": f"{error}; training goes on without this checkpoint"})
         if (
             config.validation_steps
             and not config.validation_disable
