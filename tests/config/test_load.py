@@ -171,6 +171,10 @@ def test_key_of_the_original_tool_that_changes_the_weights_is_refused(workdir):
 
 
 def test_lora_type_lycoris_means_a_lycoris_run(workdir):
+    (workdir / "config").mkdir()
+    (workdir / "config" / "lycoris_config.json").write_text(
+        json.dumps({"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1})
+    )
     path = write_config(workdir, {**SDXL, "lora_type": "lycoris"})
     assert load_config(path).train.model_type == "lycoris"
 

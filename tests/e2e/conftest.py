@@ -11,6 +11,20 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_k5_image(tmp_path_factory) -> Path:
+    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
+
+    return build_tiny_kandinsky5_image(tmp_path_factory.mktemp("models") / "k5-image", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_k5_video(tmp_path_factory) -> Path:
+    from difftune.testing.kandinsky5_video import build_tiny_kandinsky5_video
+
+    return build_tiny_kandinsky5_video(tmp_path_factory.mktemp("models") / "k5-video", seed=0)
+
+
 @pytest.fixture()
 def image_folder(tmp_path) -> Path:
     from difftune.testing.images import make_image_dataset
@@ -79,3 +93,21 @@ def write_run(
     path = workdir / "config.json"
     path.write_text(json.dumps(config))
     return path
+
+
+@pytest.fixture()
+def video_folder(tmp_path) -> Path:
+    from difftune.testing.videos import make_video_dataset
+
+    folder = tmp_path / "videos"
+    make_video_dataset(folder, n=4, frames=(9, 12), sizes=((64, 48), (48, 64)), fps_choices=(24,), seed=0)
+    return folder
+
+
+def video_dataset(folder: Path) -> dict:
+    """The multidatabackend.json fields of a 5-frame video dataset in `folder`."""
+    return {
+        "instance_data_dir": str(folder),
+        "dataset_type": "video",
+        "video": {"num_frames": 5, "min_frames": 5, "frame_rate": 24},
+    }

@@ -12,7 +12,7 @@ from difftune.events import read_events
 from difftune.training.loop import train
 from difftune.training.state_files import load_state
 
-from .conftest import write_run
+from .conftest import video_dataset, write_run
 
 K5_RUN = {
     "validation_resolution": "64x64",
@@ -24,13 +24,6 @@ K5_RUN = {
 
 
 @pytest.fixture(scope="session")
-def tiny_k5_image(tmp_path_factory) -> Path:
-    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
-
-    return build_tiny_kandinsky5_image(tmp_path_factory.mktemp("models") / "k5-image", seed=0)
-
-
-@pytest.fixture(scope="session")
 def tiny_k5_i2i(tmp_path_factory) -> Path:
     from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
 
@@ -38,34 +31,10 @@ def tiny_k5_i2i(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_k5_video(tmp_path_factory) -> Path:
-    from difftune.testing.kandinsky5_video import build_tiny_kandinsky5_video
-
-    return build_tiny_kandinsky5_video(tmp_path_factory.mktemp("models") / "k5-video", seed=0)
-
-
-@pytest.fixture(scope="session")
 def tiny_k5_i2v(tmp_path_factory) -> Path:
     from difftune.testing.kandinsky5_video import build_tiny_kandinsky5_video
 
     return build_tiny_kandinsky5_video(tmp_path_factory.mktemp("models") / "k5-i2v", seed=0, i2v=True)
-
-
-@pytest.fixture()
-def video_folder(tmp_path) -> Path:
-    from difftune.testing.videos import make_video_dataset
-
-    folder = tmp_path / "videos"
-    make_video_dataset(folder, n=4, frames=(9, 12), sizes=((64, 48), (48, 64)), fps_choices=(24,), seed=0)
-    return folder
-
-
-def _video_dataset(folder: Path) -> dict:
-    return {
-        "instance_data_dir": str(folder),
-        "dataset_type": "video",
-        "video": {"num_frames": 5, "min_frames": 5, "frame_rate": 24},
-    }
 
 
 def _lora_trained(path: Path) -> dict[str, torch.Tensor]:
@@ -182,7 +151,7 @@ def test_t2v_lora_trains_on_synthetic_videos_and_writes_a_validation_video(
         tiny_k5_video,
         video_folder,
         model_family="kandinsky5-video",
-        dataset=_video_dataset(video_folder),
+        dataset=video_dataset(video_folder),
         validation_num_video_frames=5,
         **K5_RUN,
     )
@@ -207,7 +176,7 @@ def test_i2v_lora_trains_with_first_frame_conditioning(tmp_path, tiny_k5_i2v, vi
         video_folder,
         model_family="kandinsky5-video",
         model_flavour="i2v-lite-5s",
-        dataset=_video_dataset(video_folder),
+        dataset=video_dataset(video_folder),
         validation_disable=True,
         **K5_RUN,
     )
@@ -242,7 +211,7 @@ def test_t2v_with_crepa_trains_its_projector_through_the_run(tmp_path, tiny_k5_v
         tiny_k5_video,
         video_folder,
         model_family="kandinsky5-video",
-        dataset=_video_dataset(video_folder),
+        dataset=video_dataset(video_folder),
         validation_disable=True,
         crepa_enabled=True,
         crepa_block_index=1,
@@ -257,7 +226,7 @@ def test_t2v_with_crepa_trains_its_projector_through_the_run(tmp_path, tiny_k5_v
         tiny_k5_video,
         video_folder,
         model_family="kandinsky5-video",
-        dataset=_video_dataset(video_folder),
+        dataset=video_dataset(video_folder),
         validation_disable=True,
         **settings,
     )

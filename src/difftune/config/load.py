@@ -60,7 +60,7 @@ def load_config(
     """
     source = Path(path) if path is not None else _default_config_path()
     warnings: list[str] = []
-    document = _read_document(source, warnings=warnings)
+    document = read_document(source, warnings=warnings)
     if not isinstance(document, dict):
         raise ConfigError(
             f'{source}: must hold one JSON object of settings ({{"key": value, ...}}), '
@@ -104,6 +104,8 @@ def load_config(
         problems.extend(_cross_key_problems(train, family, origin))
         warnings.extend(_unused_validation_settings(train, origin, source))
         train = resolve_memory_settings(train, origin, warnings, problems)
+    if train is not None and train.model_type == "lycoris":
+        problems.extend(_lycoris_problems(train, warnings))
     _raise_if_any(problems)
     assert train is not None and family is not None
 
@@ -111,7 +113,7 @@ def load_config(
         data_source, raw_datasets, data_where = None, inline_datasets, f"{source} ({INLINE_DATASETS_KEY})"
     else:
         data_source = Path(train.data_backend_config)
-        raw_datasets = _read_document(data_source, what="data_backend_config", warnings=warnings)
+        raw_datasets = read_document(data_source, what="data_backend_config", warnings=warnings)
         data_where = str(data_source)
     all_datasets = _load_datasets(raw_datasets, data_where, train, warnings)
     enabled = [d for d in all_datasets if not d.disabled]
@@ -174,7 +176,7 @@ def _default_config_path() -> Path:
     return DEFAULT_CONFIG_PATHS[0]
 
 
-def _read_document(path: Path, what: str = "config", warnings: list[str] | None = None) -> Any:
+def read_document(path: Path, what: str = "config", warnings: list[str] | None = None) -> Any:
     """Parse a JSON or TOML file; syntax errors name the file, line and column.
 
     A key given twice in one JSON object is added to `warnings` (JSON keeps the last value silently).
@@ -413,6 +415,22 @@ def _objective_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]
             f"{train.timestep_bias_end}), which is empty; make timestep_bias_begin smaller than timestep_bias_end"
         )
     return problems
+
+
+def _lycoris_problems(train: TrainConfig, warnings: list[str]) -> list[str]:
+    """The lycoris_config file of a LyCORIS run, read and checked against the rest of the config."""
+    from difftune.config.lycoris import check_lycoris_run, read_lycoris_config
+
+    try:
+        settings = read_lycoris_config(train.lycoris_config)
+    except ConfigError as exc:
+        return [str(exc)]
+    if train.lora_format == "comfyui":
+        warnings.append(
+            f"lora_format comfyui: a LyCORIS run writes pytorch_lora_weights.safetensors in LyCORIS's "
+            f"own key layout ({train.lycoris_config}), which ComfyUI reads; no second file is written"
+        )
+    return check_lycoris_run(settings, train, train.lycoris_config)
 
 
 # -- datasets -------------------------------------------------------------------------------------

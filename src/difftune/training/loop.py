@@ -129,7 +129,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         data.sampler, accelerator.num_processes, accelerator.process_index, config.gradient_accumulation_steps
     )
 
-    denoiser = prepare_denoiser(family, components, config, weight_dtype, accelerator.device)
+    denoiser = prepare_denoiser(family, components, config, weight_dtype, accelerator.device, bus.emit)
     sharded = shard_if_configured(denoiser, config, accelerator.num_processes, bus.emit)  # FSDP2
     prompts = [] if sharded else prompts  # validation would run the sharded model on one process only
     crepa = build_crepa(config, denoiser, components, accelerator.device)

@@ -110,9 +110,11 @@ def prepare_denoiser(
     config: TrainConfig,
     weight_dtype: torch.dtype,
     device: torch.device | None = None,
+    emit=None,
 ) -> torch.nn.Module:
-    """Make the denoiser trainable: a LoRA on the frozen (optionally quantised) base, or every weight;
-    then gradient checkpointing, the attention backend and group offload as the config says."""
+    """Make the denoiser trainable: a LoRA or LyCORIS adapter on the frozen (optionally quantised) base,
+    or every weight; then gradient checkpointing, the attention backend and group offload as the
+    config says. `emit` receives the adapter's warnings."""
     from difftune.training.memory import (
         apply_offload,
         enable_checkpointing,
@@ -121,15 +123,25 @@ def prepare_denoiser(
     )
 
     denoiser = components.denoiser
-    if config.model_type == "lora":
-        from difftune.training.adapters import attach_lora
-
+    if config.model_type in ("lora", "lycoris"):
         denoiser.requires_grad_(False)
         if next(denoiser.parameters()).dtype != weight_dtype:
             denoiser.to(dtype=weight_dtype)
-        if config.base_model_precision != "no_change":
+        quantised = config.base_model_precision != "no_change"
+        if quantised:
             quantize_module(denoiser, config.base_model_precision, device=device)
-        attach_lora(denoiser, family, config)
+        if config.model_type == "lora":
+            from difftune.training.adapters import attach_lora
+
+            attach_lora(denoiser, family, config)
+        else:
+            from difftune.config.lycoris import read_lycoris_config
+            from difftune.training.lycoris import attach_lycoris
+
+            settings = read_lycoris_config(config.lycoris_config)
+            for warning in attach_lycoris(denoiser, settings, config.lycoris_config, quantised):
+                if emit is not None:
+                    emit("warning", {"message": warning})
     elif config.model_type == "full":
         if config.base_model_precision != "no_change":
             raise ValueError(
@@ -139,7 +151,7 @@ def prepare_denoiser(
         denoiser.to(dtype=torch.float32)
         denoiser.requires_grad_(True)
     else:
-        raise ValueError(f"model_type '{config.model_type}' is not built yet; use lora or full")
+        raise ValueError(f"model_type '{config.model_type}' is not built; use lora, lycoris or full")
     if config.gradient_checkpointing:
         enable_checkpointing(denoiser, config.gradient_checkpointing_interval)
     set_attention_backend(denoiser, config.attention_mechanism)
@@ -180,6 +192,13 @@ def save_final_weights(
     """
     from difftune.training.distributed import lora_from_full_state, save_full_model
 
+    if config.model_type == "lycoris":
+        from difftune.training.lycoris import lycoris_from_full_state, lycoris_state_dict, save_lycoris
+
+        state = (
+            lycoris_state_dict(model) if full_state is None else lycoris_from_full_state(model, full_state)
+        )
+        return save_lycoris(output_dir, state, config.lycoris_config), None
     if config.model_type == "lora":
         from difftune.training.adapters import export_comfyui, lora_state_dict
 

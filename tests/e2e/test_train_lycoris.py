@@ -1,0 +1,133 @@
+"""End to end: LoKr, LoHa and LoCon config files in the original tool's format train every family."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difftune.config import load_config
+from difftune.training.loop import train
+
+from .conftest import video_dataset, write_run
+
+TARGETS = {
+    "sdxl": ["Attention", "FeedForward"],
+    "kandinsky5-image": ["Kandinsky5Attention", "Kandinsky5FeedForward"],
+    "kandinsky5-video": ["Kandinsky5Attention", "Kandinsky5FeedForward"],
+}
+# The original tool's example files, each with the family's class names.
+CONFIGS = {
+    "lokr": {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 10},
+    "loha": {"algo": "loha", "multiplier": 1.0, "linear_dim": 4, "linear_alpha": 2},
+    "locon": {"algo": "locon", "multiplier": 1.0, "linear_dim": 4, "linear_alpha": 4},
+}
+# The weights each algorithm starts at zero (so the adapter starts as the base model): training moves them.
+ZERO_STARTED = {"lokr": ".lokr_w2", "loha": ".hada_w2_a", "locon": ".lora_up.weight"}
+RUN = {
+    "model_type": "lora",
+    "lora_type": "lycoris",
+    "max_train_steps": 3,
+    "checkpointing_steps": 0,
+    "learning_rate": 1e-3,
+    "validation_resolution": "64x64",
+    "validation_num_inference_steps": 2,
+}
+
+
+def write_lycoris_run(tmp_path, family, algo, model, media, **overrides):
+    targets = TARGETS[family]
+    preset = {"target_module": targets}
+    if algo == "lokr":
+        preset["module_algo_map"] = {targets[0]: {"factor": 10}, targets[1]: {"factor": 4}}
+    lycoris = tmp_path / "config" / "lycoris_config.json"
+    lycoris.parent.mkdir(parents=True, exist_ok=True)
+    lycoris.write_text(json.dumps({**CONFIGS[algo], "apply_preset": preset}, indent=4))
+    settings = {**RUN, "model_family": family, "lycoris_config": str(lycoris), **overrides}
+    if family == "kandinsky5-video":
+        settings |= {"dataset": video_dataset(media), "validation_num_video_frames": 5, "train_batch_size": 1}
+    return write_run(tmp_path, model, media, **settings)
+
+
+def assert_trained(path, algo):
+    weights = load_file(str(path))
+    assert weights and all(key.startswith("lycoris_") for key in weights)
+    moved = [value for key, value in weights.items() if key.endswith(ZERO_STARTED[algo])]
+    assert moved and any(value.abs().max() > 0 for value in moved)
+    return weights
+
+
+@pytest.mark.parametrize("algo", list(CONFIGS))
+def test_sdxl_trains_with_each_lycoris_config(tmp_path, tiny_sdxl, image_folder, algo):
+    result = train(load_config(write_lycoris_run(tmp_path, "sdxl", algo, tiny_sdxl, image_folder)))
+    assert result.global_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert_trained(result.lora_path, algo)
+    assert [p.suffix for p in result.validation_paths] == [".png"]  # validation ran with the adapter
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", list(CONFIGS))
+def test_kandinsky5_image_trains_with_each_lycoris_config(tmp_path, tiny_k5_image, image_folder, algo):
+    config = write_lycoris_run(tmp_path, "kandinsky5-image", algo, tiny_k5_image, image_folder)
+    result = train(load_config(config))
+    assert result.global_step == 3
+    assert_trained(result.lora_path, algo)
+    assert [p.suffix for p in result.validation_paths] == [".png"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", list(CONFIGS))
+def test_kandinsky5_video_trains_with_each_lycoris_config(tmp_path, tiny_k5_video, video_folder, algo):
+    config = write_lycoris_run(tmp_path, "kandinsky5-video", algo, tiny_k5_video, video_folder)
+    result = train(load_config(config))
+    assert result.global_step == 3
+    assert_trained(result.lora_path, algo)
+    assert [p.suffix for p in result.validation_paths] == [".mp4"]
+
+
+@pytest.mark.slow
+def test_interrupted_lycoris_run_resumes_to_the_weights_of_an_uninterrupted_one(
+    tmp_path, tiny_sdxl, image_folder
+):
+    common = dict(max_train_steps=6, checkpointing_steps=3, validation_disable=True, use_ema=True)
+    whole = train(
+        load_config(write_lycoris_run(tmp_path / "whole", "sdxl", "lokr", tiny_sdxl, image_folder, **common))
+    )
+    split = write_lycoris_run(tmp_path / "split", "sdxl", "lokr", tiny_sdxl, image_folder, **common)
+    assert train(load_config(split), stop_after_steps=4).interrupted
+    resumed = train(load_config(split, {"resume_from_checkpoint": "latest"}))
+    for name in ("pytorch_lora_weights.safetensors", "ema/pytorch_lora_weights.safetensors"):
+        a = load_file(str(whole.output_dir / name))
+        b = load_file(str(resumed.output_dir / name))
+        assert a.keys() == b.keys() and all(key.startswith("lycoris_") for key in a)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    final, averaged = (
+        load_file(str(whole.output_dir / n))
+        for n in ("pytorch_lora_weights.safetensors", "ema/pytorch_lora_weights.safetensors")
+    )
+    assert any(not torch.equal(final[key], averaged[key]) for key in final)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_lycoris_weights_of_one_process_with_the_global_batch(
+    tmp_path, tiny_sdxl, image_folder
+):
+    from .test_multiprocess import assert_same_weights, torchrun
+
+    common = dict(max_train_steps=3, validation_disable=True)
+    one = train(
+        load_config(
+            write_lycoris_run(
+                tmp_path / "one", "sdxl", "loha", tiny_sdxl, image_folder, train_batch_size=2, **common
+            )
+        )
+    )
+    two = write_lycoris_run(
+        tmp_path / "two", "sdxl", "loha", tiny_sdxl, image_folder, train_batch_size=1, **common
+    )
+    torchrun(two)
+    assert_same_weights(
+        load_file(str(one.lora_path)),
+        load_file(str(tmp_path / "two" / "out" / "pytorch_lora_weights.safetensors")),
+    )
