@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from difftune.config import ConfigError, keys
+from difftune.config import ConfigError
+from difftune.errors import nearest
 
 ALGORITHMS = ("lokr", "loha", "locon", "lora", "full")  # lora is LyCORIS's name for LoCon
 Algorithm = Literal["lokr", "loha", "locon", "lora", "full"]
@@ -151,9 +152,9 @@ def _describe(path: Path, error: dict[str, Any]) -> str:
         )
         hint = _HINTS.get(name)
         if hint is None:
-            nearest = keys.nearest(name, sorted(parent.model_fields))
+            closest = nearest(name, sorted(parent.model_fields))
             hint = (
-                f"did you mean '{nearest}'?" if nearest else f"valid keys: {', '.join(parent.model_fields)}"
+                f"did you mean '{closest}'?" if closest else f"valid keys: {', '.join(parent.model_fields)}"
             )
         return f"{path}: '{where}' is not a LyCORIS setting difftune can honour; {hint}"
     if kind == "literal_error" and name == "algo":
