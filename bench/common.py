@@ -338,8 +338,11 @@ class BareLoop:
         weights = self.objective.loss_weights(timesteps)
         loss = (losses * weights).mean() if weights is not None else losses.mean()
         loss.backward()
-        if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.max_grad_norm)
+        if self.config.max_grad_norm > 0:  # as difftune clips (grad_clip_method)
+            clip = torch.nn.utils.clip_grad_norm_
+            if self.config.grad_clip_method == "value":
+                clip = torch.nn.utils.clip_grad_value_
+            clip(self.denoiser.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item()

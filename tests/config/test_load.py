@@ -456,6 +456,14 @@ def test_offset_noise_alone_means_the_original_tools_defaults(workdir):
             "[500, 200), which is empty",
         ),
         ({"loss_type": "l1"}, "'loss_type' is 'l1', but it must be one of 'l2', 'huber' or 'smooth_l1'"),
+        ({"lr_end": 1e-6}, "only lr_scheduler polynomial ends at a set rate"),
+        (
+            {"lr_scheduler": "polynomial", "lr_end": 1e-3, "learning_rate": 1e-4},
+            "must end below learning_rate",
+        ),
+        ({"lr_scale_sqrt": True}, "set lr_scale true as well"),
+        ({"prodigy_steps": 10}, "it applies to optimizer prodigy only"),
+        ({"optimizer_config": "d_coef"}, "'d_coef' is not key=value"),
     ],
 )
 def test_objective_settings_that_cannot_work_together_are_refused(workdir, settings, words):

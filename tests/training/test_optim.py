@@ -2,7 +2,12 @@ import pytest
 import torch
 
 from difftune.config.schema import TrainConfig
-from difftune.training.optim import build_lr_scheduler, build_optimizer, parse_optimizer_config
+from difftune.training.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    clip_gradients,
+    parse_optimizer_config,
+)
 
 
 @pytest.mark.parametrize("name", ["adamw", "adamw_bf16", "optimi-adamw", "optimi-lion", "prodigy"])
@@ -104,3 +109,75 @@ def test_lr_of_every_step_does_not_depend_on_the_number_of_processes(monkeypatch
             rates.append(scheduler.get_last_lr()[0])
     assert rates == pytest.approx(expected_rates(name, 3, 10), abs=1e-12)
     assert rates[2] == pytest.approx(1.0) and rates[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def _optimizer(**settings):
+    config = TrainConfig(model_family="sdxl", optimizer="adamw", **settings)
+    return build_optimizer([torch.nn.Parameter(torch.zeros(2))], config), config
+
+
+def test_optimizer_betas_reach_the_optimizer():
+    optimizer, _ = _optimizer(optimizer_beta1=0.8, optimizer_beta2=0.95)
+    assert optimizer.param_groups[0]["betas"] == (0.8, 0.95)
+    optimizer, _ = _optimizer(adam_beta1=0.7, optimizer_beta2=0.9)
+    assert optimizer.param_groups[0]["betas"] == (0.7, 0.9)
+    optimizer, _ = _optimizer(optimizer_beta1=0.8, optimizer_config="betas=(0.5,0.6),amsgrad=true")
+    assert optimizer.param_groups[0]["betas"] == (0.5, 0.6) and optimizer.param_groups[0]["amsgrad"] is True
+
+
+@pytest.mark.parametrize(("sqrt", "factor"), [(False, 4 * 3 * 2), (True, (4 * 3 * 2) ** 0.5)])
+def test_lr_scale_multiplies_by_the_global_batch(sqrt, factor):
+    config = TrainConfig(
+        model_family="sdxl",
+        optimizer="adamw",
+        learning_rate=1e-4,
+        train_batch_size=4,
+        gradient_accumulation_steps=3,
+        lr_scale=True,
+        lr_scale_sqrt=sqrt,
+    )
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], config, num_processes=2)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * factor)
+
+
+def test_polynomial_schedule_ends_at_lr_end():
+    optimizer, config = _optimizer(learning_rate=1.0, lr_scheduler="polynomial", lr_end=0.2)
+    scheduler = build_lr_scheduler(optimizer, config, total_steps=10)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("method", ["value", "norm"])
+def test_grad_clip_method_clips_elements_or_the_norm(method):
+    from accelerate import Accelerator
+
+    weight = torch.nn.Parameter(torch.zeros(4))
+    weight.grad = torch.tensor([3.0, -4.0, 0.5, 0.0])
+    config = TrainConfig(model_family="sdxl", max_grad_norm=1.0, grad_clip_method=method)
+    clip_gradients(Accelerator(cpu=True), [weight], config)
+    if method == "value":
+        assert weight.grad.tolist() == [1.0, -1.0, 0.5, 0.0]
+    else:
+        assert weight.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
+        assert weight.grad[0] / weight.grad[1] == pytest.approx(-0.75)
+
+
+def test_prodigy_step_size_stops_adapting_after_prodigy_steps():
+    def final_d(steps):
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(8))
+        config = TrainConfig(model_family="sdxl", optimizer="prodigy", learning_rate=1.0, prodigy_steps=steps)
+        optimizer = build_optimizer([weight], config)
+        history = []
+        for _ in range(20):
+            optimizer.zero_grad()
+            weight.pow(2).sum().backward()
+            optimizer.step()
+            history.append(optimizer.param_groups[0]["d"])
+        return history
+
+    free, frozen = final_d(0), final_d(5)
+    assert frozen[:5] == free[:5]
+    assert frozen[5:] == [frozen[5]] * 15 and free[-1] > frozen[-1]

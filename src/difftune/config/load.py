@@ -339,6 +339,7 @@ def _cross_key_problems(train: TrainConfig, family: registry.FamilySpec, origin:
     )
     if outside:
         problems.append(f"{origin.get('resume_from_checkpoint', 'config')}: {outside}")
+    problems.extend(_optimizer_problems(train, origin))
     frames = train.validation_num_video_frames
     if frames is not None:
         problem = family.frame_count_problem(frames)
@@ -393,6 +394,32 @@ def _missing_package(precision: str) -> str | None:
     except (ImportError, ValueError):  # a parent package missing, or hidden from this process
         found = False
     return None if found else package
+
+
+def _optimizer_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:
+    """Optimizer and schedule settings that would be ignored: each is refused with the fix."""
+    problems = []
+    if train.lr_end is not None and train.lr_scheduler != "polynomial":
+        problems.append(
+            f"{origin.get('lr_end', 'config')}: 'lr_end' is {train.lr_end}, but only lr_scheduler "
+            f"polynomial ends at a set rate (lr_scheduler is {train.lr_scheduler!r}); use polynomial or remove it"
+        )
+    elif train.lr_end is not None and train.lr_end >= train.learning_rate and not train.lr_scale:
+        problems.append(
+            f"{origin.get('lr_end', 'config')}: 'lr_end' is {train.lr_end}, but a polynomial schedule must "
+            f"end below learning_rate ({train.learning_rate}); lower lr_end"
+        )
+    if train.lr_scale_sqrt and not train.lr_scale:
+        problems.append(
+            f"{origin.get('lr_scale_sqrt', 'config')}: 'lr_scale_sqrt' is true, but it only changes how "
+            "lr_scale scales the learning rate; set lr_scale true as well or remove it"
+        )
+    if train.prodigy_steps and train.optimizer != "prodigy":
+        problems.append(
+            f"{origin.get('prodigy_steps', 'config')}: 'prodigy_steps' is {train.prodigy_steps}, but "
+            f"optimizer is {train.optimizer!r}; it applies to optimizer prodigy only, so remove it"
+        )
+    return problems
 
 
 def _objective_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:

@@ -152,9 +152,9 @@ TRAIN_KEYS: dict[str, Status] = {
     "lr_warmup_steps": BUILT,
     "lr_num_cycles": BUILT,
     "lr_power": BUILT,
-    "lr_end": refused("difftune's polynomial schedule ends at 0; remove it", 0),
-    "lr_scale": refused("multiply learning_rate yourself; remove it"),
-    "lr_scale_sqrt": refused("multiply learning_rate yourself; remove it"),
+    "lr_end": BUILT,
+    "lr_scale": BUILT,
+    "lr_scale_sqrt": BUILT,
     "allow_dataset_oversubscription": refused("set repeats on the datasets instead"),
     "data_backend_sampling": refused("set probability on each dataset", "uniform"),
     "conditioning_multidataset_sampling": refused(
@@ -167,11 +167,11 @@ TRAIN_KEYS: dict[str, Status] = {
     "adam_beta2": BUILT,
     "adam_weight_decay": BUILT,
     "adam_epsilon": BUILT,
-    "optimizer_beta1": refused("use adam_beta1"),
-    "optimizer_beta2": refused("use adam_beta2"),
-    "prodigy_steps": refused("remove it; prodigy adapts its step size for the whole run"),
+    "optimizer_beta1": BUILT,
+    "optimizer_beta2": BUILT,
+    "prodigy_steps": BUILT,
     "max_grad_norm": BUILT,
-    "grad_clip_method": refused("difftune clips the gradient norm to max_grad_norm; remove it", "norm"),
+    "grad_clip_method": BUILT,
     "gradient_precision": refused(
         "difftune keeps gradients in the precision of the trained weights; remove it", "unmodified"
     ),

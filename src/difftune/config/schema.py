@@ -7,6 +7,7 @@ arrive as strings ("true", "1e-4", "20") are converted by pydantic's lax mode.
 
 from __future__ import annotations
 
+import ast
 import types
 import typing
 from typing import Annotated, Any, Literal
@@ -98,6 +99,38 @@ def parse_resolutions(value: str | int | float) -> list[tuple[int, int]]:
     return sizes
 
 
+def parse_optimizer_config(text: str | None) -> dict[str, Any]:
+    """'weight_decay=0.1,betas=(0.9,0.99)' -> {'weight_decay': 0.1, 'betas': (0.9, 0.99)}."""
+    if not text:
+        return {}
+    options: dict[str, Any] = {}
+    depth, current, parts = 0, "", []
+    for char in text:
+        if char in "([":
+            depth += 1
+        elif char in ")]":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    for part in filter(None, (p.strip() for p in parts)):
+        if "=" not in part:
+            raise ValueError(f"'{part}' is not key=value (write e.g. 'd_coef=0.5,weight_decay=0.01')")
+        key, value = (s.strip() for s in part.split("=", 1))
+        words = {"true": True, "false": False, "none": None}
+        if value.lower() in words:
+            options[key] = words[value.lower()]
+            continue
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
+
+
 class TrainConfig(_Strict):
     """Every setting of config.json that difftune honours."""
 
@@ -134,9 +167,16 @@ class TrainConfig(_Strict):
     optimizer_config: str | None = None  # "key=value,key=value" passed to the optimizer
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
+    optimizer_beta1: float | None = Field(None, ge=0, lt=1)  # wins over adam_beta1
+    optimizer_beta2: float | None = Field(None, ge=0, lt=1)  # wins over adam_beta2
     adam_weight_decay: float = Field(1e-2, ge=0)
     adam_epsilon: float = Field(1e-8, ge=0)
     max_grad_norm: float = Field(2.0, ge=0)
+    grad_clip_method: Literal["value", "norm"] = "value"  # how max_grad_norm clips, as the original
+    prodigy_steps: int = Field(0, ge=0)  # > 0: prodigy's step size stops adapting after these steps
+    lr_end: float | None = Field(None, ge=0)  # where lr_scheduler polynomial ends (None: 1e-7)
+    lr_scale: bool = False  # learning_rate x batch x accumulation x processes
+    lr_scale_sqrt: bool = False  # with lr_scale: x the square root of that product
 
     # precision and memory
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
@@ -288,6 +328,12 @@ class TrainConfig(_Strict):
         parse_resolutions(value)
         return str(value)
 
+    @field_validator("optimizer_config")
+    @classmethod
+    def _check_optimizer_config(cls, value: str | None) -> str | None:
+        parse_optimizer_config(value)
+        return value
+
     @field_validator("max_train_steps", mode="before")
     @classmethod
     def _zero_steps_means_epochs(cls, value: Any) -> Any:
@@ -311,6 +357,13 @@ class TrainConfig(_Strict):
         if self.noise_offset_probability is not None:
             return self.noise_offset_probability
         return 0.25 if self.offset_noise else 1.0
+
+    @property
+    def optimizer_betas(self) -> tuple[float, float]:
+        """(beta1, beta2): optimizer_beta1/2 where set, else adam_beta1/2."""
+        first = self.optimizer_beta1 if self.optimizer_beta1 is not None else self.adam_beta1
+        second = self.optimizer_beta2 if self.optimizer_beta2 is not None else self.adam_beta2
+        return first, second
 
     @property
     def effective_lora_alpha(self) -> float:

@@ -37,7 +37,7 @@ from difftune.training.distributed import (
 from difftune.training.features import TrainingFeatures
 from difftune.training.losses import LossKind, build_crepa, crepa_loss, per_sample_loss
 from difftune.training.noise import TimestepBias, input_perturbation_scale
-from difftune.training.optim import build_lr_scheduler, build_optimizer, step_lr_schedule
+from difftune.training.optim import build_lr_scheduler, build_optimizer, clip_gradients, step_lr_schedule
 from difftune.training.scheduled_sampling import rollout_inputs
 from difftune.training.setup import (
     build_accelerator,
@@ -134,7 +134,9 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     prompts = [] if sharded else prompts  # validation would run the sharded model on one process only
     crepa = build_crepa(config, denoiser, components, accelerator.device)
     optimizer = build_optimizer(
-        list(denoiser.parameters()) + (crepa.trainable_parameters() if crepa else []), config
+        list(denoiser.parameters()) + (crepa.trainable_parameters() if crepa else []),
+        config,
+        accelerator.num_processes,
     )
     steps_per_epoch = max(1, data.sampler.batches_per_epoch // config.gradient_accumulation_steps)
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
@@ -234,8 +236,8 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
             if crepa is not None:
                 loss = loss + crepa_loss(crepa, family, components, batch, latents)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(denoiser.parameters(), config.max_grad_norm)
+            if accelerator.sync_gradients:
+                clip_gradients(accelerator, denoiser.parameters(), config)
             optimizer.step()
             step_lr_schedule(lr_scheduler, optimizer, accelerator.sync_gradients)
             optimizer.zero_grad(set_to_none=True)

@@ -2,49 +2,35 @@
 
 from __future__ import annotations
 
-import ast
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from difftune.config.schema import TrainConfig
+from difftune.config.schema import TrainConfig, parse_optimizer_config
 
 
-def parse_optimizer_config(text: str | None) -> dict[str, Any]:
-    """'weight_decay=0.1,betas=(0.9,0.99)' -> {'weight_decay': 0.1, 'betas': (0.9, 0.99)}."""
-    if not text:
-        return {}
-    options: dict[str, Any] = {}
-    depth, current, parts = 0, "", []
-    for char in text:
-        if char in "([":
-            depth += 1
-        elif char in ")]":
-            depth -= 1
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    for part in filter(None, (p.strip() for p in parts)):
-        if "=" not in part:
-            raise ValueError(f"optimizer_config: '{part}' is not key=value")
-        key, value = (s.strip() for s in part.split("=", 1))
-        try:
-            options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key] = value
-    return options
+def scaled_learning_rate(config: TrainConfig, num_processes: int = 1) -> float:
+    """learning_rate, times batch x accumulation x processes with lr_scale (its square root with lr_scale_sqrt)."""
+    if not config.lr_scale:
+        return config.learning_rate
+    factor = config.train_batch_size * config.gradient_accumulation_steps * num_processes
+    return config.learning_rate * (math.sqrt(factor) if config.lr_scale_sqrt else factor)
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer config.optimizer names; the torch-optimi ones use Kahan summation on bf16 weights."""
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], config: TrainConfig, num_processes: int = 1
+) -> torch.optim.Optimizer:
+    """The optimizer config.optimizer names; the torch-optimi ones use Kahan summation on bf16 weights.
+
+    Betas are optimizer_beta1/2 where set, else adam_beta1/2; optimizer_config (key=value,...) wins
+    over both. The learning rate is scaled_learning_rate.
+    """
     params = [p for p in params if p.requires_grad]
     extra = parse_optimizer_config(config.optimizer_config)
-    betas = (config.adam_beta1, config.adam_beta2)
-    lr = config.learning_rate
+    betas = config.optimizer_betas
+    lr = scaled_learning_rate(config, num_processes)
     name = config.optimizer
     if name == "adamw":
         options = dict(lr=lr, betas=betas, eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
@@ -71,10 +57,38 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -
             safeguard_warmup=True,
             use_bias_correction=True,
         )
-        return Prodigy(params, **{**options, **extra})
+        optimizer = Prodigy(params, **{**options, **extra})
+        if config.prodigy_steps:
+            optimizer.register_step_post_hook(_freeze_prodigy_after(config.prodigy_steps))
+        return optimizer
     raise ValueError(
         f"optimizer '{name}' is not one of adamw_bf16, adamw, optimi-adamw, optimi-lion, prodigy"
     )
+
+
+def _freeze_prodigy_after(steps: int):
+    """A step hook: from step `steps` on, Prodigy's step size d keeps the value it had then.
+
+    Prodigy counts its steps in each group's "k"; the frozen d is stored in the group
+    ("prodigy_frozen_d"), so it is saved with the optimizer state and survives a resume.
+    """
+
+    def hook(optimizer, _args, _kwargs) -> None:
+        for group in optimizer.param_groups:
+            if group["k"] >= steps:
+                group["d"] = group.setdefault("prodigy_frozen_d", group["d"])
+
+    return hook
+
+
+def clip_gradients(accelerator, parameters, config: TrainConfig) -> None:
+    """Clip to max_grad_norm: each gradient element (grad_clip_method value) or their norm (norm)."""
+    if config.max_grad_norm <= 0:
+        return
+    if config.grad_clip_method == "norm":
+        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+    else:
+        accelerator.clip_grad_value_(parameters, config.max_grad_norm)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
@@ -93,7 +107,15 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, to
     if name == "cosine_with_restarts":
         kwargs["num_cycles"] = int(config.lr_num_cycles)
     elif name == "polynomial":
-        kwargs["power"] = config.lr_power
+        from diffusers.optimization import get_polynomial_decay_schedule_with_warmup
+
+        return get_polynomial_decay_schedule_with_warmup(
+            optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=total_steps,
+            lr_end=config.lr_end if config.lr_end is not None else 1e-7,  # 1e-7: diffusers' default
+            power=config.lr_power,
+        )
     return get_scheduler(
         name, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps, **kwargs
     )
