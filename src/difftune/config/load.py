@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from difftune.config import keys, original_keys, validate
+from difftune.config import dataset_defaults, keys, original_keys, training_checks, validate
 from difftune.config.memory import resolve_memory_settings
 from difftune.config.schema import DatasetConfig, TrainConfig, VideoConfig
 from difftune.errors import ConfigError
@@ -333,13 +331,13 @@ def _cross_key_problems(train: TrainConfig, family: registry.FamilySpec, origin:
             f'— pip install {package} (or pip install -e ".[quant]" for both quantisation back-ends), '
             "or set base_model_precision to no_change"
         )
-    problems.extend(_objective_problems(train, origin))
+    problems.extend(training_checks.objective_problems(train, origin))
     outside = outside_output_dir_problem(
         train.output_dir, train.resume_from_checkpoint, train.allow_resume_outside_output_dir
     )
     if outside:
         problems.append(f"{origin.get('resume_from_checkpoint', 'config')}: {outside}")
-    problems.extend(_optimizer_problems(train, origin))
+    problems.extend(training_checks.optimizer_problems(train, origin))
     frames = train.validation_num_video_frames
     if frames is not None:
         problem = family.frame_count_problem(frames)
@@ -396,54 +394,6 @@ def _missing_package(precision: str) -> str | None:
     return None if found else package
 
 
-def _optimizer_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:
-    """Optimizer and schedule settings that would be ignored: each is refused with the fix."""
-    problems = []
-    if train.lr_end is not None and train.lr_scheduler != "polynomial":
-        problems.append(
-            f"{origin.get('lr_end', 'config')}: 'lr_end' is {train.lr_end}, but only lr_scheduler "
-            f"polynomial ends at a set rate (lr_scheduler is {train.lr_scheduler!r}); use polynomial or remove it"
-        )
-    elif train.lr_end is not None and train.lr_end >= train.learning_rate and not train.lr_scale:
-        problems.append(
-            f"{origin.get('lr_end', 'config')}: 'lr_end' is {train.lr_end}, but a polynomial schedule must "
-            f"end below learning_rate ({train.learning_rate}); lower lr_end"
-        )
-    if train.lr_scale_sqrt and not train.lr_scale:
-        problems.append(
-            f"{origin.get('lr_scale_sqrt', 'config')}: 'lr_scale_sqrt' is true, but it only changes how "
-            "lr_scale scales the learning rate; set lr_scale true as well or remove it"
-        )
-    if train.prodigy_steps and train.optimizer != "prodigy":
-        problems.append(
-            f"{origin.get('prodigy_steps', 'config')}: 'prodigy_steps' is {train.prodigy_steps}, but "
-            f"optimizer is {train.optimizer!r}; it applies to optimizer prodigy only, so remove it"
-        )
-    return problems
-
-
-def _objective_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:
-    """Objective settings that would be ignored together: each is refused with the fix."""
-    problems = []
-    if train.use_soft_min_snr and train.snr_gamma is None:
-        problems.append(
-            f"{origin.get('use_soft_min_snr', 'config')}: 'use_soft_min_snr' is true, but it softens "
-            "min-SNR weighting, which needs snr_gamma; set snr_gamma (5.0 is the paper's value) or remove it"
-        )
-    if train.diff2flow_enabled and train.snr_gamma is not None:
-        problems.append(
-            f"{origin.get('snr_gamma', 'config')}: 'snr_gamma' is {train.snr_gamma}, but Diff2Flow "
-            "(diff2flow_enabled) trains without min-SNR weighting; remove one of them"
-        )
-    if train.timestep_bias_strategy == "range" and train.timestep_bias_begin >= train.timestep_bias_end:
-        problems.append(
-            f"{origin.get('timestep_bias_end', 'config')}: timestep_bias_strategy 'range' biases timesteps "
-            f"[timestep_bias_begin, timestep_bias_end) = [{train.timestep_bias_begin}, "
-            f"{train.timestep_bias_end}), which is empty; make timestep_bias_begin smaller than timestep_bias_end"
-        )
-    return problems
-
-
 def _lycoris_problems(train: TrainConfig, warnings: list[str]) -> list[str]:
     """The lycoris_config file of a LyCORIS run, read and checked against the rest of the config."""
     from difftune.config.lycoris import check_lycoris_run, read_lycoris_config
@@ -461,71 +411,10 @@ def _lycoris_problems(train: TrainConfig, warnings: list[str]) -> list[str]:
 
 
 # -- datasets -------------------------------------------------------------------------------------
-# Top-level keys that are the defaults of every image, video, conditioning or eval dataset.
-DATASET_DEFAULT_KEYS = (
-    "resolution",
-    "resolution_type",
-    "minimum_image_size",
-    "maximum_image_size",
-    "target_downsample_size",
-    "caption_strategy",
-    "instance_prompt",
-    "prepend_instance_prompt",
-    "crop",
-    "crop_aspect",
-    "crop_aspect_buckets",
-    "crop_style",
-    "cache_dir_vae",
-)
-_PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
-
-
-def expand_placeholders(value: Any, variables: dict[str, str]) -> Any:
-    """'{model_family}', '{output_dir}', '{id}' and '{env:NAME}' in every string of a dataset entry.
-
-    The original tool's example files write e.g. "cache_dir_vae": "cache/vae/{model_family}/{id}".
-    A placeholder that is not one of these stays as written.
-    """
-    if isinstance(value, dict):
-        return {key: expand_placeholders(item, variables) for key, item in value.items()}
-    if isinstance(value, list):
-        return [expand_placeholders(item, variables) for item in value]
-    if not isinstance(value, str):
-        return value
-
-    def replace(match: re.Match[str]) -> str:
-        token = match.group(1)
-        if token.startswith("env:"):
-            return os.environ.get(token[4:], "")
-        return variables.get(token, match.group(0))
-
-    return _PLACEHOLDER.sub(replace, value)
-
-
-def _with_defaults(values: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
-    """A dataset entry with the top-level defaults for the keys it does not set, placeholders expanded."""
-    kind = values.get("dataset_type", "image")
-    filled = dict(values)
-    if kind in ("text_embeds", "image_embeds"):
-        if kind == "text_embeds" and "cache_dir" not in filled and train.cache_dir_text:
-            filled["cache_dir"] = train.cache_dir_text
-    else:
-        for key in DATASET_DEFAULT_KEYS:
-            default = getattr(train, key)
-            if key not in filled and default is not None:
-                filled[key] = default
-    variables = {
-        "model_family": train.model_family,
-        "output_dir": train.output_dir,
-        "id": str(filled.get("id", "")),
-    }
-    return expand_placeholders(filled, variables)
-
-
 def _load_datasets(raw: Any, where: str, train: TrainConfig, warnings: list[str]) -> list[DatasetConfig]:
     """Every entry of a multidatabackend list, checked; raises ConfigError listing all problems.
 
-    Keys a dataset does not set take the top-level defaults (DATASET_DEFAULT_KEYS, and cache_dir_text
+    Keys a dataset does not set take the top-level defaults (dataset_defaults.DATASET_DEFAULT_KEYS, and cache_dir_text
     for the text_embeds dataset); a video dataset's num_frames that the family's VAE cannot take
     is lowered to the nearest count it can, with a warning.
     """
@@ -566,7 +455,7 @@ def _load_datasets(raw: Any, where: str, train: TrainConfig, warnings: list[str]
         strategy = values.get("caption_strategy")
         if isinstance(strategy, str):
             values["caption_strategy"] = keys.CAPTION_STRATEGY_ALIASES.get(strategy, strategy)
-        values = _with_defaults(values, train)
+        values = dataset_defaults.with_defaults(values, train)
         dataset = validate.validate_model(
             DatasetConfig,
             validate.prepare_values(values, DatasetConfig),

@@ -1,0 +1,53 @@
+"""Checks across training settings that would otherwise be ignored together; each problem names the fix."""
+
+from __future__ import annotations
+
+from difftune.config.schema import TrainConfig
+
+
+def optimizer_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:
+    """Optimizer and schedule settings that would be ignored: each is refused with the fix."""
+    problems = []
+    if train.lr_end is not None and train.lr_scheduler != "polynomial":
+        problems.append(
+            f"{origin.get('lr_end', 'config')}: 'lr_end' is {train.lr_end}, but only lr_scheduler "
+            f"polynomial ends at a set rate (lr_scheduler is {train.lr_scheduler!r}); use polynomial or remove it"
+        )
+    elif train.lr_end is not None and train.lr_end >= train.learning_rate and not train.lr_scale:
+        problems.append(
+            f"{origin.get('lr_end', 'config')}: 'lr_end' is {train.lr_end}, but a polynomial schedule must "
+            f"end below learning_rate ({train.learning_rate}); lower lr_end"
+        )
+    if train.lr_scale_sqrt and not train.lr_scale:
+        problems.append(
+            f"{origin.get('lr_scale_sqrt', 'config')}: 'lr_scale_sqrt' is true, but it only changes how "
+            "lr_scale scales the learning rate; set lr_scale true as well or remove it"
+        )
+    if train.prodigy_steps and train.optimizer != "prodigy":
+        problems.append(
+            f"{origin.get('prodigy_steps', 'config')}: 'prodigy_steps' is {train.prodigy_steps}, but "
+            f"optimizer is {train.optimizer!r}; it applies to optimizer prodigy only, so remove it"
+        )
+    return problems
+
+
+def objective_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:
+    """Objective settings that would be ignored together: each is refused with the fix."""
+    problems = []
+    if train.use_soft_min_snr and train.snr_gamma is None:
+        problems.append(
+            f"{origin.get('use_soft_min_snr', 'config')}: 'use_soft_min_snr' is true, but it softens "
+            "min-SNR weighting, which needs snr_gamma; set snr_gamma (5.0 is the paper's value) or remove it"
+        )
+    if train.diff2flow_enabled and train.snr_gamma is not None:
+        problems.append(
+            f"{origin.get('snr_gamma', 'config')}: 'snr_gamma' is {train.snr_gamma}, but Diff2Flow "
+            "(diff2flow_enabled) trains without min-SNR weighting; remove one of them"
+        )
+    if train.timestep_bias_strategy == "range" and train.timestep_bias_begin >= train.timestep_bias_end:
+        problems.append(
+            f"{origin.get('timestep_bias_end', 'config')}: timestep_bias_strategy 'range' biases timesteps "
+            f"[timestep_bias_begin, timestep_bias_end) = [{train.timestep_bias_begin}, "
+            f"{train.timestep_bias_end}), which is empty; make timestep_bias_begin smaller than timestep_bias_end"
+        )
+    return problems
