@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from difftune.config import dataset_defaults, keys, original_keys, training_checks, validate
+from difftune.config import dataset_defaults, keys, optimizers, original_keys, training_checks, validate
 from difftune.config.memory import resolve_memory_settings
 from difftune.config.schema import DatasetConfig, TrainConfig, VideoConfig
 from difftune.errors import ConfigError
@@ -78,6 +78,7 @@ def load_config(
             values["caption_strategy"], values["caption_strategy"]
         )
     _apply_lora_type(values, origin, problems)
+    optimizers.apply_original_name(values, origin, problems)
     values = validate.drop_unknown(
         values, TrainConfig, original_keys.TRAIN_KEYS, keys.TRAIN_ALIASES, origin, problems, warnings
     )
