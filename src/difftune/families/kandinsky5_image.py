@@ -27,6 +27,7 @@ from difftune.families import kandinsky5_common as k5
 from difftune.families import registry
 from difftune.families.base import Components, Family, Objective
 from difftune.families.flow_matching import FlowMatchingObjective
+from difftune.families.vae_source import load_vae
 
 BURNT_GUIDANCE = 7.0
 
@@ -77,7 +78,7 @@ class Kandinsky5ImageFamily(Family):
         transformer = load_part("transformer", torch_dtype=weight_dtype).to(device)
         vae_source = self.config.pretrained_vae_model_name_or_path
         if vae_source:
-            vae = diffusers.AutoencoderKL.from_pretrained(vae_source, torch_dtype=weight_dtype)
+            vae = load_vae(diffusers.AutoencoderKL, vae_source, torch_dtype=weight_dtype)
         else:
             vae = load_part("vae", torch_dtype=weight_dtype)
         text_encoder = load_part("text_encoder", dtype=weight_dtype).to(device).eval()

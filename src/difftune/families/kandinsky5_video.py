@@ -33,6 +33,7 @@ from difftune.families import kandinsky5_common as k5
 from difftune.families import registry
 from difftune.families.base import Components, Family, Objective
 from difftune.families.flow_matching import FlowMatchingObjective
+from difftune.families.vae_source import load_vae
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class Kandinsky5VideoFamily(Family):
         transformer = load_part("transformer", torch_dtype=weight_dtype).to(device)
         vae_source = self.config.pretrained_vae_model_name_or_path
         if vae_source:
-            vae = diffusers.AutoencoderKLHunyuanVideo.from_pretrained(vae_source, torch_dtype=weight_dtype)
+            vae = load_vae(diffusers.AutoencoderKLHunyuanVideo, vae_source, torch_dtype=weight_dtype)
         else:
             vae = load_part("vae", torch_dtype=weight_dtype)
         configure_vae(

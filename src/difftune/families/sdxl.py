@@ -25,6 +25,7 @@ from difftune.errors import ConfigError
 from difftune.families import registry
 from difftune.families.base import Components, Family, Objective
 from difftune.families.objectives import Diff2FlowObjective, EpsilonObjective
+from difftune.families.vae_source import load_vae
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 MICRO_CONDITIONING_KEYS = ("original_sizes", "crop_coords", "target_sizes")
@@ -66,7 +67,7 @@ class SDXLFamily(Family):
         )
         vae_source = self.config.pretrained_vae_model_name_or_path
         if vae_source:
-            vae = AutoencoderKL.from_pretrained(vae_source, torch_dtype=weight_dtype)
+            vae = load_vae(AutoencoderKL, vae_source, torch_dtype=weight_dtype)
         else:
             vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=torch.float32, **part)
         text_encoder = CLIPTextModel.from_pretrained(
