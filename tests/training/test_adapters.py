@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from difftune.config.schema import TrainConfig
 from difftune.families.sdxl import SDXLFamily
-from difftune.training.adapters import attach_lora, export_comfyui, lora_state_dict
+from difftune.training.adapters import attach_lora, comfyui_dora_scales, export_comfyui, lora_state_dict
 
 CPU = torch.device("cpu")
 
@@ -139,7 +139,11 @@ def test_dora_saves_and_loads_with_its_magnitudes(tiny_sdxl, tmp_path):
     pipeline.load_lora_weights(tmp_path)
     inputs = unet_inputs(5)
     torch.testing.assert_close(predict(pipeline.unet, inputs), predict(unet, inputs), atol=1e-4, rtol=0)
-    exported = load_file(str(export_comfyui(path, tmp_path / "comfy.safetensors")))
+    with pytest.raises(ValueError, match="dora_scales"):  # ComfyUI's scale needs the base weights
+        export_comfyui(path, tmp_path / "comfy.safetensors")
+    exported = load_file(
+        str(export_comfyui(path, tmp_path / "comfy.safetensors", dora_scales=comfyui_dora_scales(unet)))
+    )
     scales = [v for k, v in exported.items() if k.endswith(".dora_scale")]
     assert scales and all(v.ndim == 2 and v.shape[1] == 1 for v in scales)
 

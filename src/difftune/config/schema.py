@@ -341,6 +341,16 @@ class TrainConfig(_Strict):
             return value
         return None if value in (0, "0", "", None) else value
 
+    @model_validator(mode="after")
+    def _comfyui_dora_needs_whole_weights(self) -> TrainConfig:
+        # ComfyUI's DoRA scale is computed from the base weights, which FSDP2 keeps sharded
+        if self.fsdp_enable and self.use_dora and self.lora_format == "comfyui":
+            raise ValueError(
+                "lora_format comfyui with use_dora needs the whole base weights, which fsdp_enable shards; "
+                "use lora_format diffusers (or train without fsdp_enable)"
+            )
+        return self
+
     @property
     def validation_sizes(self) -> list[tuple[int, int]]:
         """validation_resolution as [(width, height), ...]."""

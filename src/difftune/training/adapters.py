@@ -4,10 +4,16 @@ Saved weights use peft's key names under the denoiser's prefix ("unet.<module>.l
 "lora_B", DoRA's "lora_magnitude_vector"), which the diffusers pipelines' `load_lora_weights` read
 as they are; the LoraConfig (rank, alpha, targets) travels in the file's metadata.
 
-The ComfyUI / kohya layout names each wrapped module "<prefix>_<module path, dots as underscores>"
-with ".lora_down.weight" (= lora_A), ".lora_up.weight" (= lora_B), ".alpha" (a scalar tensor) and,
-for DoRA, ".dora_scale" (the magnitude, one value per output feature, shaped (out, 1)). diffusers
-reads it back through its non-diffusers LoRA converter.
+The ComfyUI / kohya layout names each wrapped module "lora_unet_<module path, dots as underscores>"
+with ".lora_down.weight" (= lora_A), ".lora_up.weight" (= lora_B), ".alpha" (a scalar tensor, the
+trained lora_alpha) and, for DoRA, ".dora_scale" (one value per output feature, shaped (out, 1)).
+ComfyUI maps "lora_unet_<diffusers module>" for SDXL (through its table of diffusers UNet names) and
+for Kandinsky 5 (whose module names in ComfyUI are diffusers' own); diffusers reads the SDXL layout
+back through its non-diffusers LoRA converter.
+
+DoRA: peft scales the adapted weight W + dW by m / ||W + dW|| (row norms), while ComfyUI scales it by
+dora_scale / ||W|| when dora_scale has one value per output row; the export therefore writes
+dora_scale = m * ||W|| / ||W + dW||, computed from the base weights (`comfyui_dora_scales`).
 """
 
 from __future__ import annotations
@@ -83,8 +89,34 @@ def _module_alpha(module: str, rank: int, config: dict) -> float:
     return float(config.get("lora_alpha", rank))
 
 
-def export_comfyui(lora_file: Path, out_file: Path, prefix: str = "lora_unet") -> Path:
-    """Rewrite a pytorch_lora_weights.safetensors in the ComfyUI / kohya key layout; returns out_file."""
+@torch.no_grad()
+def comfyui_dora_scales(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """ComfyUI's dora_scale of every DoRA-wrapped module (name -> (out, 1) tensor): m * ||W|| / ||W + dW||."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
+
+    scales = {}
+    for name, module in denoiser.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter, magnitude in module.lora_magnitude_vector.items():
+            base = dequantize_module_weight(module.get_base_layer()).float().flatten(1)
+            adapted = base + module.get_delta_weight(adapter).float().flatten(1)
+            ratio = base.norm(dim=1) / adapted.norm(dim=1)
+            scales[name] = (magnitude.weight.detach().float() * ratio).reshape(-1, 1).cpu()
+    return scales
+
+
+def export_comfyui(
+    lora_file: Path,
+    out_file: Path,
+    dora_scales: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Rewrite a pytorch_lora_weights.safetensors in the ComfyUI / kohya key layout; returns out_file.
+
+    A DoRA file needs `dora_scales` (from `comfyui_dora_scales` of the trained denoiser), since
+    ComfyUI's DoRA normalisation needs the base weights' norms.
+    """
     from safetensors.torch import save_file
 
     lora_file, out_file = Path(lora_file), Path(out_file)
@@ -100,9 +132,14 @@ def export_comfyui(lora_file: Path, out_file: Path, prefix: str = "lora_unet") -
                 "lora_magnitude_vector); export needs a file written by save_lora"
             )
         module = module_key[: -len(suffix)]
-        name = f"{prefix}_{module.replace('.', '_')}"
+        name = f"lora_unet_{module.replace('.', '_')}"
         if suffix == ".lora_magnitude_vector":
-            value = value.reshape(-1, 1)
+            if dora_scales is None or module not in dora_scales:
+                raise ValueError(
+                    f"{lora_file}: '{key}' is a DoRA magnitude; exporting it for ComfyUI needs the trained "
+                    "model's dora_scales (comfyui_dora_scales), which save_final_weights passes"
+                )
+            value = dora_scales[module]
         exported[name + _PEFT_SUFFIXES[suffix]] = value.contiguous()
         if suffix == ".lora_A.weight":
             rank = value.shape[0]

@@ -200,7 +200,7 @@ def save_final_weights(
         )
         return save_lycoris(output_dir, state, config.lycoris_config), None
     if config.model_type == "lora":
-        from difftune.training.adapters import export_comfyui, lora_state_dict
+        from difftune.training.adapters import comfyui_dora_scales, export_comfyui, lora_state_dict
 
         lora = lora_state_dict(model) if full_state is None else lora_from_full_state(model, full_state)
         path = family.save_lora(output_dir, lora)
@@ -208,7 +208,7 @@ def save_final_weights(
             export_comfyui(
                 path,
                 output_dir / "pytorch_lora_weights_comfyui.safetensors",
-                prefix=f"lora_{family.adapter_prefix}",
+                dora_scales=comfyui_dora_scales(model) if config.use_dora else None,
             )
         return path, None
     folder = output_dir / family.adapter_prefix
