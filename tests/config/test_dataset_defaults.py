@@ -66,3 +66,17 @@ def test_placeholders_of_the_original_examples_expand_in_dataset_paths(workdir, 
     assert dataset.instance_data_dir == "/data/images"
     assert dataset.cache_dir_vae == "o/cache/vae/kandinsky5-image/my-images"
     assert loaded.text_embeds_dataset.cache_dir == "cache/text/kandinsky5-image/{unknown}"
+
+
+def test_caption_settings_load_per_dataset(workdir):
+    import pytest
+
+    from difftune.config import ConfigError
+
+    config = {**SDXL, "only_instance_prompt": True, "instance_prompt": "sks"}
+    images = {**IMAGES, "caption_shuffle": "true", "caption_dropout_probability": 0.2}
+    dataset = load_config(write_config(workdir, config, [images, TEXT])).datasets[0]
+    assert dataset.only_instance_prompt and dataset.instance_prompt == "sks"
+    assert dataset.caption_shuffle.enable and dataset.caption_dropout_probability == 0.2
+    with pytest.raises(ConfigError, match="only_instance_prompt needs instance_prompt"):
+        load_config(write_config(workdir, SDXL, [{**IMAGES, "only_instance_prompt": True}, TEXT]))

@@ -127,3 +127,35 @@ def test_a_binary_metadata_file_names_the_file(tmp_path, strategy):
     (tmp_path / "data" / f"metadata.{strategy}").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01")
     with pytest.raises(DataError, match=rf"metadata\.{strategy} is not UTF-8 text"):
         _captions(tmp_path, caption_strategy=strategy)
+
+
+def test_only_instance_prompt_replaces_every_caption(tmp_path):
+    save_image(tmp_path / "data" / "x_photo.png", (16, 16))
+    (tmp_path / "data" / "x_photo.txt").write_text("a photo of x")
+    _, captions = _captions(
+        tmp_path, caption_strategy="textfile", instance_prompt="sks", only_instance_prompt=True
+    )
+    assert captions.per_sample == [["sks"]]
+
+
+def test_caption_shuffle_adds_repeatable_variants_keeping_the_first_tags(tmp_path):
+    save_image(tmp_path / "data" / "dog.png", (16, 16))
+    (tmp_path / "data" / "dog.txt").write_text("dog, running, park, sunny day, grass")
+    block = {"enable": True, "count": 3, "position_start": 1, "seed": 7}
+    _, captions = _captions(tmp_path, caption_strategy="textfile", caption_shuffle=block)
+    (variants,) = captions.per_sample
+    assert variants[0] == "dog, running, park, sunny day, grass" and len(variants) == 4
+    for variant in variants[1:]:
+        tags = variant.split(", ")
+        assert tags[0] == "dog" and sorted(tags[1:]) == ["grass", "park", "running", "sunny day"]
+    assert len(set(variants)) > 1
+    _, again = _captions(tmp_path, caption_strategy="textfile", caption_shuffle=block)
+    assert again.per_sample == captions.per_sample
+    _, other_seed = _captions(tmp_path, caption_strategy="textfile", caption_shuffle={**block, "seed": 8})
+    assert other_seed.per_sample != captions.per_sample
+    _, without = _captions(
+        tmp_path, caption_strategy="textfile", caption_shuffle={**block, "include_original": False}
+    )
+    assert len(without.per_sample[0]) == 3
+    _, plain = _captions(tmp_path, caption_strategy="textfile", caption_shuffle=False)
+    assert plain.per_sample == [["dog, running, park, sunny day, grass"]]

@@ -201,3 +201,22 @@ def test_too_few_samples_raise_dataset_too_small(tmp_path):
     with pytest.raises(DatasetTooSmall, match=r"'pics'.*give 2 usable samples.*needs 8.*6 short"):
         run.prepare(train_batch_size=2, gradient_accumulation_steps=4)
     assert run.latent_files() == set()
+
+
+def test_caption_dropout_empties_captions_at_the_dataset_rate(tmp_path):
+    _make_images(tmp_path / "data", n=6)
+    run = Run(tmp_path)
+    data, _ = run.prepare(
+        dataset=run.dataset(caption_dropout_probability=0.3), caption_dropout_probability=0.9
+    )
+    captions = [
+        c for b in range(300) for c in data.load_batch([b % 6, (b + 1) % 6], position=(0, b))["captions"]
+    ]
+    # 600 draws at 0.3: standard deviation 0.019
+    assert captions.count("") / len(captions) == pytest.approx(0.3, abs=0.08)
+    again = [
+        c for b in range(300) for c in data.load_batch([b % 6, (b + 1) % 6], position=(0, b))["captions"]
+    ]
+    assert again == captions
+    data, _ = run.prepare(caption_dropout_probability=0.0)
+    assert "" not in data.load_batch([0, 1], position=(0, 0))["captions"]

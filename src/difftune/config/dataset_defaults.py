@@ -18,6 +18,7 @@ DATASET_DEFAULT_KEYS = (
     "caption_strategy",
     "instance_prompt",
     "prepend_instance_prompt",
+    "only_instance_prompt",
     "crop",
     "crop_aspect",
     "crop_aspect_buckets",

@@ -264,7 +264,7 @@ TRAIN_KEYS: dict[str, Status] = {
     "caption_strategy": BUILT,
     "instance_prompt": BUILT,
     "prepend_instance_prompt": BUILT,
-    "only_instance_prompt": refused(_NOT_YET),
+    "only_instance_prompt": BUILT,
     "parquet_caption_column": refused("use caption_strategy textfile, jsonl or csv"),
     "parquet_filename_column": refused("use caption_strategy textfile, jsonl or csv"),
     "tokenizer_max_length": refused("difftune uses the family's own prompt length; remove it"),
@@ -488,8 +488,8 @@ DATASET_KEYS: dict[str, Status] = {
     "caption_strategy": BUILT,
     "instance_prompt": BUILT,
     "prepend_instance_prompt": BUILT,
-    "only_instance_prompt": refused("use caption_strategy: instanceprompt"),
-    "caption_shuffle": refused(_NOT_YET),
+    "only_instance_prompt": BUILT,
+    "caption_shuffle": BUILT,
     "caption_filter_list": refused("edit the captions themselves; remove it"),
     "disable_multiline_split": refused(
         "difftune uses every line of a caption file as a caption; keep one line per file"

@@ -282,6 +282,7 @@ class TrainConfig(_Strict):
     caption_strategy: CaptionStrategy | None = None
     instance_prompt: str | None = None
     prepend_instance_prompt: bool | None = None
+    only_instance_prompt: bool | None = None
     crop: bool | None = None
     crop_aspect: CropAspect | None = None
     crop_aspect_buckets: list[float] | None = None
@@ -392,6 +393,23 @@ class VideoConfig(_Strict):
     is_i2v: bool | None = None
 
 
+class CaptionShuffle(_Strict):
+    """A dataset's `caption_shuffle` block: shuffled variants of tag-style captions, as the original tool.
+
+    Each caption is split on `split_on` (comma, space or period); the first `position_start` tags keep
+    their place and the rest are shuffled, `count` times, deterministically from `seed` (the run's
+    seed when unset). The variants (and the original, with include_original) are the sample's
+    captions, one picked per epoch.
+    """
+
+    enable: bool = False
+    count: int = Field(1, ge=1, le=100)
+    seed: int | None = None
+    split_on: Literal["comma", "space", "period"] = "comma"
+    position_start: int = Field(0, ge=0)
+    include_original: bool = True
+
+
 class DatasetConfig(_Strict):
     """One entry of multidatabackend.json."""
 
@@ -408,6 +426,9 @@ class DatasetConfig(_Strict):
     caption_strategy: CaptionStrategy = "filename"
     instance_prompt: str | None = None
     prepend_instance_prompt: bool = False
+    only_instance_prompt: bool = False  # every caption of the dataset is instance_prompt
+    caption_shuffle: CaptionShuffle | None = None
+    caption_dropout_probability: float | None = Field(None, ge=0, le=1)  # None: the top-level value
     metadata_file: str | None = None  # jsonl/csv captions: file with file_name + caption columns
 
     resolution: float | None = Field(None, gt=0)
@@ -444,11 +465,20 @@ class DatasetConfig(_Strict):
                 )
         return self
 
+    @field_validator("caption_shuffle", mode="before")
+    @classmethod
+    def _shuffle_flag(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in ("true", "false")):
+            return {"enable": str(value).strip().lower() == "true"}
+        return value
+
     @model_validator(mode="after")
     def _needs_a_folder(self) -> DatasetConfig:
         if self.dataset_type in ("image", "video", "conditioning", "eval") and not self.disabled:
             if not self.instance_data_dir:
                 raise ValueError(f"dataset '{self.id}' ({self.dataset_type}) needs instance_data_dir")
+        if self.only_instance_prompt and not self.instance_prompt and self.dataset_type in ("image", "video"):
+            raise ValueError(f"dataset '{self.id}': only_instance_prompt needs instance_prompt")
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
             if self.dataset_type in ("image", "video"):
                 raise ValueError(

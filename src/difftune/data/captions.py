@@ -13,6 +13,7 @@ import csv
 import hashlib
 import io
 import json
+import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from difftune.data.errors import DataError
 
 if TYPE_CHECKING:
-    from difftune.config.schema import DatasetConfig
+    from difftune.config.schema import CaptionShuffle, DatasetConfig
     from difftune.data.discovery import SampleInfo
 
 _TRAILING_COUNTER = re.compile(r"(?:\s*\(\d+\)|[-_]\d+)$")
@@ -98,11 +99,18 @@ def read_textfile(path: Path) -> list[str] | None:
     return lines or None
 
 
-def load_captions(dataset: DatasetConfig, samples: Sequence[SampleInfo], root: Path) -> Captions:
-    """Captions of each sample as the dataset's caption_strategy says, prepend_instance_prompt applied."""
-    strategy = dataset.caption_strategy
+def load_captions(
+    dataset: DatasetConfig, samples: Sequence[SampleInfo], root: Path, seed: int = 0
+) -> Captions:
+    """Captions of each sample as the dataset's caption_strategy says.
+
+    only_instance_prompt replaces them with instance_prompt; caption_shuffle adds shuffled variants
+    (from its own seed, else `seed`); prepend_instance_prompt then puts instance_prompt in front.
+    """
+    strategy = "instanceprompt" if dataset.only_instance_prompt else dataset.caption_strategy
     result = Captions(per_sample=[])
     table = _read_metadata_table(dataset, root) if strategy in ("jsonl", "csv", "parquet") else {}
+    shuffle = dataset.caption_shuffle if dataset.caption_shuffle and dataset.caption_shuffle.enable else None
     for sample in samples:
         if strategy == "instanceprompt":
             captions = [dataset.instance_prompt or ""]
@@ -119,10 +127,35 @@ def load_captions(dataset: DatasetConfig, samples: Sequence[SampleInfo], root: P
                 result.fallbacks.append(sample.path)
                 found = [caption_from_filename(sample.path)]
             captions = found
+        if shuffle is not None and strategy != "instanceprompt":
+            shuffle_seed = shuffle.seed if shuffle.seed is not None else seed
+            captions = [
+                v for c in captions for v in shuffled_variants(c, shuffle, shuffle_seed, sample.relative_path)
+            ]
         if dataset.prepend_instance_prompt and dataset.instance_prompt and strategy != "instanceprompt":
             captions = [f"{dataset.instance_prompt} {caption}".strip() for caption in captions]
         result.per_sample.append(captions)
     return result
+
+
+_SEPARATORS = {"comma": (",", ", "), "space": (" ", " "), "period": (".", ". ")}
+
+
+def shuffled_variants(caption: str, shuffle: CaptionShuffle, seed: int, relative_path: str) -> list[str]:
+    """The caption (with include_original) and `count` variants with the tags after `position_start` shuffled.
+
+    Each variant's order comes from a hash of (seed, path, caption, variant number): the same on every
+    run and every process.
+    """
+    split, join = _SEPARATORS[shuffle.split_on]
+    tags = [tag.strip() for tag in caption.split(split) if tag.strip()]
+    kept, rest = tags[: shuffle.position_start], tags[shuffle.position_start :]
+    variants = [caption] if shuffle.include_original else []
+    for number in range(shuffle.count):
+        digest = hashlib.sha256(f"{seed}:{relative_path}:{caption}:{number}".encode()).digest()
+        order = random.Random(int.from_bytes(digest[:8], "big")).sample(rest, len(rest))
+        variants.append(join.join(kept + order))
+    return variants
 
 
 def pick_caption(captions: Sequence[str], seed: int, epoch: int, relative_path: str) -> str:

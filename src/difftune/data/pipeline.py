@@ -92,7 +92,7 @@ def prepare_training_data(
         latent_caches={},
         events=events,
         seed=seed,
-        caption_dropout_probability=train.caption_dropout_probability,
+        caption_dropout={d.id: _caption_dropout(d, train) for d in train_sets},
         encode_latents_each_time=train.vae_cache_disable,
         prompt_images=prompt_images,
     )
@@ -120,7 +120,7 @@ def prepare_training_data(
         if plan.dataset_id in {d.id for d in train_sets if "text" not in skip_words(d)}
     ]
     if prompt_images:
-        _cache_image_prompts(data, captioned, with_empty=train.caption_dropout_probability > 0)
+        _cache_image_prompts(data, captioned, with_empty=any(data.caption_dropout.values()))
     else:
         prompts = [""] + [p for p in extra_prompts if p is not None]
         prompts += [c for i in captioned for c in data.captions[i]]
@@ -132,6 +132,12 @@ def prepare_training_data(
         groups(data._unreadable), train.train_batch_size, seed, num_processes, process_index
     )
     return data
+
+
+def _caption_dropout(dataset: DatasetConfig, train: TrainConfig) -> float:
+    """The dataset's caption_dropout_probability, else the top-level one."""
+    own = dataset.caption_dropout_probability
+    return own if own is not None else train.caption_dropout_probability
 
 
 def _add_dataset(
@@ -157,7 +163,7 @@ def _add_dataset(
         kept = as_one_frame_clips(kept) if family.is_video else kept
         keys = [plan.bucket for plan in kept]
     by_path = {s.path: s for s in found.samples}
-    dataset_captions = load_captions(dataset, [by_path[p.path] for p in kept], found.root)
+    dataset_captions = load_captions(dataset, [by_path[p.path] for p in kept], found.root, seed)
     readable = [i for i, captions in enumerate(dataset_captions.per_sample) if captions is not None]
     kept, keys = [kept[i] for i in readable], [keys[i] for i in readable]
     per_sample = [dataset_captions.per_sample[i] for i in readable]

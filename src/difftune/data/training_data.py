@@ -49,7 +49,7 @@ class TrainingData:
     latent_caches: dict[str, LatentCache]  # by dataset id
     events: Events
     seed: int = 0
-    caption_dropout_probability: float = 0.0
+    caption_dropout: dict[str, float] = field(default_factory=dict)  # probability by dataset id
     encode_latents_each_time: bool = False  # vae_cache_disable: never read or write latent files
     bucket_keys: list[Hashable] = field(default_factory=list)  # per plan; defaults to plan.bucket
     conditioning_plans: dict[int, SamplePlan] = field(default_factory=dict)  # paired conditioning images
@@ -90,9 +90,8 @@ class TrainingData:
         captions = []
         for i in indices:
             caption = pick_caption(self.captions[i], self.seed, epoch, self.plans[i].relative_path)
-            if self.caption_dropout_probability > 0 and (
-                _unit_draw(self.seed, epoch, batch_index, i) < self.caption_dropout_probability
-            ):
+            dropout = self.caption_dropout.get(self.plans[i].dataset_id, 0.0)
+            if dropout > 0 and _unit_draw(self.seed, epoch, batch_index, i) < dropout:
                 caption = ""
             captions.append(caption)
         embeds = [self._text_embeds(caption, i) for caption, i in zip(captions, indices)]
