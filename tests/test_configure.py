@@ -273,3 +273,18 @@ def test_wizard_in_a_real_terminal(tmp_path):
     )
     assert "enable_group_offload" not in config and datasets[0]["resolution"] == 512
     assert datasets[0]["caption_strategy"] == "filename" and datasets[0]["instance_data_dir"] == "photos"
+
+
+def test_lycoris_writes_a_lycoris_config_that_the_loader_accepts(tmp_path, monkeypatch):
+    from difftune.config import load_config
+
+    input_fn, _ = scripted(["2", "", "lycoris"] + [""] * 8)
+    written = run_wizard(input_fn, lambda line: None, tmp_path)
+    assert tmp_path / "config/lycoris_config.json" in written
+    config, _ = read_files(tmp_path)
+    lycoris = json.loads((tmp_path / "config" / "lycoris_config.json").read_text())
+    assert config["model_type"] == "lycoris" and config["lycoris_config"] == "config/lycoris_config.json"
+    assert lycoris["algo"] == "lokr"
+    assert lycoris["apply_preset"]["target_module"] == ["Kandinsky5Attention", "Kandinsky5FeedForward"]
+    monkeypatch.chdir(tmp_path)
+    assert load_config().train.model_type == "lycoris"

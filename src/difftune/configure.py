@@ -21,6 +21,7 @@ from difftune.families import registry
 
 CONFIG_FILE = Path("config/config.json")
 DATASETS_FILE = Path("config/multidatabackend.json")
+LYCORIS_FILE = Path("config/lycoris_config.json")
 VRAM_TIERS_GB = (12, 16, 24, 48)
 
 _GROUP_OFFLOAD = {
@@ -44,6 +45,9 @@ class Quickstart:
     dataset: dict[str, Any] = field(default_factory=dict)
     minimum_vram_gb: int = 12
     validation_resolution: str | None = None  # None: square, at the training resolution
+    # diffusers classes a LyCORIS adapter wraps (apply_preset.target_module); the original tool's
+    # LyCORIS guide keeps SDXL to Attention, whose FeedForward layers can send the loss to NaN
+    lycoris_targets: tuple[str, ...] = ("Attention", "FeedForward")
 
 
 QUICKSTARTS: dict[str, Quickstart] = {
@@ -62,6 +66,7 @@ QUICKSTARTS: dict[str, Quickstart] = {
             },
         },
         dataset={"crop": True, "crop_aspect": "square", "crop_style": "random", "repeats": 0},
+        lycoris_targets=("Attention",),
     ),
     "kandinsky5-image": Quickstart(
         resolution=1024,
@@ -79,6 +84,7 @@ QUICKSTARTS: dict[str, Quickstart] = {
         },
         dataset={"crop": True, "crop_aspect": "square", "repeats": 10},
         minimum_vram_gb=16,
+        lycoris_targets=("Kandinsky5Attention", "Kandinsky5FeedForward"),
     ),
     "kandinsky5-video": Quickstart(
         resolution=512,
@@ -104,6 +110,7 @@ QUICKSTARTS: dict[str, Quickstart] = {
                 "bucket_strategy": "aspect_ratio",
             },
         },
+        lycoris_targets=("Kandinsky5Attention", "Kandinsky5FeedForward"),
     ),
 }
 CAPTION_STRATEGIES = {
@@ -125,6 +132,25 @@ def vram_tier(gigabytes: float) -> int:
     """The preset tier for a GPU with this much memory: 12, 16, 24 or 48 (GB)."""
     tiers = [tier for tier in VRAM_TIERS_GB if gigabytes >= tier - 1]  # a "16 GB" card reports ~15.9
     return tiers[-1] if tiers else VRAM_TIERS_GB[0]
+
+
+def lycoris_file(family: str) -> dict[str, Any]:
+    """config/lycoris_config.json for a LyCORIS run: the original tool's documented LoKr example,
+    aimed at the family's attention (and feed-forward) classes."""
+    targets = list(quickstart(family).lycoris_targets)
+    return {
+        "algo": "lokr",
+        "multiplier": 1.0,
+        "linear_dim": 10000,
+        "linear_alpha": 1,
+        "factor": 10,
+        "apply_preset": {
+            "target_module": targets,
+            "module_algo_map": {
+                name: {"factor": 4 if name.endswith("FeedForward") else 10} for name in targets
+            },
+        },
+    }
 
 
 def build_files(answers: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -158,6 +184,8 @@ def build_files(answers: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str,
     }
     if answers["model_type"] == "lora":
         config["lora_rank"] = 16
+    if answers["model_type"] == "lycoris":
+        config["lycoris_config"] = LYCORIS_FILE.as_posix()
     dataset_id = "my-videos" if spec.is_video else "my-images"
     dataset: dict[str, Any] = {
         "id": dataset_id,
@@ -249,7 +277,7 @@ def ask_questions(ask: _Asker) -> dict[str, Any]:
         "Training type:",
         {
             "lora": "low-rank adapter (small file, least memory)",
-            "lycoris": "LyCORIS adapter (config/lycoris_config.json)",
+            "lycoris": "LyCORIS LoKr adapter (writes config/lycoris_config.json)",
             "full": "every weight (much more memory)",
         },
         "lora",
@@ -322,7 +350,15 @@ def run_wizard(
             f"Note: {answers['dataset_folder']} does not exist yet; create it and put your files there "
             "(with .txt captions when captions come from text files)."
         )
-    for path, data in zip(targets, (config, datasets)):
+    files = list(zip(targets, (config, datasets)))
+    if answers["model_type"] == "lycoris":
+        lycoris = Path(workdir) / LYCORIS_FILE
+        if lycoris.exists():
+            output_fn(f"kept {lycoris} (your LyCORIS settings)")
+        else:
+            files.append((lycoris, lycoris_file(answers["model_family"])))
+            targets.append(lycoris)
+    for path, data in files:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         output_fn(f"wrote {path}")

@@ -131,3 +131,50 @@ def test_two_processes_train_the_lycoris_weights_of_one_process_with_the_global_
         load_file(str(one.lora_path)),
         load_file(str(tmp_path / "two" / "out" / "pytorch_lora_weights.safetensors")),
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(TARGETS))
+def test_the_wizards_lycoris_files_train_at_its_lowest_memory_tier(tmp_path, request, family):
+    """The wizard's LyCORIS choice with its 12 GB settings (quantised base, group offload for Kandinsky 5)."""
+    from difftune import cli
+    from difftune.configure import VRAM_TIERS_GB, build_files, lycoris_file
+
+    model = request.getfixturevalue(
+        {"sdxl": "tiny_sdxl"}.get(family, family.replace("kandinsky5-", "tiny_k5_"))
+    )
+    media = request.getfixturevalue("video_folder" if family == "kandinsky5-video" else "image_folder")
+    answers = {
+        "model_family": family,
+        "model_flavour": None,
+        "model_type": "lycoris",
+        "output_dir": str(tmp_path / "out"),
+        "max_train_steps": 2,
+        "validation_prompt": "a red square",
+        "validation_resolution": "64x64",
+        "vram_tier": VRAM_TIERS_GB[0],
+        "dataset_folder": str(media),
+        "caption_strategy": "textfile",
+        "resolution": 64,
+    }
+    config, (dataset, text) = build_files(answers)
+    lycoris = tmp_path / "lycoris_config.json"
+    lycoris.write_text(json.dumps(lycoris_file(family)))
+    config |= {
+        "pretrained_model_name_or_path": str(model),
+        "data_backend_config": str(tmp_path / "multidatabackend.json"),
+        "lycoris_config": str(lycoris),
+        "validation_steps": 0,
+        "checkpointing_steps": 0,
+        "report_to": "none",
+    }
+    config.pop("model_flavour")
+    dataset["cache_dir_vae"] = str(tmp_path / "cache" / "vae")
+    text["cache_dir"] = str(tmp_path / "cache" / "text")
+    if "video" in dataset:
+        dataset["video"] = {**dataset["video"], "num_frames": 5, "min_frames": 5}
+    (tmp_path / "multidatabackend.json").write_text(json.dumps([dataset, text]))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    assert cli.main(["train", "--config", str(tmp_path / "config.json")]) == 0
+    assert_trained(tmp_path / "out" / "pytorch_lora_weights.safetensors", "lokr")

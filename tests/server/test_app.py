@@ -239,3 +239,23 @@ def test_browser_404s(make_client):
     missing = client.get("/api/datasets/dogs/files")
     assert missing.status_code == 404 and "no dataset with id 'dogs'" in missing.json()["detail"]
     assert client.get("/api/datasets/text-embeds/files").status_code == 404
+
+
+def test_a_lycoris_config_gets_the_wizards_lycoris_file_and_a_bad_one_is_named(
+    make_client, workdir, monkeypatch
+):
+    import json
+
+    from difftune.config import load_config
+
+    client = make_client()
+    config = {"model_family": "kandinsky5-image", "model_type": "lycoris"}
+    assert client.put("/api/config", json=config).status_code == 200
+    written = json.loads((workdir / "config" / "lycoris_config.json").read_text())
+    assert written["apply_preset"]["target_module"] == ["Kandinsky5Attention", "Kandinsky5FeedForward"]
+    monkeypatch.chdir(workdir)  # the trainer reads config paths from the working directory
+    assert load_config().train.model_type == "lycoris"
+
+    (workdir / "config" / "lycoris_config.json").write_text(json.dumps({"algo": "lokr", "multiplier": 1}))
+    detail = client.put("/api/config", json=config).json()["detail"]
+    assert detail[0]["key"] == "lycoris_config" and "'linear_dim' is required" in detail[0]["message"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import secrets
 from collections.abc import AsyncIterator
 from html import escape
@@ -159,6 +160,7 @@ def create_app(
         body = parse_body(await request.body(), CONFIG_FILE)
         config, errors = validate_train(body)
         errors = non_finite(body) or errors or resume_outside_output_dir(config, workdir)
+        errors = errors or lycoris_settings(config, workdir)
         errors = errors or await asyncio.to_thread(
             save_config_file, workdir / CONFIG_FILE, config, validate_train
         )
@@ -299,6 +301,32 @@ def resume_outside_output_dir(config: dict[str, Any], workdir: Path) -> list[dic
         "name inside it (run `difftune train` by hand to resume from elsewhere)"
     )
     return [{"key": "resume_from_checkpoint", "value": value, "message": message}]
+
+
+def lycoris_settings(config: dict[str, Any], workdir: Path) -> list[dict[str, Any]]:
+    """For a LyCORIS run: the lycoris_config file's problems as form errors; a missing file is written
+    with the wizard's LoKr settings for the family (as `difftune configure` does), so the run trains."""
+    lycoris = config.get("model_type") == "lycoris" or (
+        config.get("model_type") == "lora" and str(config.get("lora_type", "")).lower() == "lycoris"
+    )
+    if not lycoris:
+        return []
+    from difftune.config import ConfigError
+    from difftune.config.lycoris import read_lycoris_config
+    from difftune.configure import LYCORIS_FILE, lycoris_file
+
+    value = str(config.get("lycoris_config") or LYCORIS_FILE.as_posix())
+    path = Path(value) if Path(value).is_absolute() else workdir / value
+    if not path.exists() and config.get("model_family"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            json.dumps(lycoris_file(str(config["model_family"])), indent=2) + "\n", encoding="utf-8"
+        )
+    try:
+        read_lycoris_config(path)
+    except ConfigError as exc:
+        return [{"key": "lycoris_config", "value": value, "message": str(exc)}]
+    return []
 
 
 def cookie_name(scope: Scope) -> str:
