@@ -3,7 +3,8 @@
 argv: CONFIG_PATH [--resume_from_checkpoint latest]. Settings from the config: output_dir,
 max_train_steps; from the environment: FAKE_STEP_SECONDS (pause per step), FAKE_CHILD_PID_FILE (start a
 sleeping grandchild and write its pid there, to check that stopping reaches the whole process group),
-FAKE_FAIL_AT_STEP and FAKE_FAIL_MESSAGE (print `difftune: MESSAGE` and exit 2 at that step),
+FAKE_FAIL_AT_STEP and FAKE_FAIL_MESSAGE (print `difftune: MESSAGE` and exit 2 at that step; 0: before
+the first, as a config error does),
 FAKE_VALIDATION_SECONDS (how long validation at step 1 takes).
 """
 
@@ -37,6 +38,19 @@ print(
     "resuming from latest" if "--resume_from_checkpoint" in sys.argv else "fresh start",
     flush=True,
 )
+fail_at = int(os.environ.get("FAKE_FAIL_AT_STEP", "-1"))
+
+
+def fail():
+    message = os.environ.get("FAKE_FAIL_MESSAGE", "failed")
+    if fail_at > 0:
+        emit(type="error", message="ValueError: " + message)
+    print("difftune: " + message, file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if fail_at == 0:
+    fail()
 emit(type="start", total_steps=steps, first_step=0)
 for step in range(1, steps + 1):
     time.sleep(pause)
@@ -49,10 +63,8 @@ for step in range(1, steps + 1):
         eta_s=(steps - step) * pause,
     )
     print(f"step {step} loss {1.0 / step:.4f}", flush=True)
-    if step == int(os.environ.get("FAKE_FAIL_AT_STEP", "0")):
-        emit(type="error", message="ValueError: " + os.environ.get("FAKE_FAIL_MESSAGE", "failed"))
-        print("difftune: " + os.environ.get("FAKE_FAIL_MESSAGE", "failed"), file=sys.stderr, flush=True)
-        sys.exit(2)
+    if step == fail_at:
+        fail()
     if step == 1:
         emit(type="validation_start", step=step, prompts=1)
         time.sleep(float(os.environ.get("FAKE_VALIDATION_SECONDS", "0")))
@@ -60,4 +72,7 @@ for step in range(1, steps + 1):
         folder.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (32, 24), (200, 30, 30)).save(folder / "sample_0.png")
         emit(type="validation", step=step, paths=[str(folder / "sample_0.png")])
+        print(
+            f"[validation] step={step}, paths=['{folder / 'sample_0.png'}']", flush=True
+        )  # as the console does
 emit(type="finished", step=steps)

@@ -88,7 +88,7 @@ def test_loopback_refuses_foreign_host_and_cross_site_writes(make_client, workdi
 def test_schema_groups_fields_with_types_defaults_choices(make_client):
     schema = make_client().get("/api/schema").json()
     groups = schema["groups"]
-    assert set(groups) == {"model", "training", "memory", "validation", "datasets"}
+    assert list(groups) == ["model", "data", "training", "memory", "validation", "datasets"]
     fields = {group: {f["name"]: f for f in items} for group, items in groups.items()}
     family = fields["model"]["model_family"]
     assert family["type"] == "choice" and {"sdxl", "kandinsky5-image", "kandinsky5-video"} <= set(
@@ -108,8 +108,15 @@ def test_schema_groups_fields_with_types_defaults_choices(make_client):
     assert fields["validation"]["validation_guidance"]["default"] == 7.5
     assert fields["validation"]["validation_prompt"]["nullable"] is True
     assert fields["datasets"]["caption_strategy"]["default"] == "filename"
+    assert fields["data"]["caption_strategy"]["default"] is None  # a dataset default: unset unless given
+    assert "step size" in fields["training"]["learning_rate"]["description"]
+    assert "short side" in fields["datasets"]["resolution"]["description"]
     video = fields["datasets"]["video"]
     assert video["type"] == "object" and "num_frames" in {f["name"] for f in video["fields"]}
+    assert (
+        next(f for f in video["fields"] if f["name"] == "num_frames")["description"]
+        == "Frames per training clip."
+    )
 
 
 # -- config and datasets ----------------------------------------------------------------------------------

@@ -76,7 +76,13 @@ def test_configure_train_and_watch_in_browser(server, workdir, monkeypatch):
             assert page.locator("#config-status").inner_text() == "no config yet: fill in and save"
 
             form = page.locator("#config-form")
-            assert form.locator("legend").all_inner_texts() == ["Model", "Training", "Memory", "Validation"]
+            assert form.locator("legend").all_inner_texts() == [
+                "Model",
+                "Data",
+                "Training",
+                "Memory",
+                "Validation",
+            ]
             form.locator('[data-key="model_family"]').select_option("kandinsky5-image")
             flavours = form.locator('[data-key="model_flavour"] option').all_inner_texts()
             assert "t2i-lite-sft" in flavours and "base-1.0" not in flavours

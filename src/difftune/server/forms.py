@@ -16,11 +16,13 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from difftune.config.keys import TRAIN_ALIASES
-from difftune.config.schema import DatasetConfig, TrainConfig
+from difftune.config.schema import DatasetConfig, TrainConfig, VideoConfig
 from difftune.config.validate import canonical_keys
 from difftune.families import registry
+from difftune.server.fieldhelp import DATASET_HELP, TRAIN_HELP, VIDEO_HELP
 
-GROUPS = ("model", "training", "memory", "validation", "datasets")
+GROUPS = ("model", "data", "training", "memory", "validation", "datasets")
+NESTED_HELP = {VideoConfig: VIDEO_HELP}
 
 # Keys that users' files spell differently (older or quickstart names) -> the schema's name: the
 # loader's own table, so the form and `difftune train` accept the same spellings.
@@ -54,10 +56,16 @@ _MEMORY_KEYS = {
 }
 _MEMORY_PREFIXES = ("text_encoder_", "base_model_precision", "group_offload", "enable_", "vae_")
 _VALIDATION_KEYS = {"num_validation_images", "framerate", "user_prompt_library"}
+# the datasets' defaults and where they are read from
+_DATA_KEYS = {"data_backend_config", "cache_dir_text", "caption_dropout_probability"} | {
+    key for key in DatasetConfig.model_fields if key in TrainConfig.model_fields
+}
 
 
 def group_of(key: str) -> str:
     """Which form group a TrainConfig key belongs to."""
+    if key in _DATA_KEYS:
+        return "data"
     if key in _MODEL_KEYS:
         return "model"
     if key in _MEMORY_KEYS or key.startswith(_MEMORY_PREFIXES):
@@ -95,15 +103,19 @@ def _describe_type(annotation: Any) -> dict[str, Any]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return {
             "type": "object",
-            "fields": [describe_field(k, f) for k, f in annotation.model_fields.items()],
+            "fields": [
+                describe_field(k, f, NESTED_HELP.get(annotation, {}))
+                for k, f in annotation.model_fields.items()
+            ],
         }
     simple = {bool: "boolean", int: "integer", float: "number", str: "string"}
     return {"type": simple.get(annotation, "json")}
 
 
-def describe_field(name: str, field: FieldInfo) -> dict[str, Any]:
-    """One form field: name, type, default, choices, bounds, whether it is required."""
+def describe_field(name: str, field: FieldInfo, descriptions: dict[str, str]) -> dict[str, Any]:
+    """One form field: name, description, type, default, choices, bounds, whether it is required."""
     described = {"name": name, "nullable": False, **_describe_type(field.annotation)}
+    described["description"] = descriptions.get(name)
     described["required"] = field.is_required()
     described["default"] = None if field.is_required() else field.get_default(call_default_factory=True)
     described.update(_constraints(field))
@@ -118,13 +130,15 @@ def schema_groups() -> dict[str, Any]:
     families = {name: list(spec.flavours) for name, spec in registry.FAMILIES.items()}
     groups: dict[str, list[dict[str, Any]]] = {name: [] for name in GROUPS}
     for name, field in TrainConfig.model_fields.items():
-        described = describe_field(name, field)
+        described = describe_field(name, field, TRAIN_HELP)
         if name == "model_family":
             described.update(type="choice", choices=list(families))
         if name == "model_flavour":
             described["choices_by_family"] = families
         groups[group_of(name)].append(described)
-    groups["datasets"] = [describe_field(name, field) for name, field in DatasetConfig.model_fields.items()]
+    groups["datasets"] = [
+        describe_field(name, field, DATASET_HELP) for name, field in DatasetConfig.model_fields.items()
+    ]
     return {"groups": groups, "aliases": KEY_ALIASES}
 
 

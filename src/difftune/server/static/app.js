@@ -83,7 +83,27 @@ function fieldInput(desc, value, key) {
   }
   input.dataset.key = key;
   input.name = key;
-  return el("label", { class: "field" }, el("span", { class: "name" }, desc.name + (desc.required ? " *" : "")), input);
+  const help = el("span", { class: "help" }, desc.description || "");
+  return el("label", { class: "field" }, el("span", { class: "name" }, desc.name + (desc.required ? " *" : "")),
+    input, help, el("span", { class: "allowed" }, allowedText(desc)));
+}
+
+// "default 4 · ≥ 1" / "default sdpa · one of diffusers, sdpa, ..." from the schema's field.
+function allowedText(desc) {
+  const parts = [];
+  const show = (v) => (typeof v === "string" ? v : JSON.stringify(v));
+  if (desc.required) parts.push("required");
+  else if (desc.default != null && desc.default !== "") parts.push("default " + show(desc.default));
+  else parts.push("default: none");
+  if (desc.choices && desc.choices.length) parts.push("one of " + desc.choices.map(show).join(", "));
+  const bounds = [];
+  if (desc.ge != null) bounds.push("≥ " + desc.ge);
+  if (desc.gt != null) bounds.push("> " + desc.gt);
+  if (desc.le != null) bounds.push("≤ " + desc.le);
+  if (desc.lt != null) bounds.push("< " + desc.lt);
+  if (bounds.length) parts.push(bounds.join(" and "));
+  if (desc.type === "boolean") parts.push("true or false");
+  return parts.join(" · ");
 }
 
 // The value an input holds: {set: false} when empty (the key is left out, so the default applies).
@@ -104,6 +124,8 @@ function readInput(desc, input) {
 }
 
 // -- config form -------------------------------------------------------------------------------------
+const CONFIG_GROUPS = ["model", "data", "training", "memory", "validation"];
+
 function updateFlavours() {
   const family = document.querySelector('#config-form [data-key="model_family"]').value;
   const select = document.querySelector('#config-form [data-key="model_flavour"]');
@@ -118,7 +140,7 @@ function updateFlavours() {
 function buildConfigForm() {
   const form = $("config-form");
   form.replaceChildren();
-  for (const group of ["model", "training", "memory", "validation"]) {
+  for (const group of CONFIG_GROUPS) {
     const box = el("fieldset", { class: "group" }, el("legend", {}, group));
     for (const desc of schema.groups[group]) {
       const shown = desc.name === "model_flavour" ? { ...desc, type: "choice", choices: [] } : desc;
@@ -133,7 +155,7 @@ function buildConfigForm() {
 function readConfigForm() {
   const config = {};
   for (const [key, value] of Object.entries(loadedConfig)) config[key] = value;
-  for (const group of ["model", "training", "memory", "validation"]) {
+  for (const group of CONFIG_GROUPS) {
     for (const desc of schema.groups[group]) {
       const result = readInput(desc, document.querySelector(`#config-form [data-key="${desc.name}"]`));
       if (result.set) config[desc.name] = result.value;
@@ -250,6 +272,27 @@ async function browse(path) {
 }
 
 // -- training --------------------------------------------------------------------------------------
+// What the tab shows is the current run only: a new job, or a new connection, clears it first.
+let lastError = null; // the message of the run's error event
+let drawTimer = null;
+let lossLoading = false;
+
+function clearRun() {
+  totalSteps = null;
+  lastError = null;
+  lossPoints.clear();
+  drawLoss();
+  for (const id of ["stat-step", "stat-loss", "stat-lr", "stat-rate", "stat-eta", "stat-phase"]) $(id).textContent = "–";
+  $("stat-bar").value = 0;
+  $("log").replaceChildren();
+  showFailure(null);
+}
+
+function showFailure(reason) {
+  $("job-failure").hidden = !reason;
+  $("job-failure-reason").textContent = reason || "";
+}
+
 function setJobState(state) {
   const text = state.state + (state.exit_code != null ? ` (exit code ${state.exit_code})` : "");
   $("job-badge").textContent = state.state;
@@ -257,12 +300,23 @@ function setJobState(state) {
   $("job-status").textContent = text;
   $("job-start").disabled = $("job-resume").disabled = state.state === "running";
   $("job-stop").disabled = state.state !== "running";
+  if (state.state === "failed") {
+    showFailure(state.reason || lastError || `the job exited with code ${state.exit_code}`);
+    $("stat-phase").textContent = "failed";
+    $("stat-eta").textContent = "–";
+  } else {
+    showFailure(null);
+    if (state.state === "running" && $("stat-phase").textContent === "–") $("stat-phase").textContent = "starting";
+    if (state.state !== "running" && state.state !== "idle") $("stat-phase").textContent = state.state;
+  }
 }
 
 async function jobAction(action) {
   const result = await api("POST", `/api/job/${action}`);
-  if (result.ok) setJobState(result.data);
-  else $("job-status").textContent = result.data && result.data.detail
+  if (result.ok) {
+    if (action !== "stop") clearRun();
+    setJobState(result.data);
+  } else $("job-status").textContent = result.data && result.data.detail
     ? (Array.isArray(result.data.detail) ? result.data.detail.map((e) => `${e.key}: ${e.message}`).join("; ") : result.data.detail)
     : "error " + result.status;
 }
@@ -283,13 +337,27 @@ function formatSeconds(seconds) {
 }
 
 function showProgress(event) {
+  $("stat-phase").textContent = "training";
   $("stat-step").textContent = totalSteps ? `${event.step} / ${totalSteps}` : String(event.step);
   $("stat-loss").textContent = event.loss == null ? "–" : Number(event.loss).toFixed(4);
   $("stat-lr").textContent = event.lr == null ? "–" : Number(event.lr).toExponential(2);
   $("stat-rate").textContent = event.it_per_s == null ? "–" : Number(event.it_per_s).toFixed(2);
   $("stat-eta").textContent = formatSeconds(event.eta_s);
   if (totalSteps) { $("stat-bar").max = totalSteps; $("stat-bar").value = event.step; }
-  if (event.loss != null) { lossPoints.set(Number(event.step), Number(event.loss)); drawLoss(); }
+  if (event.loss != null) {
+    lossPoints.set(Number(event.step), Number(event.loss));
+    if (lossPoints.size > 4000 && !lossLoading) loadLoss(); // the server averages the series down again
+    scheduleDraw();
+  }
+}
+
+function showValidating(event) {
+  $("stat-phase").textContent = `validating (step ${event.step})`;
+  $("stat-eta").textContent = "validating…";
+}
+
+function scheduleDraw() {
+  if (drawTimer === null) drawTimer = setTimeout(() => { drawTimer = null; drawLoss(); }, 200);
 }
 
 function drawLoss() {
@@ -317,11 +385,18 @@ function drawLoss() {
   }
 }
 
+// The current run's loss, averaged down by the server; points that came in meanwhile are kept.
 async function loadLoss() {
-  const result = await api("GET", "/api/loss");
+  lossLoading = true;
+  const result = await api("GET", "/api/loss?points=1000").finally(() => { lossLoading = false; });
   if (!result.ok) return;
-  result.data.steps.forEach((s, i) => { if (result.data.loss[i] != null) lossPoints.set(s, result.data.loss[i]); });
-  drawLoss();
+  const fresh = new Map();
+  result.data.steps.forEach((s, i) => { if (result.data.loss[i] != null) fresh.set(s, result.data.loss[i]); });
+  const last = result.data.steps.length ? result.data.steps[result.data.steps.length - 1] : -Infinity;
+  for (const [step, loss] of lossPoints) if (step > last) fresh.set(step, loss);
+  lossPoints.clear();
+  for (const [step, loss] of fresh) lossPoints.set(step, loss);
+  scheduleDraw();
 }
 
 // -- gallery ----------------------------------------------------------------------------------------
@@ -339,18 +414,21 @@ async function loadGallery() {
 }
 
 // -- live events --------------------------------------------------------------------------------------
+// The log shows the job's own output (which already has a line for each notable event); events drive
+// the figures, the chart and the gallery. Each message has an id, so a reconnect replays nothing.
 function connectEvents() {
   const source = new EventSource("/api/events");
   source.onmessage = (message) => {
     const event = JSON.parse(message.data);
-    if (event.type === "joblog") appendLog(event.line);
+    if (event.type === "reset") { clearRun(); loadLoss(); }
+    else if (event.type === "joblog") appendLog(event.line);
     else if (event.type === "job") { setJobState(event); if (event.state !== "running") loadGallery(); }
-    else if (event.type === "start") { totalSteps = event.total_steps || null; appendLog(`[start] ${event.total_steps || "?"} steps`); }
+    else if (event.type === "start") totalSteps = event.total_steps || null;
     else if (event.type === "progress") showProgress(event);
-    else if (event.type === "validation") { appendLog(`[validation] step ${event.step}`); loadGallery(); }
-    else if (event.message) appendLog(`[${event.type}] ${event.message}`);
-    else if (event.type === "checkpoint") appendLog(`[checkpoint] step ${event.step}: ${event.path || ""}`);
-    else if (event.type === "finished") { appendLog(`[finished] step ${event.step}`); loadGallery(); }
+    else if (event.type === "validation_start") showValidating(event);
+    else if (event.type === "validation") { $("stat-phase").textContent = "training"; loadGallery(); }
+    else if (event.type === "error") lastError = event.message;
+    else if (event.type === "finished") { $("stat-phase").textContent = "finished"; loadGallery(); }
   };
 }
 
@@ -379,7 +457,7 @@ async function main() {
   const result = await api("GET", "/api/schema");
   if (!result.ok) { document.body.prepend(el("p", { class: "errors" }, "cannot load /api/schema: " + (result.data && result.data.detail))); return; }
   schema = result.data;
-  await Promise.all([loadConfig(), loadDatasets(), loadLoss()]);
+  await Promise.all([loadConfig(), loadDatasets()]);
   const job = await api("GET", "/api/job");
   if (job.ok) setJobState(job.data);
   connectEvents();

@@ -1,0 +1,100 @@
+"""The Config and Training tabs in a real browser: field help from the schema, and a Training tab that
+shows the current run only: cleared for a new job, its failure reason up top, each line once, and a
+"validating" state while validation runs."""
+
+import json
+
+import pytest
+
+from .test_browser import CHROMIUM, CHROMIUM_ARGS, pytestmark, server  # noqa: F401  (fixture, skip rule)
+
+
+@pytest.fixture()
+def page(server):  # noqa: F811  (fixture)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server + "/")
+            page.wait_for_selector("body[data-ready=true]", timeout=15000)
+            yield page
+        finally:
+            browser.close()
+
+
+def wait_text(page, selector, text, timeout=20000):
+    page.wait_for_function(
+        "([s, t]) => document.querySelector(s).textContent === t", arg=[selector, text], timeout=timeout
+    )
+
+
+def test_config_tab_shows_help_defaults_and_allowed_values_by_group(page):
+    form = page.locator("#config-form")
+    assert form.locator("legend").all_inner_texts() == ["Model", "Data", "Training", "Memory", "Validation"]
+    rate = form.locator(".field", has=page.locator('[data-key="learning_rate"]'))
+    assert "step size" in rate.locator(".help").inner_text()
+    assert rate.locator(".allowed").inner_text() == "default 4e-7 · > 0"
+    kind = form.locator(".field", has=page.locator('[data-key="model_type"]'))
+    assert kind.locator(".allowed").inner_text() == "default full · one of lora, full, lycoris"
+    family = form.locator(".field", has=page.locator('[data-key="model_family"]'))
+    assert family.locator(".allowed").inner_text().startswith("required · one of ")
+    # dataset defaults sit in the data group, each field with a line of help
+    data = form.locator("fieldset", has=page.locator("legend", has_text="Data"))
+    assert data.locator('[data-key="caption_strategy"]').count() == 1
+    assert data.locator('[data-key="learning_rate"]').count() == 0
+    helps = form.locator(".field .help").all_inner_texts()
+    assert len(helps) > 100 and all(helps)
+
+
+def test_a_failed_job_replaces_the_previous_run(page, workdir, monkeypatch):
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.1")
+    page.click("#tabs button[data-tab=training]")
+    page.click("#job-start")
+    wait_text(page, "#job-badge", "finished")
+    assert page.inner_text("#stat-step") == "3 / 3" and page.locator("#loss-plot polyline").count() == 1
+    assert page.locator("#job-failure").is_hidden()
+
+    monkeypatch.setenv("FAKE_FAIL_AT_STEP", "0")
+    monkeypatch.setenv("FAKE_FAIL_MESSAGE", "config/config.json: 'learning_rate' is 5, use at most 1")
+    page.click("#job-start")
+    wait_text(page, "#job-badge", "failed")
+    page.wait_for_selector("#job-failure", state="visible")
+    assert page.inner_text("#job-failure") == (
+        "Training failed: config/config.json: 'learning_rate' is 5, use at most 1"
+    )
+    # nothing of the first run is left: figures, chart and log are the failed run's
+    for stat in ("#stat-step", "#stat-loss", "#stat-lr", "#stat-eta"):
+        assert page.inner_text(stat) == "–", stat
+    assert page.inner_text("#stat-phase") == "failed"
+    assert page.locator("#loss-plot polyline").count() == 0
+    page.wait_for_function("() => document.querySelector('#log').textContent.includes('exited with code 2')")
+    log = page.inner_text("#log")
+    assert "step 3 loss" not in log and log.count("fake trainer: fresh start") == 1
+    assert log.count("difftune: config/config.json") == 1
+
+    # a reload shows the same: the failed run, once
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#tabs button[data-tab=training]")
+    page.wait_for_selector("#job-failure", state="visible")
+    page.wait_for_function("() => document.querySelector('#log').textContent.includes('exited with code 2')")
+    assert page.inner_text("#log") == log and page.inner_text("#stat-step") == "–"
+
+
+def test_each_event_and_line_appears_once_and_validation_is_shown(page, workdir, monkeypatch):
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.2")
+    monkeypatch.setenv("FAKE_VALIDATION_SECONDS", "3")
+    config = workdir / "config" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_train_steps": 2}))
+    page.click("#tabs button[data-tab=training]")
+    page.click("#job-start")
+    wait_text(page, "#stat-phase", "validating (step 1)")
+    assert page.inner_text("#stat-eta") == "validating…" and page.inner_text("#stat-step") == "1 / 2"
+    wait_text(page, "#job-badge", "finished")
+    assert page.inner_text("#stat-phase") == "finished" and page.inner_text("#stat-step") == "2 / 2"
+    log = page.inner_text("#log").splitlines()
+    for line in ("fake trainer: fresh start", "step 1 loss 1.0000", "step 2 loss 0.5000"):
+        assert log.count(line) == 1, line
+    assert sum(line.startswith("[validation] step=1") for line in log) == 1  # the job's line, not a copy
