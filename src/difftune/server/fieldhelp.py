@@ -37,7 +37,14 @@ TRAIN_HELP = {
     "adam_beta2": "Adam's second-moment decay.",
     "adam_weight_decay": "Decoupled weight decay.",
     "adam_epsilon": "Adam's epsilon, added to the denominator for stability.",
-    "max_grad_norm": "Gradients are clipped to this total norm (0: no clipping).",
+    "max_grad_norm": "Gradients are clipped to this (by norm or value, see grad_clip_method; 0: no clipping).",
+    "optimizer_beta1": "The optimizer's first beta; wins over adam_beta1 when set.",
+    "optimizer_beta2": "The optimizer's second beta; wins over adam_beta2 when set.",
+    "grad_clip_method": "Clip each gradient value, or the gradients' total norm, to max_grad_norm.",
+    "prodigy_steps": "Prodigy: stop adapting the step size after this many steps (0: never).",
+    "lr_end": "Where the polynomial schedule ends (1e-7 if empty).",
+    "lr_scale": "Multiply learning_rate by batch size x accumulation steps x processes.",
+    "lr_scale_sqrt": "With lr_scale: multiply by the square root of that product instead.",
     # precision and memory
     "mixed_precision": "The precision of the forward and backward passes.",
     "gradient_checkpointing": "Recompute activations in the backward pass: less memory, slower steps.",
@@ -134,6 +141,7 @@ TRAIN_HELP = {
     "caption_strategy": "Default source of captions: file names, .txt files, instance_prompt, jsonl, csv, parquet.",
     "instance_prompt": "Default caption for caption_strategy instanceprompt (or the prefix prepended).",
     "prepend_instance_prompt": "Default: put instance_prompt before every caption.",
+    "only_instance_prompt": "Default: every caption is instance_prompt.",
     "crop": "Default: crop to the bucket's shape instead of resizing.",
     "crop_aspect": "Default crop shape: square, the image's own, the closest bucket, or random.",
     "crop_aspect_buckets": "Default aspect ratios to crop to with crop_aspect closest or random.",
@@ -144,6 +152,8 @@ TRAIN_HELP = {
     "checkpointing_steps": "Save a resumable checkpoint every this many steps (0: never).",
     "checkpoints_total_limit": "Keep only this many checkpoints, deleting the oldest.",
     "resume_from_checkpoint": "Resume from 'latest' or a checkpoint folder name in output_dir.",
+    "allow_resume_outside_output_dir": "Allow resume_from_checkpoint outside output_dir (never from the web UI).",
+    "skip_checkpoint_on_disk_full": "On a full disk, skip that checkpoint and keep training instead of stopping.",
     # tracking
     "report_to": "Where the metrics go besides events.jsonl.",
     "tracker_project_name": "Project name in the tracker.",
@@ -180,6 +190,9 @@ DATASET_HELP = {
     "caption_strategy": "Source of captions: file names, .txt files, instance_prompt, jsonl, csv, parquet.",
     "instance_prompt": "Caption for caption_strategy instanceprompt (or the prefix prepended).",
     "prepend_instance_prompt": "Put instance_prompt before every caption.",
+    "only_instance_prompt": "Every caption of the dataset is instance_prompt.",
+    "caption_dropout_probability": "Share of this dataset's samples trained with an empty caption.",
+    "caption_shuffle": "Shuffled variants of tag-style captions, one picked per epoch.",
     "metadata_file": "The jsonl/csv file with file_name and caption columns.",
     "resolution": "Training size: pixels of the short side, or megapixels with resolution_type area.",
     "resolution_type": "Meaning of resolution: pixel (short side), area (megapixels) or pixel_area.",
@@ -209,4 +222,13 @@ VIDEO_HELP = {
     "bucket_strategy": "Bucket clips by aspect ratio, or by resolution and frame count.",
     "frame_interval": "Frame counts are rounded to a multiple of this.",
     "is_i2v": "Train image-to-video: the first frame conditions the rest.",
+}
+
+CAPTION_SHUFFLE_HELP = {
+    "enable": "Train on shuffled variants of each caption.",
+    "count": "Shuffled variants per caption.",
+    "seed": "Seed of the shuffles (the run's seed if empty).",
+    "split_on": "What separates the tags: comma, space or period.",
+    "position_start": "The first tags that keep their place.",
+    "include_original": "Keep the unshuffled caption among the variants.",
 }

@@ -16,13 +16,13 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from difftune.config.keys import TRAIN_ALIASES
-from difftune.config.schema import DatasetConfig, TrainConfig, VideoConfig
+from difftune.config.schema import CaptionShuffle, DatasetConfig, TrainConfig, VideoConfig
 from difftune.config.validate import canonical_keys
 from difftune.families import registry
-from difftune.server.fieldhelp import DATASET_HELP, TRAIN_HELP, VIDEO_HELP
+from difftune.server.fieldhelp import CAPTION_SHUFFLE_HELP, DATASET_HELP, TRAIN_HELP, VIDEO_HELP
 
 GROUPS = ("model", "data", "training", "memory", "validation", "datasets")
-NESTED_HELP = {VideoConfig: VIDEO_HELP}
+NESTED_HELP = {VideoConfig: VIDEO_HELP, CaptionShuffle: CAPTION_SHUFFLE_HELP}
 
 # Keys that users' files spell differently (older or quickstart names) -> the schema's name: the
 # loader's own table, so the form and `difftune train` accept the same spellings.
