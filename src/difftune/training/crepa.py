@@ -57,6 +57,8 @@ def load_vision_encoder(
     """The frozen DINOv2 of `crepa_model`: a short name (dinov2_vitg14 ...), a Hub id or a local folder."""
     from transformers import Dinov2Model
 
+    from difftune.offline import check_fetchable
+
     source = str(name_or_path)
     if source in ENCODER_HUB_IDS:
         source = ENCODER_HUB_IDS[source]
@@ -65,6 +67,7 @@ def load_vision_encoder(
             f"crepa_model '{name_or_path}' is not a known vision encoder; use one of {sorted(ENCODER_HUB_IDS)}, "
             "a Hub id such as facebook/dinov2-small, or a local folder saved by Dinov2Model.save_pretrained"
         )
+    check_fetchable(source, "crepa_model")
     encoder = Dinov2Model.from_pretrained(source, dtype=dtype)
     return encoder.to(device).eval().requires_grad_(False)
 

@@ -42,6 +42,7 @@ from difftune.training.scheduled_sampling import rollout_inputs
 from difftune.training.setup import (
     build_accelerator,
     check_dataset_folders,
+    check_fetchable_models,
     default_bus,
     load_components,
     prepare_denoiser,
@@ -103,6 +104,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     for warning in family.validate_config():
         bus.emit("warning", {"message": warning})
     check_dataset_folders(loaded.datasets)  # before the model load, which can take minutes
+    check_fetchable_models(config)
     weight_dtype = weight_dtype_for(config, accelerator.device)
     bus.emit("log", {"message": f"loading {family.name} from {family.model_id()}"})
     components = load_components(family, accelerator.device, weight_dtype)

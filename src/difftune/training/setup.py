@@ -253,6 +253,21 @@ def check_dataset_folders(datasets) -> None:
             )
 
 
+def check_fetchable_models(config: TrainConfig) -> None:
+    """Before the model load: the extra models the run loads later (CREPA's encoder, the CLIP-score
+    model) are local, cached or downloadable now; an OSError naming the setting otherwise."""
+    from difftune.offline import check_fetchable
+
+    if config.crepa_enabled:
+        from difftune.training.crepa import ENCODER_HUB_IDS
+
+        check_fetchable(ENCODER_HUB_IDS.get(config.crepa_model, config.crepa_model), "crepa_model")
+    if config.evaluation_type == "clip":
+        check_fetchable(
+            config.pretrained_evaluation_model_name_or_path, "pretrained_evaluation_model_name_or_path"
+        )
+
+
 def load_components(family: Family, device: torch.device, weight_dtype: torch.dtype):
     """family.load, with a message that says what to check when the weights cannot be fetched or read."""
     try:

@@ -46,7 +46,10 @@ class ClipScorer:
     ) -> None:
         from transformers import CLIPModel, CLIPTokenizer
 
+        from difftune.offline import check_fetchable
+
         name = str(model_name_or_path)
+        check_fetchable(name, "pretrained_evaluation_model_name_or_path")
         try:
             self.model = CLIPModel.from_pretrained(name).to(device, dtype=dtype).eval()
             self.tokenizer = CLIPTokenizer.from_pretrained(name)
