@@ -463,6 +463,10 @@ def test_offset_noise_alone_means_the_original_tools_defaults(workdir):
         ),
         ({"lr_scale_sqrt": True}, "set lr_scale true as well"),
         ({"prodigy_steps": 10}, "it applies to optimizer prodigy only"),
+        (
+            {"optimizer": "adamw_schedulefree", "lr_scheduler": "cosine"},
+            "replaces the learning-rate schedule",
+        ),
         ({"optimizer_config": "d_coef"}, "'d_coef' is not key=value"),
     ],
 )
@@ -470,3 +474,14 @@ def test_objective_settings_that_cannot_work_together_are_refused(workdir, setti
     with pytest.raises(ConfigError) as error:
         load_config(write_config(workdir, {**SDXL, **settings}))
     assert words in str(error.value)
+
+
+def test_a_bitsandbytes_optimizer_without_the_package_is_refused_at_load(workdir, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match="needs the bitsandbytes package.*pip install bitsandbytes"):
+        load_config(write_config(workdir, {**SDXL, "optimizer": "bnb-adamw8bit"}))

@@ -93,3 +93,17 @@ def test_loss_type_timestep_bias_and_input_perturbation_reach_the_training_step(
         plain, rel=1e-3
     )
     assert first_loss("perturbed", input_perturbation=0.5) != pytest.approx(plain, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_schedule_free_run_validates_and_saves_its_averaged_weights(tmp_path, tiny_sdxl, image_folder):
+    config = write_run(
+        tmp_path,
+        tiny_sdxl,
+        image_folder,
+        max_train_steps=2,
+        validation_steps=1,
+        optimizer="adamw_schedulefree",
+    )
+    result = train(load_config(config))
+    assert result.lora_path.exists() and len(result.validation_paths) >= 2

@@ -3,20 +3,26 @@ import torch
 
 from difftune.config.schema import TrainConfig
 from difftune.training.optim import (
+    averaged_weights,
     build_lr_scheduler,
     build_optimizer,
     clip_gradients,
     parse_optimizer_config,
+    use_training_weights,
 )
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw_bf16", "optimi-adamw", "optimi-lion", "prodigy"])
+@pytest.mark.parametrize(
+    "name",
+    ["adamw", "adamw_bf16", "optimi-adamw", "optimi-lion", "prodigy", "adamw_schedulefree", "ao-adamw8bit"],
+)
 def test_each_optimizer_lowers_a_quadratic(name):
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(8))
     lr = 1.0 if name == "prodigy" else 0.05
     config = TrainConfig(model_family="sdxl", optimizer=name, learning_rate=lr, adam_weight_decay=0.0)
     optimizer = build_optimizer([weight], config)
+    use_training_weights(optimizer, config)
     start = weight.detach().pow(2).sum().item()
     for _ in range(200 if name == "prodigy" else 30):
         optimizer.zero_grad()
@@ -181,3 +187,33 @@ def test_prodigy_step_size_stops_adapting_after_prodigy_steps():
     free, frozen = final_d(0), final_d(5)
     assert frozen[:5] == free[:5]
     assert frozen[5:] == [frozen[5]] * 15 and free[-1] > frozen[-1]
+
+
+def test_schedule_free_adamw_evaluates_with_its_averaged_weights():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(8))
+    config = TrainConfig(
+        model_family="sdxl", optimizer="adamw_schedulefree", learning_rate=0.05, lr_warmup_steps=3
+    )
+    optimizer = build_optimizer([weight], config)
+    scheduler = build_lr_scheduler(optimizer, config, total_steps=10)
+    use_training_weights(optimizer, config)
+    for _ in range(10):
+        optimizer.zero_grad()
+        weight.pow(2).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == 0.05  # the optimizer warms up itself; the schedule is constant
+    training = weight.detach().clone()
+    with averaged_weights(optimizer, config):
+        averaged = weight.detach().clone()
+    assert not torch.equal(training, averaged) and torch.equal(weight.detach(), training)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
+def test_bitsandbytes_optimizers_say_they_need_cuda_on_a_cpu():
+    from difftune.config import ConfigError
+
+    config = TrainConfig(model_family="sdxl", optimizer="bnb-adamw8bit")
+    with pytest.raises(ConfigError, match="NVIDIA GPUs \\(CUDA\\) only.*ao-adamw8bit"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], config)

@@ -163,7 +163,18 @@ class TrainConfig(_Strict):
     lr_warmup_steps: int = Field(0, ge=0)
     lr_num_cycles: float = Field(1.0, gt=0)
     lr_power: float = Field(1.0, gt=0)
-    optimizer: Literal["adamw_bf16", "adamw", "optimi-adamw", "optimi-lion", "prodigy"] = "adamw_bf16"
+    optimizer: Literal[
+        "adamw_bf16",
+        "adamw",
+        "optimi-adamw",
+        "optimi-lion",
+        "prodigy",
+        "adamw_schedulefree",
+        "ao-adamw8bit",
+        "bnb-adamw8bit",
+        "bnb-adam8bit",
+        "bnb-lion8bit",
+    ] = "adamw_bf16"
     optimizer_config: str | None = None  # "key=value,key=value" passed to the optimizer
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)

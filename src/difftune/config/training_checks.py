@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from difftune.config.schema import TrainConfig
+
+# optimizer name prefix -> (module, pip package, difftune extra)
+OPTIMIZER_PACKAGES = {"bnb": ("bitsandbytes", "bitsandbytes", "bnb"), "ao": ("torchao", "torchao", "quant")}
 
 
 def optimizer_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:
@@ -22,6 +27,22 @@ def optimizer_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:
         problems.append(
             f"{origin.get('lr_scale_sqrt', 'config')}: 'lr_scale_sqrt' is true, but it only changes how "
             "lr_scale scales the learning rate; set lr_scale true as well or remove it"
+        )
+    if train.optimizer == "adamw_schedulefree" and train.lr_scheduler not in (
+        "constant",
+        "constant_with_warmup",
+    ):
+        problems.append(
+            f"{origin.get('lr_scheduler', 'config')}: 'lr_scheduler' is {train.lr_scheduler!r}, but "
+            "adamw_schedulefree replaces the learning-rate schedule (it warms up over lr_warmup_steps "
+            "itself); set lr_scheduler constant or pick another optimizer"
+        )
+    package = OPTIMIZER_PACKAGES.get(train.optimizer.partition("-")[0])
+    if package and importlib.util.find_spec(package[0]) is None:
+        problems.append(
+            f"{origin.get('optimizer', 'config')}: 'optimizer' is {train.optimizer!r}, which needs the "
+            f"{package[1]} package, and it is not installed; pip install {package[1]} (or "
+            f'pip install -e ".[{package[2]}]"), or use adamw_bf16'
         )
     if train.prodigy_steps and train.optimizer != "prodigy":
         problems.append(

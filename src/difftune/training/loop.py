@@ -37,7 +37,15 @@ from difftune.training.distributed import (
 from difftune.training.features import TrainingFeatures
 from difftune.training.losses import LossKind, build_crepa, crepa_loss, per_sample_loss
 from difftune.training.noise import TimestepBias, input_perturbation_scale
-from difftune.training.optim import build_lr_scheduler, build_optimizer, clip_gradients, step_lr_schedule
+from difftune.training.optim import (
+    averaged_weights,
+    build_lr_scheduler,
+    build_optimizer,
+    clip_gradients,
+    step_lr_schedule,
+    use_averaged_weights,
+    use_training_weights,
+)
 from difftune.training.scheduled_sampling import rollout_inputs
 from difftune.training.setup import (
     build_accelerator,
@@ -144,6 +152,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     lr_scheduler = build_lr_scheduler(optimizer, config, total_steps)
     denoiser, optimizer = prepare_for_accelerator(accelerator, denoiser, optimizer, config, sharded)
+    use_training_weights(optimizer, config)
     model = accelerator.unwrap_model(denoiser)
     objective = family.objective(components)
     timestep_bias, loss_kind = TimestepBias.from_config(config), LossKind.from_config(config)
@@ -302,9 +311,10 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
             and state.global_step < total_steps
             and accelerator.is_main_process
         ):
-            paths = validate(
-                family, components, model, config, state.global_step, bus, conditioning_image, features
-            )
+            with averaged_weights(optimizer, config):
+                paths = validate(
+                    family, components, model, config, state.global_step, bus, conditioning_image, features
+                )
             result.validation_paths += paths
             features.after_validation(model, paths, prompts, state.global_step, bus.emit)
         features.maybe_evaluate(model, state.global_step, bus.emit)
@@ -315,6 +325,8 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     # -- output -------------------------------------------------------------------------------
     result.global_step = state.global_step
     accelerator.wait_for_everyone()
+    if not result.interrupted:
+        use_averaged_weights(optimizer, config)  # the run ends with the weights it is saved with
     full_state = full_trainable_state(model) if sharded and not result.interrupted else None
     if accelerator.is_main_process and not result.interrupted:
         result.lora_path, result.model_path = save_final_weights(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from difftune.config.schema import TrainConfig, parse_optimizer_config
+from difftune.errors import ConfigError
 
 
 def scaled_learning_rate(config: TrainConfig, num_processes: int = 1) -> float:
@@ -47,6 +49,24 @@ def build_optimizer(
 
         options = dict(lr=lr, betas=betas, weight_decay=config.adam_weight_decay)
         return optimi.Lion(params, **{**options, **extra})
+    if name == "adamw_schedulefree":
+        import schedulefree
+
+        options = dict(
+            lr=lr,
+            betas=betas,
+            eps=config.adam_epsilon,
+            weight_decay=config.adam_weight_decay,
+            warmup_steps=config.lr_warmup_steps,  # the optimizer warms up; the schedule stays constant
+        )
+        return schedulefree.AdamWScheduleFree(params, **{**options, **extra})
+    if name == "ao-adamw8bit":
+        from torchao.optim import AdamW8bit
+
+        options = dict(lr=lr, betas=betas, eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
+        return AdamW8bit(params, **{**options, **extra})
+    if name in BITSANDBYTES:
+        return _bitsandbytes(name, params, lr, betas, config, extra)
     if name == "prodigy":
         from prodigyopt import Prodigy
 
@@ -61,9 +81,53 @@ def build_optimizer(
         if config.prodigy_steps:
             optimizer.register_step_post_hook(_freeze_prodigy_after(config.prodigy_steps))
         return optimizer
-    raise ValueError(
-        f"optimizer '{name}' is not one of adamw_bf16, adamw, optimi-adamw, optimi-lion, prodigy"
-    )
+    raise ValueError(f"optimizer '{name}' is not one difftune builds")
+
+
+BITSANDBYTES = {"bnb-adamw8bit": "AdamW8bit", "bnb-adam8bit": "Adam8bit", "bnb-lion8bit": "Lion8bit"}
+
+
+def _bitsandbytes(name: str, params, lr: float, betas, config: TrainConfig, extra: dict[str, Any]):
+    """bitsandbytes' 8-bit optimizers, which run on NVIDIA GPUs (CUDA) only."""
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"optimizer '{name}' is one of bitsandbytes' 8-bit optimizers, which run on NVIDIA GPUs (CUDA) "
+            "only, and this machine has none; use ao-adamw8bit (torchao's 8-bit AdamW, which runs on the "
+            "CPU too) or adamw_bf16"
+        )
+    import bitsandbytes
+
+    options: dict[str, Any] = dict(lr=lr, betas=betas, weight_decay=config.adam_weight_decay)
+    if name != "bnb-lion8bit":
+        options["eps"] = config.adam_epsilon
+    return getattr(bitsandbytes.optim, BITSANDBYTES[name])(params, **{**options, **extra})
+
+
+def is_schedule_free(config: TrainConfig) -> bool:
+    """Whether the optimizer keeps averaged weights apart from the ones it trains (schedule-free AdamW)."""
+    return config.optimizer == "adamw_schedulefree"
+
+
+def use_training_weights(optimizer, config: TrainConfig) -> None:
+    """Put a schedule-free optimizer's training weights in the model (before the first step)."""
+    if is_schedule_free(config):
+        optimizer.train()
+
+
+def use_averaged_weights(optimizer, config: TrainConfig) -> None:
+    """Put a schedule-free optimizer's averaged weights in the model: what it is evaluated and saved with."""
+    if is_schedule_free(config):
+        optimizer.eval()
+
+
+@contextmanager
+def averaged_weights(optimizer, config: TrainConfig):
+    """Inside, a schedule-free optimizer's averaged weights are in the model; after, the training ones."""
+    use_averaged_weights(optimizer, config)
+    try:
+        yield
+    finally:
+        use_training_weights(optimizer, config)
 
 
 def _freeze_prodigy_after(steps: int):
@@ -101,6 +165,8 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, to
     from diffusers.optimization import get_scheduler
 
     name = config.lr_scheduler
+    if is_schedule_free(config):  # it has no schedule: warm-up happens inside the optimizer
+        return get_scheduler("constant", optimizer)
     if name == "constant" and config.lr_warmup_steps:
         name = "constant_with_warmup"
     kwargs: dict[str, Any] = {}
