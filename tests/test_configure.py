@@ -288,3 +288,34 @@ def test_lycoris_writes_a_lycoris_config_that_the_loader_accepts(tmp_path, monke
     assert lycoris["apply_preset"]["target_module"] == ["Kandinsky5Attention", "Kandinsky5FeedForward"]
     monkeypatch.chdir(tmp_path)
     assert load_config().train.model_type == "lycoris"
+
+
+def test_a_local_model_folder_is_accepted_in_the_model_question(tmp_path):
+    model = tmp_path / "models" / "my-sdxl"
+    (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    lines = []
+    input_fn, _ = scripted(["", str(model.parent), str(model)] + [""] * 9)
+    run_wizard(input_fn, lines.append, tmp_path)
+    assert any("has no model_index.json" in line for line in lines)  # a folder without it is asked again
+    config, _ = read_files(tmp_path)
+    assert config["pretrained_model_name_or_path"] == str(model.resolve())
+    assert config["model_flavour"] == "base-1.0"
+
+
+@pytest.mark.parametrize("family", list(registry.FAMILIES))
+@pytest.mark.parametrize("model_type", ["lora", "lycoris", "full"])
+def test_every_preset_the_wizard_writes_loads_without_a_problem(tmp_path, monkeypatch, family, model_type):
+    from difftune.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    number = str(list(registry.FAMILIES).index(family) + 1)
+    for gigabytes in ("12", "16", "24", "48"):
+        overwrite = ["y"] if (tmp_path / "config" / "config.json").exists() else []
+        # family, flavour, type, folder, captions, resolution, validation size, VRAM, steps, prompt, output
+        answers = overwrite + [number, "", model_type, "", "", "", "", gigabytes, "", "", ""]
+        input_fn, _ = scripted(answers)
+        run_wizard(input_fn, lambda line: None, tmp_path)
+        loaded = load_config()
+        assert loaded.train.model_family == family and loaded.train.model_type == model_type
+        assert not [w for w in loaded.warnings if "no samples will be made" in w]

@@ -182,6 +182,8 @@ def build_files(answers: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str,
         **preset.config,
         **preset.memory.get(answers["vram_tier"], {}),
     }
+    if answers.get("pretrained_model_name_or_path"):
+        config["pretrained_model_name_or_path"] = answers["pretrained_model_name_or_path"]
     if answers["model_type"] == "lora":
         config["lora_rank"] = 16
     if answers["model_type"] == "lycoris":
@@ -229,7 +231,14 @@ class _Asker:
             except (ValueError, TypeError) as exc:
                 self.output_fn(f"  '{answer}' is not valid: {exc}")
 
-    def choice(self, question: str, options: dict[str, str], default: str) -> str:
+    def choice(
+        self,
+        question: str,
+        options: dict[str, str],
+        default: str,
+        other: Callable[[str], str] | None = None,
+    ) -> str:
+        """One of `options` by number or name; with `other`, any answer it accepts (its return value)."""
         names = list(options)
         self.output_fn(question)
         for number, name in enumerate(names, 1):
@@ -240,7 +249,13 @@ class _Asker:
                 return names[int(answer) - 1]
             if answer in options:
                 return answer
-            self.output_fn(f"  '{answer}' is not one of: {', '.join(names)}")
+            if other is None:
+                self.output_fn(f"  '{answer}' is not one of: {', '.join(names)}")
+                continue
+            try:
+                return other(answer)
+            except ValueError as exc:
+                self.output_fn(f"  '{answer}' is not one of: {', '.join(names)}, {exc}")
 
     def yes(self, question: str, default: bool = False) -> bool:
         while True:
@@ -250,6 +265,19 @@ class _Asker:
             if answer in ("y", "yes", "n", "no"):
                 return answer.startswith("y")
             self.output_fn("  answer y or n")
+
+
+def local_model_folder(text: str) -> str:
+    """The absolute path of a local diffusers model folder (it holds model_index.json); ValueError if not."""
+    folder = Path(text).expanduser()
+    if (folder / "model_index.json").is_file():
+        return str(folder.resolve())
+    if folder.is_dir():
+        raise ValueError(
+            f"and the folder {folder} has no model_index.json: a diffusers model folder holds it and one "
+            "subfolder per component (save_pretrained or a downloaded Hub snapshot writes that layout)"
+        )
+    raise ValueError("nor a local model folder")
 
 
 def _positive_number(text: str) -> float:
@@ -272,7 +300,16 @@ def ask_questions(ask: _Asker) -> dict[str, Any]:
     answers: dict[str, Any] = {"model_family": ask.choice("Model family:", families, "sdxl")}
     spec, preset = registry.spec(answers["model_family"]), quickstart(answers["model_family"])
     flavours = {name: flavour.description for name, flavour in spec.flavours.items()}
-    answers["model_flavour"] = ask.choice("Model flavour:", flavours, spec.default_flavour)
+    model = ask.choice(
+        "Model flavour (downloaded from the Hub), or the path of a local diffusers model folder:",
+        flavours,
+        spec.default_flavour,
+        other=local_model_folder,
+    )
+    if model in spec.flavours:
+        answers["model_flavour"] = model
+    else:  # a local folder: the family's default flavour names its settings
+        answers["model_flavour"], answers["pretrained_model_name_or_path"] = spec.default_flavour, model
     answers["model_type"] = ask.choice(
         "Training type:",
         {

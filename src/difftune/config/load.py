@@ -103,6 +103,7 @@ def load_config(
         problems.extend(_cross_key_problems(train, family, origin))
         warnings.extend(_unused_validation_settings(train, origin, source))
         train = resolve_memory_settings(train, origin, warnings, problems)
+        problems.extend(_package_problems(train, origin))
     if train is not None and train.model_type == "lycoris":
         problems.extend(_lycoris_problems(train, warnings))
     _raise_if_any(problems)
@@ -324,14 +325,6 @@ def _cross_key_problems(train: TrainConfig, family: registry.FamilySpec, origin:
             "between CPU and GPU and conflict with each other. Pick one: group offload saves more memory "
             "during training, model CPU offload is simpler; set the other to false"
         )
-    package = _missing_package(train.base_model_precision)
-    if package:
-        problems.append(
-            f"{origin.get('base_model_precision', 'config')}: 'base_model_precision' is "
-            f"'{train.base_model_precision}', which needs the {package} package, and it is not installed "
-            f'— pip install {package} (or pip install -e ".[quant]" for both quantisation back-ends), '
-            "or set base_model_precision to no_change"
-        )
     problems.extend(training_checks.objective_problems(train, origin))
     outside = outside_output_dir_problem(
         train.output_dir, train.resume_from_checkpoint, train.allow_resume_outside_output_dir
@@ -381,6 +374,19 @@ def _unused_validation_settings(train: TrainConfig, origin: dict[str, str], sour
 
 # base_model_precision suffix -> (module to import, package to install)
 _PRECISION_PACKAGES = {"quanto": ("optimum.quanto", "optimum-quanto"), "torchao": ("torchao", "torchao")}
+
+
+def _package_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:
+    """A problem when the quantisation back-end the run will use is not installed."""
+    package = _missing_package(train.base_model_precision)
+    if package is None:
+        return []
+    return [
+        f"{origin.get('base_model_precision', 'config')}: 'base_model_precision' is "
+        f"'{train.base_model_precision}', which needs the {package} package, and it is not installed "
+        f'— pip install {package} (or pip install -e ".[quant]" for both quantisation back-ends), '
+        "or set base_model_precision to no_change"
+    ]
 
 
 def _missing_package(precision: str) -> str | None:
