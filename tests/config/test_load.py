@@ -464,6 +464,14 @@ def test_offset_noise_alone_means_the_original_tools_defaults(workdir):
         ({"lr_scale_sqrt": True}, "set lr_scale true as well"),
         ({"prodigy_steps": 10}, "it applies to optimizer prodigy only"),
         (
+            {"flow_use_beta_schedule": True},
+            "sdxl is a diffusion (epsilon / v) model whose timesteps it does not",
+        ),
+        (
+            {"flow_schedule_shift": 2.0, "diff2flow_enabled": True},
+            "'flow_schedule_shift' is 2.0, but sdxl is",
+        ),
+        (
             {"optimizer": "adamw_schedulefree", "lr_scheduler": "cosine"},
             "replaces the learning-rate schedule",
         ),
@@ -485,3 +493,16 @@ def test_a_bitsandbytes_optimizer_without_the_package_is_refused_at_load(workdir
     )
     with pytest.raises(ConfigError, match="needs the bitsandbytes package.*pip install bitsandbytes"):
         load_config(write_config(workdir, {**SDXL, "optimizer": "bnb-adamw8bit"}))
+
+
+def test_flow_schedule_keys_load_for_a_flow_matching_family(workdir):
+    config = {
+        "model_family": "kandinsky5-image",
+        "flow_use_beta_schedule": True,
+        "flow_beta_schedule_alpha": 3,
+    }
+    train = load_config(write_config(workdir, config)).train
+    assert train.flow_use_beta_schedule and train.flow_beta_schedule_alpha == 3.0
+    assert (
+        load_config(write_config(workdir, {**SDXL, "flow_schedule_shift": 3.0})).train.model_family == "sdxl"
+    )

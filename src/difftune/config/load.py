@@ -326,6 +326,8 @@ def _cross_key_problems(train: TrainConfig, family: registry.FamilySpec, origin:
             "during training, model CPU offload is simpler; set the other to false"
         )
     problems.extend(training_checks.objective_problems(train, origin))
+    if not family.flow_matching:
+        problems.extend(training_checks.flow_key_problems(train, origin))
     outside = outside_output_dir_problem(
         train.output_dir, train.resume_from_checkpoint, train.allow_resume_outside_output_dir
     )

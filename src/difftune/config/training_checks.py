@@ -72,3 +72,26 @@ def objective_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:
             f"{train.timestep_bias_end}), which is empty; make timestep_bias_begin smaller than timestep_bias_end"
         )
     return problems
+
+
+# Keys that shape a flow-matching schedule, with the values that leave it as it is.
+FLOW_KEYS = {
+    "flow_schedule_shift": 3.0,
+    "flow_schedule_auto_shift": False,
+    "flow_use_uniform_schedule": False,
+    "flow_sigmoid_scale": 1.0,
+    "flow_use_beta_schedule": False,
+}
+
+
+def flow_key_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:
+    """flow_* keys set on a DDPM-style model (SDXL, Diff2Flow included), whose timesteps they do not shape."""
+    problems = []
+    for key, neutral in FLOW_KEYS.items():
+        value = getattr(train, key)
+        if key in origin and value != neutral:
+            problems.append(
+                f"{origin[key]}: '{key}' is {value!r}, but {train.model_family} is a diffusion (epsilon / v) "
+                "model whose timesteps it does not shape; remove it (timestep_bias_* shapes them)"
+            )
+    return problems

@@ -38,6 +38,7 @@ class FamilySpec:
     pixel_multiple: int = 64  # bucket and validation sizes are multiples of this (VAE factor x patch size)
     frames_per_latent: int = 1  # >1: a video VAE compressing time that much; clips have k * n + 1 frames
     adapter_prefix: str = "transformer"  # key prefix of saved LoRA weights ("unet" / "transformer")
+    flow_matching: bool = True  # False: a DDPM-style (epsilon / v) model, which the flow_* keys do not shape
 
     @property
     def is_video(self) -> bool:
@@ -85,6 +86,7 @@ SDXL = FamilySpec(
     defaults={"validation_guidance": 7.5, "validation_resolution": "1024x1024"},
     pixel_multiple=64,
     adapter_prefix="unet",
+    flow_matching=False,
 )
 
 KANDINSKY5_IMAGE = FamilySpec(
