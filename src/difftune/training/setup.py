@@ -114,19 +114,22 @@ def prepare_denoiser(
 ) -> torch.nn.Module:
     """Make the denoiser trainable: a LoRA or LyCORIS adapter on the frozen (optionally quantised) base,
     or every weight; then gradient checkpointing, the attention backend and group offload as the
-    config says. `emit` receives the adapter's warnings."""
+    config says. `emit` receives the adapter's warnings. The modules the model keeps in fp32
+    (`_keep_in_fp32_modules`) stay fp32 and run outside autocast."""
     from difftune.training.memory import (
         apply_offload,
         enable_checkpointing,
         quantize_module,
         set_attention_backend,
     )
+    from difftune.training.precision import keep_fp32_modules
 
     denoiser = components.denoiser
     if config.model_type in ("lora", "lycoris"):
         denoiser.requires_grad_(False)
         if next(denoiser.parameters()).dtype != weight_dtype:
             denoiser.to(dtype=weight_dtype)
+        keep_fp32_modules(denoiser)
         quantised = config.base_model_precision != "no_change"
         if quantised:
             quantize_module(denoiser, config.base_model_precision, device=device)
@@ -150,6 +153,7 @@ def prepare_denoiser(
             )
         denoiser.to(dtype=torch.float32)
         denoiser.requires_grad_(True)
+        keep_fp32_modules(denoiser)  # fp32 already, but mixed-precision autocast would run them in bf16
     else:
         raise ValueError(f"model_type '{config.model_type}' is not built; use lora, lycoris or full")
     if config.gradient_checkpointing:

@@ -1,0 +1,70 @@
+"""Kandinsky 5's time embeddings and modulations stay fp32 under bf16 training, as the pipeline keeps them."""
+
+import pytest
+import torch
+
+from difftune.config.schema import TrainConfig
+from difftune.families.kandinsky5_image import Kandinsky5ImageFamily
+from difftune.training.precision import fp32_module_names
+from difftune.training.setup import prepare_denoiser
+
+
+@pytest.fixture(scope="module")
+def t2i_folder(tmp_path_factory):
+    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
+
+    return build_tiny_kandinsky5_image(tmp_path_factory.mktemp("k5") / "t2i", seed=0)
+
+
+@pytest.mark.parametrize("model_type", ["lora", "full"])
+def test_fp32_modules_stay_fp32_and_run_outside_bf16_autocast(t2i_folder, model_type):
+    config = TrainConfig(
+        model_family="kandinsky5-image",
+        model_type=model_type,
+        pretrained_model_name_or_path=str(t2i_folder),
+        mixed_precision="bf16",
+        gradient_checkpointing=False,
+    )
+    family = Kandinsky5ImageFamily(config)
+    components = family.load(torch.device("cpu"), torch.bfloat16)
+    denoiser = prepare_denoiser(family, components, config, torch.bfloat16)
+
+    kept = fp32_module_names(denoiser)
+    blocks = len(denoiser.text_transformer_blocks) + len(denoiser.visual_transformer_blocks)
+    assert "time_embeddings" in kept and "out_layer.modulation" in kept
+    assert len(kept) == 1 + blocks + 1  # time embeddings, one modulation per block, the output layer's
+    fp32 = {f"{name}." for name in kept}
+    for name, parameter in denoiser.named_parameters():
+        if name.startswith(tuple(fp32)) or model_type == "full" or "lora_" in name:
+            assert parameter.dtype == torch.float32, name
+        else:
+            assert parameter.dtype == torch.bfloat16, name
+
+    linears = {
+        name: module
+        for name, module in denoiser.named_modules()
+        if isinstance(module, torch.nn.Linear) and "lora_" not in name and not name.endswith("base_layer")
+    }
+    dtypes: dict[str, torch.dtype] = {}
+
+    def record(name):
+        def hook(_module, _inputs, output):
+            dtypes[name] = output.dtype
+
+        return hook
+
+    for name, module in linears.items():
+        module.register_forward_hook(record(name))
+    batch = family.collate_prompts(family.encode_prompts(components, ["a red cat"]))
+    latents = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        family.model_forward(components, denoiser, latents, torch.tensor([0.5]), batch)
+
+    in_fp32 = {name for name in dtypes if name.startswith(tuple(fp32))}
+    assert (
+        "time_embeddings.in_layer" in in_fp32
+        and "visual_transformer_blocks.0.visual_modulation.out_layer" in in_fp32
+    )
+    assert {dtypes[name] for name in in_fp32} == {torch.float32}
+    # autocast is on for the rest: the attention and feed-forward layers ran in bf16
+    assert {dtypes[name] for name in dtypes if name not in in_fp32} == {torch.bfloat16}
