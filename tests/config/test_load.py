@@ -506,3 +506,24 @@ def test_flow_schedule_keys_load_for_a_flow_matching_family(workdir):
     assert (
         load_config(write_config(workdir, {**SDXL, "flow_schedule_shift": 3.0})).train.model_family == "sdxl"
     )
+
+
+def test_image_to_video_refuses_datasets_with_only_the_condition_frame(workdir):
+    datasets = [
+        {"id": "stills", "dataset_type": "image", "instance_data_dir": "i"},
+        {"id": "short", "dataset_type": "video", "instance_data_dir": "v", "video": {"num_frames": 1}},
+        {"id": "clips", "dataset_type": "video", "instance_data_dir": "v", "video": {"num_frames": 17}},
+    ]
+    i2v = {"model_family": "kandinsky5-video", "model_flavour": "i2v-lite-5s"}
+    with pytest.raises(ConfigError) as error:
+        load_config(write_config(workdir, i2v, datasets))
+    message = str(error.value)
+    assert (
+        "dataset 'stills' is an image dataset, but model_flavour 'i2v-lite-5s' trains image-to-video"
+        in message
+    )
+    assert "dataset 'short' is a video dataset of 1 frames" in message
+    assert "'clips'" not in message and "at least 5 frames" in message
+    # the same datasets train a text-to-video flavour, and the clips alone train image-to-video
+    load_config(write_config(workdir, {**i2v, "model_flavour": "t2v-lite-sft-5s"}, datasets))
+    assert load_config(write_config(workdir, i2v, datasets[2:])).train.model_flavour == "i2v-lite-5s"

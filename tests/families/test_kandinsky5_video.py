@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from difftune.config.schema import TrainConfig
+from difftune.errors import ConfigError
 from difftune.families import family_class
 from difftune.families.kandinsky5_video import Kandinsky5VideoFamily, enable_patch_conv
 
@@ -366,3 +367,15 @@ def test_i2v_generate_without_an_image_makes_its_own_first_frame(i2v_folder):
         ValueError, match="validation_num_video_frames=5: Kandinsky5I2VPipeline needs at least 17"
     ):
         family.generate(pipeline, generator=torch.Generator(), image=red, num_frames=5, **settings)
+
+
+def test_i2v_folder_refuses_image_datasets_before_training(i2v_folder):
+    from difftune.config.schema import DatasetConfig
+
+    family = make_family(i2v_folder)  # the default t2v flavour, but an I2V pipeline folder
+    stills = DatasetConfig(id="stills", dataset_type="image", instance_data_dir="i")
+    with pytest.raises(ConfigError, match="dataset 'stills' is an image dataset, but the model '.*i2v'"):
+        family.check_datasets([stills])
+    make_family(
+        i2v_folder, model_flavour="t2v-lite-sft-5s", pretrained_model_name_or_path=None
+    ).check_datasets([stills])

@@ -494,6 +494,11 @@ def _load_datasets(raw: Any, where: str, train: TrainConfig, warnings: list[str]
                 f"{', '.join(where_used)}); each dataset needs its own id"
             )
     enabled = [d for d in datasets if not d.disabled]
+    flavour = train.model_flavour or family.default_flavour
+    if flavour in family.flavours and family.flavours[flavour].kind == "i2v":
+        problems += training_checks.image_to_video_problems(
+            enabled, where, f"model_flavour '{flavour}'", family.frames_per_latent
+        )
     if not problems and not any(d.dataset_type in ("image", "video") for d in enabled):
         problems.append(
             f'{where}: no enabled image or video dataset; add an entry with "dataset_type": '

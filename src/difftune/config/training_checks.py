@@ -95,3 +95,26 @@ def flow_key_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:
                 "model whose timesteps it does not shape; remove it (timestep_bias_* shapes them)"
             )
     return problems
+
+
+def image_to_video_problems(datasets, where: str, model: str, frames_per_latent: int) -> list[str]:
+    """Datasets that would train an image-to-video model on nothing: an image, or a clip of one latent
+    frame, has only the first frame, which is the condition and is masked from the loss. `model` names
+    what trains image-to-video ("model_flavour 'i2v-lite-5s'")."""
+    problems = []
+    for dataset in datasets:
+        if dataset.disabled or dataset.dataset_type not in ("image", "video"):
+            continue
+        frames = dataset.video.num_frames if dataset.dataset_type == "video" and dataset.video else 1
+        if frames > frames_per_latent:
+            continue
+        what = (
+            "an image dataset" if dataset.dataset_type == "image" else f"a video dataset of {frames} frames"
+        )
+        problems.append(
+            f"{where}: dataset '{dataset.id}' is {what}, but {model} trains image-to-video: "
+            "its first latent frame is the condition and is left out of the loss, so these samples train "
+            f"nothing; use video clips of at least {frames_per_latent + 1} frames (dataset_type video, "
+            'video.num_frames), disable the dataset ("disabled": true), or train a t2v flavour'
+        )
+    return problems

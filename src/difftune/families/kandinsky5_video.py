@@ -367,6 +367,20 @@ class Kandinsky5VideoFamily(Family):
             )
         return warnings_out
 
+    def check_datasets(self, datasets) -> None:
+        """Image-to-video (a flavour, or a local I2V folder) refuses datasets holding only the condition frame."""
+        from difftune.config.training_checks import image_to_video_problems
+
+        if self.is_i2v:
+            problems = image_to_video_problems(
+                datasets,
+                "multidatabackend.json",
+                f"the model '{self.model_id()}'",
+                self.spec.frames_per_latent,
+            )
+            if problems:
+                raise ConfigError("\n".join(problems))
+
 
 # ---------------------------------------------------------------------------------------------
 # VAE memory options
