@@ -220,3 +220,14 @@ def test_caption_dropout_empties_captions_at_the_dataset_rate(tmp_path):
     assert again == captions
     data, _ = run.prepare(caption_dropout_probability=0.0)
     assert "" not in data.load_batch([0, 1], position=(0, 0))["captions"]
+
+
+def test_a_new_tokenizer_max_length_reencodes_the_prompts_and_not_the_latents(tmp_path):
+    _make_images(tmp_path / "data")
+    run = Run(tmp_path)
+    run.prepare()
+    _, family = run.prepare(tokenizer_max_length=8)
+    assert {f"picture number {i}" for i in range(6)} <= set(family.encoded_prompts)
+    assert family.encoded_images == 0
+    _, again = run.prepare(tokenizer_max_length=8)
+    assert again.encoded_prompts == []

@@ -267,7 +267,7 @@ TRAIN_KEYS: dict[str, Status] = {
     "only_instance_prompt": BUILT,
     "parquet_caption_column": refused("use caption_strategy textfile, jsonl or csv"),
     "parquet_filename_column": refused("use caption_strategy textfile, jsonl or csv"),
-    "tokenizer_max_length": refused("difftune uses the family's own prompt length; remove it"),
+    "tokenizer_max_length": BUILT,
     "caption_dropout_probability": BUILT,
     "aspect_bucket_alignment": refused("difftune aligns sizes to the family's pixel multiple; remove it"),
     "aspect_bucket_rounding": refused("difftune rounds aspect ratios to 2 decimals; remove it", 2),

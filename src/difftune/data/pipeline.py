@@ -86,7 +86,7 @@ def prepare_training_data(
         device=device,
         text_cache=TextEmbedCache(
             text_cache_dir,
-            family.cache_identity(),
+            text_cache_identity(train, family),
             next((d.write_batch_size for d in datasets if d.dataset_type == "text_embeds"), 128),
         ),
         latent_caches={},
@@ -138,6 +138,14 @@ def _caption_dropout(dataset: DatasetConfig, train: TrainConfig) -> float:
     """The dataset's caption_dropout_probability, else the top-level one."""
     own = dataset.caption_dropout_probability
     return own if own is not None else train.caption_dropout_probability
+
+
+def text_cache_identity(train: TrainConfig, family: Family) -> str:
+    """What the cached prompt embeddings depend on: the text encoders and the prompt length asked for."""
+    identity = family.cache_identity()
+    if train.tokenizer_max_length is not None:
+        identity += f"|tokenizer_max_length={train.tokenizer_max_length}"
+    return identity
 
 
 def _add_dataset(

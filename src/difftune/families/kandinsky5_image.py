@@ -111,7 +111,14 @@ class Kandinsky5ImageFamily(Family):
         pipeline = k5.text_pipeline(
             self.pipeline_class(), qwen, components.tokenizers[0], clip, components.tokenizers[1]
         )
-        return k5.encode_prompt_embeds(pipeline, texts, device=qwen.device, dtype=qwen.dtype, images=images)
+        return k5.encode_prompt_embeds(
+            pipeline,
+            texts,
+            device=qwen.device,
+            dtype=qwen.dtype,
+            images=images,
+            max_sequence_length=self.config.tokenizer_max_length,
+        )
 
     def collate_prompts(self, embeds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Zero-padded Qwen embeddings (B, L_max, D), their cu_seqlens (B + 1,) and CLIP pooled (B, D2)."""
@@ -215,6 +222,8 @@ class Kandinsky5ImageFamily(Family):
             raise ValueError("image-to-image validation needs a conditioning image: pass image=<PIL image>")
         if (width, height) not in pipeline.resolutions:
             pipeline.resolutions = [*pipeline.resolutions, (width, height)]
+        if self.config.tokenizer_max_length is not None:  # the prompt length the model was trained with
+            kwargs.setdefault("max_sequence_length", self.config.tokenizer_max_length)
         output = pipeline(
             prompt=prompt,
             negative_prompt=negative_prompt,

@@ -129,7 +129,13 @@ class Kandinsky5VideoFamily(Family):
         pipeline = k5.text_pipeline(
             self.pipeline_class(), qwen, components.tokenizers[0], clip, components.tokenizers[1]
         )
-        return k5.encode_prompt_embeds(pipeline, texts, device=qwen.device, dtype=qwen.dtype)
+        return k5.encode_prompt_embeds(
+            pipeline,
+            texts,
+            device=qwen.device,
+            dtype=qwen.dtype,
+            max_sequence_length=self.config.tokenizer_max_length,
+        )
 
     def collate_prompts(self, embeds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Zero-padded Qwen embeddings (B, L_max, D), their cu_seqlens (B + 1,) and CLIP pooled (B, D2)."""
@@ -313,6 +319,8 @@ class Kandinsky5VideoFamily(Family):
             "guidance_scale": guidance_scale,
             "generator": generator,
         }
+        if self.config.tokenizer_max_length is not None:  # the prompt length the model was trained with
+            common["max_sequence_length"] = self.config.tokenizer_max_length
         if self.is_i2v and kwargs.get("image") is None:
             from diffusers import Kandinsky5T2VPipeline
 

@@ -109,13 +109,24 @@ class SDXLFamily(Family):
         return results
 
     def _encode_chunk(self, components: Components, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 77, D1 + D2) penultimate hidden states of both encoders and (B, D2p) pooled of encoder 2."""
+        return self._encode_texts(components.tokenizers, components.text_encoders, texts)
+
+    def _prompt_tokens(self, tokenizer) -> int:
+        """Token positions per prompt: tokenizer_max_length, at most CLIP's 77 (its default)."""
+        asked = self.config.tokenizer_max_length
+        return min(asked, tokenizer.model_max_length) if asked else tokenizer.model_max_length
+
+    def _encode_texts(self, tokenizers, encoders, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D1 + D2) penultimate hidden states of both encoders and (B, D2p) pooled of encoder 2.
+
+        L is 77, or tokenizer_max_length when that is shorter.
+        """
         hidden_states, pooled = [], None
-        for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
+        for tokenizer, encoder in zip(tokenizers, encoders):
             input_ids = tokenizer(
                 texts,
                 padding="max_length",
-                max_length=tokenizer.model_max_length,
+                max_length=self._prompt_tokens(tokenizer),
                 truncation=True,
                 return_tensors="pt",
             ).input_ids
@@ -127,7 +138,7 @@ class SDXLFamily(Family):
             raise ValueError(
                 "SDXL's second text encoder must be a CLIPTextModelWithProjection (pooled output)"
             )
-        dtype = components.text_encoders[-1].dtype
+        dtype = encoders[-1].dtype
         return torch.cat(hidden_states, dim=-1).to(dtype), pooled.to(dtype)
 
     def vae_scale_factor(self, components: Components) -> int:
@@ -262,6 +273,10 @@ class SDXLFamily(Family):
         stops at latents and they are decoded in the VAE's dtype, as the pipeline itself does
         when it upcasts its VAE.
         """
+        if self._prompt_tokens(pipeline.tokenizer) < pipeline.tokenizer.model_max_length:
+            # the stock pipeline always encodes 77 tokens; give it prompts encoded as in training
+            kwargs.update(self._validation_prompt_embeds(pipeline, prompt, negative_prompt))
+            prompt = negative_prompt = None
         arguments = dict(
             prompt=prompt,
             negative_prompt=negative_prompt or None,
@@ -281,6 +296,29 @@ class SDXLFamily(Family):
         if getattr(pipeline, "watermark", None) is not None:
             image = pipeline.watermark.apply_watermark(image)
         return list(pipeline.image_processor.postprocess(image, output_type="pil"))
+
+    @torch.no_grad()
+    def _validation_prompt_embeds(
+        self, pipeline, prompt: str, negative_prompt: str | None
+    ) -> dict[str, torch.Tensor]:
+        """The pipeline's prompt_embeds arguments, encoded at tokenizer_max_length as the training prompts.
+
+        Without a negative prompt the negatives are zeros when the pipeline's
+        `force_zeros_for_empty_prompt` says so (SDXL's does), else the encoded empty prompt.
+        """
+        tokenizers = [pipeline.tokenizer, pipeline.tokenizer_2]
+        encoders = [pipeline.text_encoder, pipeline.text_encoder_2]
+        embeds, pooled = self._encode_texts(tokenizers, encoders, [prompt])
+        if negative_prompt or not pipeline.config.force_zeros_for_empty_prompt:
+            negative, negative_pooled = self._encode_texts(tokenizers, encoders, [negative_prompt or ""])
+        else:
+            negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        return {
+            "prompt_embeds": embeds,
+            "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": negative,
+            "negative_pooled_prompt_embeds": negative_pooled,
+        }
 
     def save_lora(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor]) -> Path:
         """Write pytorch_lora_weights.safetensors ("unet."-prefixed peft keys + LoraConfig metadata).

@@ -1,0 +1,81 @@
+"""tokenizer_max_length sets the prompt tokens the text encoders see, in training and in validation."""
+
+import pytest
+import torch
+
+from difftune.config.schema import TrainConfig
+from difftune.families.kandinsky5_image import Kandinsky5ImageFamily
+from difftune.families.sdxl import SDXLFamily
+
+CPU = torch.device("cpu")
+LONG_PROMPT = " ".join(["a small red wooden house beside a wide blue river under a cloudy sky"] * 6)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    from difftune.testing.sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
+
+
+@pytest.fixture(scope="module")
+def sdxl_components(tiny_sdxl):
+    return SDXLFamily(TrainConfig(model_family="sdxl", pretrained_model_name_or_path=str(tiny_sdxl))).load(
+        CPU, torch.float32
+    )
+
+
+@pytest.mark.parametrize(("asked", "length"), [(None, 77), (16, 16), (200, 77)])
+def test_sdxl_prompts_have_the_asked_length_at_most_77(tiny_sdxl, sdxl_components, asked, length):
+    config = TrainConfig(
+        model_family="sdxl", pretrained_model_name_or_path=str(tiny_sdxl), tokenizer_max_length=asked
+    )
+    [embeds] = SDXLFamily(config).encode_prompts(sdxl_components, [LONG_PROMPT])
+    assert embeds["prompt_embeds"].shape[0] == length
+
+
+def test_sdxl_validation_gives_the_unet_prompts_of_the_trained_length(tiny_sdxl, sdxl_components):
+    config = TrainConfig(
+        model_family="sdxl", pretrained_model_name_or_path=str(tiny_sdxl), tokenizer_max_length=16
+    )
+    family = SDXLFamily(config)
+    pipeline = family.pipeline(sdxl_components, sdxl_components.denoiser)
+    seen = []
+    hook = sdxl_components.denoiser.register_forward_pre_hook(
+        lambda _module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True
+    )
+    try:
+        images = family.generate(
+            pipeline,
+            prompt=LONG_PROMPT,
+            negative_prompt="blurry",
+            width=64,
+            height=64,
+            num_inference_steps=2,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(0),
+        )
+    finally:
+        hook.remove()
+    assert images[0].size == (64, 64) and seen and set(seen) == {16}
+
+
+@pytest.fixture(scope="module")
+def k5_folder(tmp_path_factory):
+    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
+
+    return build_tiny_kandinsky5_image(tmp_path_factory.mktemp("k5") / "t2i", seed=0)
+
+
+def _k5(folder, **overrides) -> Kandinsky5ImageFamily:
+    return Kandinsky5ImageFamily(
+        TrainConfig(model_family="kandinsky5-image", pretrained_model_name_or_path=str(folder), **overrides)
+    )
+
+
+def test_kandinsky5_qwen_prompt_follows_tokenizer_max_length(k5_folder):
+    components = _k5(k5_folder).load(CPU, torch.float32)
+    [full] = _k5(k5_folder).encode_prompts(components, [LONG_PROMPT])
+    [short] = _k5(k5_folder, tokenizer_max_length=24).encode_prompts(components, [LONG_PROMPT])
+    assert full["prompt_embeds_qwen"].shape[0] > 24
+    assert short["prompt_embeds_qwen"].shape[0] == 24
