@@ -213,3 +213,19 @@ def test_duplicate_keys_warn_naming_the_key_and_the_file(workdir):
     messages = "\n".join(loaded.warnings)
     assert f"{path}: the key 'learning_rate' is given 2 times" in messages
     assert "multidatabackend.json: the key 'cache_dir' is given 2 times" in messages
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", r"user_prompt_library: .*library.json is not valid JSON"),
+        (NESTED.encode(), r"user_prompt_library: .*library.json is nested too deeply"),
+    ],
+    ids=["binary", "nested-100000-deep"],
+)
+def test_a_hostile_prompt_library_is_refused_naming_it(tmp_path, content, expected):
+    from difftune.validation.prompts import load_prompt_library
+
+    (tmp_path / "library.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=expected):
+        run_within(30, load_prompt_library, tmp_path / "library.json")

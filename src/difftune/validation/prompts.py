@@ -15,9 +15,13 @@ def load_prompt_library(path: str | Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise ConfigError(f"user_prompt_library: {path} does not exist; fix the path or remove the key")
     try:
-        library = json.loads(path.read_text(encoding="utf-8"))
+        library = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"user_prompt_library: {path} is not valid JSON ({error})") from error
+    except RecursionError:
+        raise ConfigError(
+            f'user_prompt_library: {path} is nested too deeply; it holds {{"name": "prompt", ...}}'
+        ) from None
     if not isinstance(library, dict):
         raise ConfigError(
             f'user_prompt_library: {path} must hold an object {{"name": "prompt", ...}}, '
