@@ -229,3 +229,20 @@ def test_a_hostile_prompt_library_is_refused_naming_it(tmp_path, content, expect
     (tmp_path / "library.json").write_bytes(content)
     with pytest.raises(ConfigError, match=expected):
         run_within(30, load_prompt_library, tmp_path / "library.json")
+
+
+@pytest.mark.parametrize("config", [NESTED, json.dumps({**SDXL, "max_train_steps": True, "seed": 2**32})])
+def test_the_command_ends_in_one_message_not_a_traceback(workdir, config):
+    import subprocess
+    import sys
+
+    path = write_config(workdir, config)
+    done = subprocess.run(
+        [sys.executable, "-m", "difftune", "train", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("difftune: ") and str(path) in done.stderr
+    assert "Traceback" not in done.stderr
