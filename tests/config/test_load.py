@@ -527,3 +527,9 @@ def test_image_to_video_refuses_datasets_with_only_the_condition_frame(workdir):
     # the same datasets train a text-to-video flavour, and the clips alone train image-to-video
     load_config(write_config(workdir, {**i2v, "model_flavour": "t2v-lite-sft-5s"}, datasets))
     assert load_config(write_config(workdir, i2v, datasets[2:])).train.model_flavour == "i2v-lite-5s"
+
+
+def test_bucket_pruning_can_be_disabled_only_where_no_bucket_is_pruned(workdir):
+    assert load_config(write_config(workdir, {**SDXL, "disable_bucket_pruning": True, "train_batch_size": 1}))
+    with pytest.raises(ConfigError, match="a bucket smaller than train_batch_size \\(2\\) is left out"):
+        load_config(write_config(workdir, {**SDXL, "disable_bucket_pruning": True, "train_batch_size": 2}))

@@ -231,3 +231,22 @@ def test_a_new_tokenizer_max_length_reencodes_the_prompts_and_not_the_latents(tm
     assert family.encoded_images == 0
     _, again = run.prepare(tokenizer_max_length=8)
     assert again.encoded_prompts == []
+
+
+def test_dataset_oversubscription_raises_repeats_of_a_dataset_too_small_for_one_step(tmp_path):
+    _make_images(tmp_path / "data", n=3)
+    run = Run(tmp_path)
+    data, _ = run.prepare(
+        train_batch_size=2, gradient_accumulation_steps=4, allow_dataset_oversubscription=True
+    )
+    # one bucket of 3 samples, 8 per optimizer step: repeats 2 gives 9 samples, 4 full batches
+    assert data.sampler.batches_per_epoch == 4
+    (warning,) = [payload["message"] for kind, payload in run.events if kind == "warning"]
+    assert "dataset 'pics'" in warning and "sets its repeats to 2" in warning
+    with pytest.raises(DatasetTooSmall):  # repeats the dataset sets itself are kept
+        run.prepare(
+            dataset=run.dataset(repeats=0),
+            train_batch_size=2,
+            gradient_accumulation_steps=4,
+            allow_dataset_oversubscription=True,
+        )

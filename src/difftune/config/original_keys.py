@@ -155,7 +155,7 @@ TRAIN_KEYS: dict[str, Status] = {
     "lr_end": BUILT,
     "lr_scale": BUILT,
     "lr_scale_sqrt": BUILT,
-    "allow_dataset_oversubscription": refused("set repeats on the datasets instead"),
+    "allow_dataset_oversubscription": BUILT,
     "data_backend_sampling": refused("set probability on each dataset", "uniform"),
     "conditioning_multidataset_sampling": refused(
         "link one conditioning dataset per image dataset with conditioning_data", "random"
@@ -271,9 +271,7 @@ TRAIN_KEYS: dict[str, Status] = {
     "caption_dropout_probability": BUILT,
     "aspect_bucket_alignment": refused("difftune aligns sizes to the family's pixel multiple; remove it"),
     "aspect_bucket_rounding": refused("difftune rounds aspect ratios to 2 decimals; remove it", 2),
-    "disable_bucket_pruning": refused(
-        "difftune keeps every bucket; lower train_batch_size if a bucket is smaller than a batch"
-    ),
+    "disable_bucket_pruning": BUILT,
     "delete_nsfw_images": refused(_DATA_FILTER),
     "delete_problematic_images": refused(_DATA_FILTER),
     "delete_unwanted_images": refused(_DATA_FILTER),

@@ -152,6 +152,8 @@ class TrainConfig(_Strict):
 
     # batch and schedule
     train_batch_size: int = Field(4, ge=1)
+    disable_bucket_pruning: bool = False  # honoured at train_batch_size 1, where no bucket is pruned
+    allow_dataset_oversubscription: bool = False  # raise repeats of datasets too small for one step
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_train_steps: int | None = Field(None, ge=0)
     num_train_epochs: int = Field(1, ge=0)

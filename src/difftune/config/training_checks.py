@@ -44,6 +44,13 @@ def optimizer_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:
             f"{package[1]} package, and it is not installed; pip install {package[1]} (or "
             f'pip install -e ".[{package[2]}]"), or use adamw_bf16'
         )
+    if train.disable_bucket_pruning and train.train_batch_size > 1:
+        problems.append(
+            f"{origin.get('disable_bucket_pruning', 'config')}: 'disable_bucket_pruning' is true, but difftune "
+            "trains only full single-bucket batches, so a bucket smaller than train_batch_size "
+            f"({train.train_batch_size}) is left out; remove it, or set train_batch_size 1 (which leaves no "
+            "bucket out)"
+        )
     if train.prodigy_steps and train.optimizer != "prodigy":
         problems.append(
             f"{origin.get('prodigy_steps', 'config')}: 'prodigy_steps' is {train.prodigy_steps}, but "

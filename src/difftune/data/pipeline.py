@@ -106,10 +106,16 @@ def prepare_training_data(
             )
         _add_dataset(data, dataset, datasets, latent_identity, seed)
 
-    def groups(excluded: set[int]) -> list[SampleGroup]:
-        return _groups(train_sets, data.plans, data.bucket_keys, excluded)
-
     gas = train.gradient_accumulation_steps
+    repeats = {d.id: d.repeats for d in train_sets}
+    if train.allow_dataset_oversubscription:
+        needed = train.train_batch_size * gas * num_processes
+        all_groups = _groups(train_sets, data.plans, data.bucket_keys, set(), repeats)
+        repeats.update(_oversubscribed_repeats(all_groups, train_sets, needed, events))
+
+    def groups(excluded: set[int]) -> list[SampleGroup]:
+        return _groups(train_sets, data.plans, data.bucket_keys, excluded, repeats)
+
     check_enough_samples(groups(set()), train.train_batch_size, gas, num_processes)
     if not (train.vae_cache_ondemand or train.vae_cache_disable):
         _fill_latent_cache(data, train_sets, train.vae_batch_size)
@@ -279,13 +285,37 @@ def _groups(
     plans: Sequence[SamplePlan],
     bucket_keys: Sequence[Hashable],
     excluded: set[int],
+    repeats: dict[str, int],
 ) -> list[SampleGroup]:
     """One SampleGroup per dataset: its plan indices by bucket key, the excluded ones left out."""
     by_dataset: dict[str, dict[Hashable, list[int]]] = {d.id: defaultdict(list) for d in datasets}
     for index, plan in enumerate(plans):
         if index not in excluded:
             by_dataset[plan.dataset_id][bucket_keys[index]].append(index)
-    return [SampleGroup(d.id, dict(by_dataset[d.id]), d.repeats, d.probability) for d in datasets]
+    return [SampleGroup(d.id, dict(by_dataset[d.id]), repeats[d.id], d.probability) for d in datasets]
+
+
+def _oversubscribed_repeats(
+    groups: Sequence[SampleGroup], datasets: Sequence[DatasetConfig], needed: int, events: Events
+) -> dict[str, int]:
+    """allow_dataset_oversubscription, as the original tool: a dataset that does not set repeats and has a
+    bucket smaller than `needed` (batch x accumulation x processes) gets the repeats that fill it."""
+    raised = {}
+    explicit = {d.id for d in datasets if "repeats" in d.model_fields_set}
+    for group in groups:
+        smallest = min((len(ix) for ix in group.buckets.values()), default=0)
+        if group.dataset_id in explicit or not 0 < smallest < needed:
+            continue
+        raised[group.dataset_id] = -(-needed // smallest) - 1
+        events(
+            "warning",
+            {
+                "message": f"dataset '{group.dataset_id}': its smallest bucket holds {smallest} samples, fewer "
+                f"than one optimizer step takes ({needed}); allow_dataset_oversubscription sets its repeats "
+                f"to {raised[group.dataset_id]}"
+            },
+        )
+    return raised
 
 
 def _vae_cache_dir(dataset: DatasetConfig, family: Family) -> Path:
