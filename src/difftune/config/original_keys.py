@@ -75,6 +75,10 @@ _OTHER_FAMILY = cosmetic("it applies only to model families difftune does not tr
 _TRACKING = cosmetic("tracking, publishing or model-card output only")
 _VALIDATION = cosmetic("it changes validation output only, never the training step")
 _DEBUG = cosmetic("debugging output only")
+_SKIPPED_ANYWAY = cosmetic(
+    "difftune leaves unreadable and too-small files out of training and reports them, as the original "
+    "does after deleting them; it never deletes files"
+)
 _SPEED = cosmetic("speed, memory or storage tuning with the same maths; difftune chooses its own")
 _CHECKPOINTS = cosmetic("when and where checkpoints are written; use checkpointing_steps")
 
@@ -273,8 +277,8 @@ TRAIN_KEYS: dict[str, Status] = {
     "aspect_bucket_rounding": refused("difftune rounds aspect ratios to 2 decimals; remove it", 2),
     "disable_bucket_pruning": BUILT,
     "delete_nsfw_images": refused(_DATA_FILTER),
-    "delete_problematic_images": refused(_DATA_FILTER),
-    "delete_unwanted_images": refused(_DATA_FILTER),
+    "delete_problematic_images": _SKIPPED_ANYWAY,
+    "delete_unwanted_images": _SKIPPED_ANYWAY,
     "enable_nsfw_check": refused(_DATA_FILTER),
     "nsfw_check_backend_types": refused(_DATA_FILTER),
     "nsfw_check_min_votes": refused(_DATA_FILTER),
@@ -549,9 +553,9 @@ DATASET_KEYS: dict[str, Status] = {
     "memory_filesystem_size": _SPEED,
     "memory_filesystem_sudo": _SPEED,
     "delete_nsfw_images": refused(_DATA_FILTER),
-    "delete_problematic_images": refused(_DATA_FILTER),
-    "delete_unwanted_images": refused(_DATA_FILTER),
-    "scan_for_errors": refused(_DATA_FILTER),
+    "delete_problematic_images": _SKIPPED_ANYWAY,
+    "delete_unwanted_images": _SKIPPED_ANYWAY,
+    "scan_for_errors": _SKIPPED_ANYWAY,
     "disable_validation": _VALIDATION,
     "metadata_update_interval": _SPEED,
     "preserve_data_backend_cache": _SPEED,
