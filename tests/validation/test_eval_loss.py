@@ -112,3 +112,13 @@ def test_event_and_plot(tmp_path):
     assert plot_eval(tmp_path / "missing.jsonl", tmp_path / "none.png") is None
     with pytest.raises(ValueError, match="at least one batch"):
         EvalLoss(FakeFamily(EpsilonObjective()), None, [])
+
+
+def test_eval_loss_uses_the_training_loss_type():
+    from difftune.training.losses import LossKind
+
+    flow = FlowMatchingObjective(shift=1.0, uniform=True)
+    plain = EvalLoss(FakeFamily(flow), None, _batches(), seed=0)
+    huber = EvalLoss(FakeFamily(flow), None, _batches(), seed=0, loss_kind=LossKind("huber", 0.1, "constant"))
+    denoiser = _denoiser()
+    assert huber(denoiser).loss != pytest.approx(plain(denoiser).loss, rel=1e-3)

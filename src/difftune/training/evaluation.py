@@ -14,6 +14,7 @@ class Evaluator:
     """Eval loss on a fixed slice of cached training batches (fixed noise and timesteps), and CLIP score."""
 
     def __init__(self, family: Family, components: Components, data, config: TrainConfig, device) -> None:
+        from difftune.training.losses import LossKind
         from difftune.validation.eval_loss import EvalLoss
 
         batches = [
@@ -23,7 +24,9 @@ class Evaluator:
         for batch in batches:
             batch["latents"] = batch["latents"].to(device)
         seed = config.seed if config.seed is not None else 0
-        self.eval_loss = EvalLoss(family, components, batches, seed=seed, device=device)
+        self.eval_loss = EvalLoss(
+            family, components, batches, seed=seed, device=device, loss_kind=LossKind.from_config(config)
+        )
         self.scorer = None
         if config.evaluation_type == "clip":
             from difftune.validation.clip_score import ClipScorer

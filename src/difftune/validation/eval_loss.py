@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from difftune.families.base import Components, Family
-from difftune.training.losses import per_sample_loss
+from difftune.training.losses import LossKind, per_sample_loss
 
 DEFAULT_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _DISTRIBUTION_SAMPLES = 8192
@@ -48,6 +48,7 @@ class EvalLoss:
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
         timesteps: Sequence[float] | None = None,
         device: str | torch.device = "cpu",
+        loss_kind: LossKind | None = None,
     ) -> None:
         if not batches:
             raise ValueError(
@@ -57,6 +58,7 @@ class EvalLoss:
         self.components = components
         self.batches = list(batches)
         self.device = torch.device(device)
+        self.loss_kind = loss_kind  # loss_type as in training (None: squared error)
         self.objective = family.objective(components)
         generator = torch.Generator().manual_seed(seed)
         self.timesteps = self._fixed_timesteps(generator, quantiles, timesteps)
@@ -99,7 +101,12 @@ class EvalLoss:
                     noisy = self.objective.add_noise(latents, noise, timesteps)
                     prediction = self.family.model_forward(self.components, denoiser, noisy, timesteps, batch)
                     losses = per_sample_loss(
-                        prediction, self.objective.target(latents, noise, timesteps), mask
+                        prediction,
+                        self.objective.target(latents, noise, timesteps),
+                        mask,
+                        self.loss_kind,
+                        self.objective,
+                        timesteps,
                     )
                     sums[k] += losses.double().sum().cpu()
                     counts[k] += losses.numel()
