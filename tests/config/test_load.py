@@ -533,3 +533,25 @@ def test_bucket_pruning_can_be_disabled_only_where_no_bucket_is_pruned(workdir):
     assert load_config(write_config(workdir, {**SDXL, "disable_bucket_pruning": True, "train_batch_size": 1}))
     with pytest.raises(ConfigError, match="a bucket smaller than train_batch_size \\(2\\) is left out"):
         load_config(write_config(workdir, {**SDXL, "disable_bucket_pruning": True, "train_batch_size": 2}))
+
+
+def test_crepa_block_inside_a_tread_route_is_refused_at_load(workdir):
+    datasets = [
+        {"id": "clips", "dataset_type": "video", "instance_data_dir": "v", "video": {"num_frames": 17}}
+    ]
+    routes = [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]
+    crepa = {
+        "model_family": "kandinsky5-video",
+        "crepa_enabled": True,
+        "crepa_model": str(workdir),  # a local folder: no Hub check
+        "tread_config": {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": 10}]},
+    }
+    with pytest.raises(ConfigError) as error:
+        load_config(write_config(workdir, {**crepa, "crepa_block_index": 8}, datasets))
+    message = str(error.value)
+    assert "'crepa_block_index' is 8, inside tread_config.routes[0]" in message and "config.json" in message
+    load_config(write_config(workdir, {**crepa, "crepa_block_index": 1}, datasets))  # before the route
+    # different signs need the model's block count: left to the check after the model load
+    load_config(
+        write_config(workdir, {**crepa, "crepa_block_index": 8, "tread_config": {"routes": routes}}, datasets)
+    )

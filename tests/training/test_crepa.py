@@ -209,3 +209,22 @@ def test_drop_vae_encoder_frees_weights_and_keeps_decoding():
         with pytest.raises(RuntimeError, match="crepa_drop_vae_encoder"):
             vae.encode(torch.randn(1, 3, 5, 16, 16))
     assert drop_vae_encoder(vae) == 0
+
+
+def test_crepa_block_inside_a_tread_route_is_refused_once_negative_indices_resolve(dino_folder):
+    from difftune.errors import ConfigError
+
+    transformer = tiny_transformer()
+    blocks = len(transformer.visual_transformer_blocks)
+    route = {
+        "selection_ratio": 0.5,
+        "start_layer_idx": 1,
+        "end_layer_idx": -1,
+    }  # signs differ: unknowable at load
+    config = crepa_config(dino_folder, crepa_block_index=-1, tread_config={"routes": [route]})
+    with pytest.raises(ConfigError, match=r"'crepa_block_index' is -1, inside tread_config.routes\[0\]"):
+        Crepa(config, transformer, "cpu", projector_width=64)
+    before = {**route, "start_layer_idx": -(blocks - 1)}  # the route starts after block 0
+    Crepa(
+        crepa_config(dino_folder, crepa_block_index=0, tread_config={"routes": [before]}), transformer, "cpu"
+    )

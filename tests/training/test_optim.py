@@ -162,12 +162,29 @@ def test_grad_clip_method_clips_elements_or_the_norm(method):
     weight = torch.nn.Parameter(torch.zeros(4))
     weight.grad = torch.tensor([3.0, -4.0, 0.5, 0.0])
     config = TrainConfig(model_family="sdxl", max_grad_norm=1.0, grad_clip_method=method)
-    clip_gradients(Accelerator(cpu=True), [weight], config)
+    clip_gradients(Accelerator(cpu=True), torch.optim.SGD([weight], lr=1.0), config)
     if method == "value":
         assert weight.grad.tolist() == [1.0, -1.0, 0.5, 0.0]
     else:
         assert weight.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
         assert weight.grad[0] / weight.grad[1] == pytest.approx(-0.75)
+
+
+@pytest.mark.parametrize("method", ["value", "norm"])
+def test_clipping_covers_every_parameter_the_optimizer_trains(method):
+    """The denoiser's adapter and a feature's own weights (CREPA's projector) are clipped together."""
+    from accelerate import Accelerator
+
+    adapter, projector = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    adapter.grad, projector.grad = torch.tensor([0.3, 0.0]), torch.tensor([0.0, 40.0])
+    config = TrainConfig(model_family="sdxl", optimizer="adamw", max_grad_norm=1.0, grad_clip_method=method)
+    optimizer = build_optimizer([adapter, projector], config)
+    clip_gradients(Accelerator(cpu=True), optimizer, config)
+    if method == "value":
+        assert projector.grad.tolist() == [0.0, 1.0] and adapter.grad.tolist() == pytest.approx([0.3, 0.0])
+    else:  # one joint norm: the large projector gradient scales both down
+        joint = torch.cat([adapter.grad, projector.grad]).norm().item()
+        assert joint == pytest.approx(1.0, rel=1e-4) and adapter.grad[0].item() < 0.3 / 40
 
 
 def test_prodigy_step_size_stops_adapting_after_prodigy_steps():

@@ -326,6 +326,7 @@ def _cross_key_problems(train: TrainConfig, family: registry.FamilySpec, origin:
             "during training, model CPU offload is simpler; set the other to false"
         )
     problems.extend(training_checks.objective_problems(train, origin))
+    problems.extend(training_checks.crepa_tread_problems(train, origin))
     if not family.flow_matching:
         problems.extend(training_checks.flow_key_problems(train, origin))
     outside = outside_output_dir_problem(

@@ -125,3 +125,36 @@ def image_to_video_problems(datasets, where: str, model: str, frames_per_latent:
             'video.num_frames), disable the dataset ("disabled": true), or train a t2v flavour'
         )
     return problems
+
+
+def crepa_tread_problems(
+    train: TrainConfig, origin: dict[str, str], num_blocks: int | None = None
+) -> list[str]:
+    """crepa_block_index inside a TREAD route, where only the routed share of the tokens passes: CREPA
+    would align a partial sequence with the whole frame. Without `num_blocks` (at load time) indices
+    of different signs cannot be compared; the check made once the model is loaded covers them."""
+    routes = (train.tread_config or {}).get("routes") if isinstance(train.tread_config, dict) else None
+    if not train.crepa_enabled or not isinstance(routes, list):
+        return []
+    index = train.crepa_block_index
+    problems = []
+    for number, route in enumerate(routes):
+        ends = (route.get("start_layer_idx"), route.get("end_layer_idx")) if isinstance(route, dict) else ()
+        if len(ends) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in ends):
+            continue  # a malformed route is reported by the TREAD checks
+        values = [index, *ends]
+        if num_blocks is not None:
+            if not all(-num_blocks <= v < num_blocks for v in values):
+                continue  # out of range: reported where the indices are resolved
+            values = [v % num_blocks for v in values]
+        elif len({v < 0 for v in values}) > 1:
+            continue
+        crepa, start, end = values
+        if start <= crepa <= end:
+            problems.append(
+                f"{origin.get('crepa_block_index', 'config')}: 'crepa_block_index' is {index}, inside "
+                f"tread_config.routes[{number}] (start_layer_idx {ends[0]} .. end_layer_idx {ends[1]}), where "
+                "TREAD passes only part of the tokens, so CREPA would align a partial sequence; use a block "
+                "before the route (about a quarter of the depth works best) or start the route later"
+            )
+    return problems

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difftune.data.video import TEMPORAL_COMPRESSION
+from difftune.errors import ConfigError
 
 ENCODER_HUB_IDS = {
     "dinov2_vits14": "facebook/dinov2-small",
@@ -118,6 +119,11 @@ class Crepa:
                 f"crepa_block_index {index} is out of range: this transformer has {len(blocks)} blocks "
                 f"(0..{len(blocks) - 1}); an early block (about a quarter of the depth) works best"
             )
+        from difftune.config.training_checks import crepa_tread_problems
+
+        overlap = crepa_tread_problems(config, {}, num_blocks=len(blocks))  # negative indices resolved
+        if overlap:
+            raise ConfigError("\n".join(overlap))
         self.encoder = encoder if encoder is not None else load_vision_encoder(config.crepa_model, device)
         self.encoder.eval().requires_grad_(False)
         patch = self.encoder.config.patch_size

@@ -248,7 +248,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
                 loss = loss + crepa_loss(crepa, family, components, batch, latents)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                clip_gradients(accelerator, denoiser.parameters(), config)
+                clip_gradients(accelerator, optimizer, config)
             optimizer.step()
             step_lr_schedule(lr_scheduler, optimizer, accelerator.sync_gradients)
             optimizer.zero_grad(set_to_none=True)

@@ -145,10 +145,13 @@ def _freeze_prodigy_after(steps: int):
     return hook
 
 
-def clip_gradients(accelerator, parameters, config: TrainConfig) -> None:
-    """Clip to max_grad_norm: each gradient element (grad_clip_method value) or their norm (norm)."""
+def clip_gradients(accelerator, optimizer: torch.optim.Optimizer, config: TrainConfig) -> None:
+    """Clip the gradients of every parameter the optimizer trains (the adapter or denoiser and any
+    feature's own weights, such as CREPA's projector) to max_grad_norm: each element (grad_clip_method
+    value) or their joint norm (norm)."""
     if config.max_grad_norm <= 0:
         return
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     if config.grad_clip_method == "norm":
         accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
     else:
