@@ -150,7 +150,9 @@ TRAIN_KEYS: dict[str, Status] = {
     "num_train_epochs": BUILT,
     "ignore_final_epochs": refused("set max_train_steps or num_train_epochs to the length you want"),
     "seed": BUILT,
-    "seed_for_each_device": cosmetic("difftune seeds every process from seed and its rank"),
+    "seed_for_each_device": cosmetic(
+        "each process's noise is its own rows of one global draw from seed, so processes never repeat it"
+    ),
     "learning_rate": BUILT,
     "lr_scheduler": BUILT,
     "lr_warmup_steps": BUILT,
@@ -206,7 +208,7 @@ TRAIN_KEYS: dict[str, Status] = {
     "quantize_activations": refused("difftune quantizes weights only (base_model_precision); remove it"),
     "quantize_via": _SPEED,
     "vae_dtype": refused("difftune runs the VAE in the weight dtype; remove it", "default"),
-    "disable_tf32": refused("difftune leaves torch's float32 matmul precision as is; remove it"),
+    "disable_tf32": cosmetic("float32 matmul rounding only (TF32 or IEEE); difftune leaves torch's default"),
     "enable_group_offload": BUILT,
     "group_offload_type": BUILT,
     "group_offload_blocks_per_group": BUILT,
@@ -274,7 +276,9 @@ TRAIN_KEYS: dict[str, Status] = {
     "tokenizer_max_length": BUILT,
     "caption_dropout_probability": BUILT,
     "aspect_bucket_alignment": refused("difftune aligns sizes to the family's pixel multiple; remove it"),
-    "aspect_bucket_rounding": refused("difftune rounds aspect ratios to 2 decimals; remove it", 2),
+    "aspect_bucket_rounding": refused(
+        "difftune buckets each image at the size its aspect ratio gives on the family's pixel grid; remove it"
+    ),
     "disable_bucket_pruning": BUILT,
     "delete_nsfw_images": refused(_DATA_FILTER),
     "delete_problematic_images": _SKIPPED_ANYWAY,
