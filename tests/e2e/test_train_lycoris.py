@@ -178,3 +178,35 @@ def test_the_wizards_lycoris_files_train_at_its_lowest_memory_tier(tmp_path, req
 
     assert cli.main(["train", "--config", str(tmp_path / "config.json")]) == 0
     assert_trained(tmp_path / "out" / "pytorch_lora_weights.safetensors", "lokr")
+
+
+@pytest.mark.slow
+def test_fsdp2_saves_the_lycoris_file_of_one_process(tmp_path, tiny_sdxl, image_folder):
+    from .test_multiprocess import torchrun
+
+    common = dict(max_train_steps=2, validation_disable=True)
+    one = train(
+        load_config(
+            write_lycoris_run(
+                tmp_path / "one", "sdxl", "lokr", tiny_sdxl, image_folder, train_batch_size=2, **common
+            )
+        )
+    )
+    two = write_lycoris_run(
+        tmp_path / "two",
+        "sdxl",
+        "lokr",
+        tiny_sdxl,
+        image_folder,
+        train_batch_size=1,
+        fsdp_enable=True,
+        **common,
+    )
+    torchrun(two)
+    saved = load_file(str(tmp_path / "two" / "out" / "pytorch_lora_weights.safetensors"))
+    reference = load_file(str(one.lora_path))
+    assert saved.keys() == reference.keys()
+    # Adam moves every weight by up to lr (1e-3) a step, whatever the gradient's size, so a weight whose
+    # gradient is at rounding level may differ by a small share of lr between reduction orders
+    for key in reference:
+        torch.testing.assert_close(saved[key], reference[key], rtol=1e-4, atol=1e-4)

@@ -183,13 +183,6 @@ def shard_if_configured(
         )
         return False
     apply_fsdp2(denoiser, config)
-    emit(
-        "warning",
-        {
-            "message": "fsdp_enable: validation images are not generated while the denoiser is "
-            "sharded; the final weights are saved as usual"
-        },
-    )
     return True
 
 

@@ -141,7 +141,6 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
 
     denoiser = prepare_denoiser(family, components, config, weight_dtype, accelerator.device, bus.emit)
     sharded = shard_if_configured(denoiser, config, accelerator.num_processes, bus.emit)  # FSDP2
-    prompts = [] if sharded else prompts  # validation would run the sharded model on one process only
     crepa = build_crepa(config, denoiser, components, accelerator.device)
     optimizer = build_optimizer(
         list(denoiser.parameters()) + (crepa.trainable_parameters() if crepa else []),
@@ -309,11 +308,19 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
             and prompts
             and state.global_step % config.validation_steps == 0
             and state.global_step < total_steps
-            and accelerator.is_main_process
+            and (accelerator.is_main_process or sharded)  # every shard runs the sampler's forward passes
         ):
             with averaged_weights(optimizer, config):
                 paths = validate(
-                    family, components, model, config, state.global_step, bus, conditioning_image, features
+                    family,
+                    components,
+                    model,
+                    config,
+                    state.global_step,
+                    bus,
+                    conditioning_image,
+                    features,
+                    write=accelerator.is_main_process,
                 )
             result.validation_paths += paths
             features.after_validation(model, paths, prompts, state.global_step, bus.emit)
@@ -333,12 +340,22 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
             family, model, config, output_dir, full_state
         )
         bus.emit("saved", {"step": state.global_step, "path": str(result.lora_path or result.model_path)})
-        if prompts and not config.validation_disable:
-            paths = validate(
-                family, components, model, config, state.global_step, bus, conditioning_image, features
-            )
-            result.validation_paths += paths
-            features.after_validation(model, paths, prompts, state.global_step, bus.emit)
+    final_validation = prompts and not config.validation_disable and not result.interrupted
+    if final_validation and (accelerator.is_main_process or sharded):
+        paths = validate(
+            family,
+            components,
+            model,
+            config,
+            state.global_step,
+            bus,
+            conditioning_image,
+            features,
+            write=accelerator.is_main_process,
+        )
+        result.validation_paths += paths
+        features.after_validation(model, paths, prompts, state.global_step, bus.emit)
+    if accelerator.is_main_process and not result.interrupted:
         from difftune.training.plot import plot_loss
 
         result.loss_plot = plot_loss(output_dir / "events.jsonl", output_dir / "loss.png")
@@ -359,9 +376,18 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
 
 
 def validate(
-    family, components, model, config, step: int, bus: EventBus, conditioning_image, features
+    family,
+    components,
+    model,
+    config,
+    step: int,
+    bus: EventBus,
+    conditioning_image,
+    features,
+    write: bool = True,
 ) -> list[Path]:
-    """Validation images of every pass ema_validation asks for (the trained weights, the EMA average)."""
+    """Validation images of every pass ema_validation asks for (the trained weights, the EMA average);
+    `write` False on the other processes of a sharded denoiser, which only join the forward passes."""
     from difftune.validation.generate import run_validation
 
     paths: list[Path] = []
@@ -377,5 +403,6 @@ def validate(
                 bus.emit,
                 conditioning_image,
                 suffix=suffix,
+                write=write,
             )
     return paths

@@ -71,11 +71,14 @@ def run_validation(
     events: Callable[[str, dict[str, Any]], None],
     conditioning_image=None,
     suffix: str = "",
+    write: bool = True,
 ) -> list[Path]:
     """Write output_dir/validation/<step>/<name>-<W>x<H><suffix>.png for every prompt and validation size.
 
     conditioning_image (a PIL image) is passed as `image=` to image-conditioned pipelines (i2i, i2v).
-    `suffix` tells passes of one step apart (the EMA weights' files end in "-ema").
+    `suffix` tells passes of one step apart (the EMA weights' files end in "-ema"). `write` False
+    generates without writing files or previews (and returns no paths): the other processes of a
+    sharded (FSDP2) denoiser run every forward pass with the main one, which writes.
 
     Uses validation_guidance, validation_num_inference_steps, validation_negative_prompt and
     validation_seed (else seed, else 0; the same for every image, so steps compare). With
@@ -114,7 +117,7 @@ def run_validation(
                         if config.num_validation_images > 1:
                             stem += f"-{index}"
                         stem += suffix
-                        if config.validation_preview:  # previews/<stem>_<inference step>.png
+                        if config.validation_preview and write:  # previews/<stem>_<inference step>.png
                             extra["callback_on_step_end"] = _previews(
                                 family, components, pipeline, config, events, folder, step, stem
                             )
@@ -130,7 +133,8 @@ def run_validation(
                             generator=generator,
                             **extra,
                         )
-                        paths.append(_save(images, folder, stem, family, config))
+                        if write:
+                            paths.append(_save(images, folder, stem, family, config))
     finally:
         for module, training, device in states:
             module.train(training)
