@@ -33,3 +33,35 @@ def test_textfile_captions_with_no_txt_at_all_are_refused_with_the_alternatives(
     (folder / sorted(folder.glob("*.png"))[0].with_suffix(".txt").name).write_text("a red square")
     check_dataset_folders([_dataset(folder)])  # one caption is enough; the rest fall back with a warning
     check_dataset_folders([_dataset(folder, disabled=True), _dataset(tmp_path / "nowhere", disabled=True)])
+
+
+def _k5_folder(tmp_path, blocks: int):
+    folder = tmp_path / "k5"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "config.json").write_text(f'{{"num_visual_blocks": {blocks}}}')
+    return folder
+
+
+def test_block_indices_out_of_range_are_refused_before_the_model_load(tmp_path):
+    from difftune.config.schema import TrainConfig
+    from difftune.errors import ConfigError
+    from difftune.families import get_family
+    from difftune.training.setup import check_block_indices
+
+    folder = _k5_folder(tmp_path, blocks=4)
+    route = {"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": 6}
+    config = TrainConfig(
+        model_family="kandinsky5-image",
+        pretrained_model_name_or_path=str(folder),
+        tread_config={"routes": [route]},
+    )
+    with pytest.raises(ConfigError, match=r"end_layer_idx is 6, outside the model's 4 visual blocks"):
+        check_block_indices(get_family(config), config)
+
+    config = TrainConfig(
+        model_family="kandinsky5-video", pretrained_model_name_or_path=str(folder), crepa_enabled=True
+    )
+    with pytest.raises(ConfigError, match=r"'crepa_block_index' is 8, but .* has 4 transformer blocks"):
+        check_block_indices(get_family(config), config)
+    fitting = config.model_copy(update={"crepa_block_index": -4})
+    check_block_indices(get_family(fitting), fitting)

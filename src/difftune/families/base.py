@@ -205,6 +205,11 @@ class Family(ABC):
         load_lora_weights reads."""
         ...
 
+    def denoiser_block_count(self) -> int | None:
+        """How many transformer blocks the denoiser has (the list TREAD and CREPA index), read from the
+        model's config without loading weights; None when that is not known before the load."""
+        return None
+
     def validate_config(self) -> list[str]:
         """Family-specific checks of the config; returns warnings, raises ConfigError for errors."""
         return []

@@ -37,6 +37,25 @@ LORA_TARGETS: tuple[str, ...] = (
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
 
 
+def visual_block_count(model_id: str) -> int | None:
+    """`num_visual_blocks` of the transformer of a local folder or a cached Hub snapshot, else None."""
+    import json
+    from pathlib import Path
+
+    path: Path | str | None = Path(model_id) / "transformer" / "config.json"
+    if not Path(path).is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            path = try_to_load_from_cache(model_id, "transformer/config.json")
+        except ValueError:  # neither a folder nor a Hub id: the load reports it
+            return None
+    if not isinstance(path, (str, Path)):
+        return None
+    count = json.loads(Path(path).read_text()).get("num_visual_blocks")
+    return count if isinstance(count, int) else None
+
+
 def text_pipeline(pipeline_cls: type, text_encoder, tokenizer, text_encoder_2, tokenizer_2):
     """A stock Kandinsky 5 pipeline holding only the text encoders, to call its own `encode_prompt`."""
     return pipeline_cls(

@@ -55,6 +55,10 @@ class Kandinsky5ImageFamily(Family):
             return bool(json.loads(path.read_text()).get("visual_cond", False))
         return False
 
+    def denoiser_block_count(self) -> int | None:
+        """The transformer's visual blocks, from its config.json."""
+        return k5.visual_block_count(self.model_id())
+
     def pipeline_class(self) -> type:
         """Kandinsky5I2IPipeline for i2i flavours, else Kandinsky5T2IPipeline."""
         from diffusers import Kandinsky5I2IPipeline, Kandinsky5T2IPipeline

@@ -70,6 +70,10 @@ class Kandinsky5VideoFamily(Family):
             return json.loads(index.read_text()).get("_class_name") == "Kandinsky5I2VPipeline"
         return False
 
+    def denoiser_block_count(self) -> int | None:
+        """The transformer's visual blocks, from its config.json."""
+        return k5.visual_block_count(self.model_id())
+
     def pipeline_class(self) -> type:
         """Kandinsky5I2VPipeline for image-to-video, else Kandinsky5T2VPipeline."""
         from diffusers import Kandinsky5I2VPipeline, Kandinsky5T2VPipeline

@@ -49,6 +49,7 @@ from difftune.training.optim import (
 from difftune.training.scheduled_sampling import rollout_inputs
 from difftune.training.setup import (
     build_accelerator,
+    check_block_indices,
     check_dataset_folders,
     check_fetchable_models,
     default_bus,
@@ -113,6 +114,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         bus.emit("warning", {"message": warning})
     check_dataset_folders(loaded.datasets)  # before the model load, which can take minutes
     check_fetchable_models(config)
+    check_block_indices(family, config)
     weight_dtype = weight_dtype_for(config, accelerator.device)
     bus.emit("log", {"message": f"loading {family.name} from {family.model_id()}"})
     components = load_components(family, accelerator.device, weight_dtype)

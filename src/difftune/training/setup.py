@@ -272,6 +272,27 @@ def check_fetchable_models(config: TrainConfig) -> None:
         )
 
 
+def check_block_indices(family: Family, config: TrainConfig) -> None:
+    """Before the model load: TREAD routes and crepa_block_index fit the denoiser's blocks, when the
+    model's config says how many there are (a ConfigError naming the key otherwise)."""
+    from difftune.errors import ConfigError
+
+    count = family.denoiser_block_count()
+    if count is None:
+        return
+    if config.tread_config:
+        from difftune.training.tread import parse_routes, resolve_routes
+
+        resolve_routes(parse_routes(config.tread_config), count)
+    index = config.crepa_block_index
+    if config.crepa_enabled and not -count <= index < count:
+        raise ConfigError(
+            f"'crepa_block_index' is {index}, but {family.model_id()} has {count} transformer blocks "
+            f"— use 0..{count - 1} (or -{count}..-1 from the end); an early block, about a quarter of "
+            f"the depth ({count // 4}), works best"
+        )
+
+
 def load_components(family: Family, device: torch.device, weight_dtype: torch.dtype):
     """family.load, with a message that says what to check when the weights cannot be fetched or read."""
     try:
