@@ -22,6 +22,18 @@ if TYPE_CHECKING:
 _DISK_FULL_TEXT = ("No space left on device", "StorageFull", "os error 28", "code: 28")
 
 
+class DiskFull(OSError):
+    """No space left on device; the message says what was being written and about how much it needs."""
+
+    def __init__(self, message: str, size_bytes: int = 0):
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+        self.size_bytes = size_bytes
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def is_disk_full(error: BaseException) -> bool:
     """Whether an error from writing a file means the disk (or quota) is full."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):

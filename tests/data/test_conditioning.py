@@ -106,15 +106,15 @@ def test_conditioning_images_of_another_size_follow_the_target_plan(tmp_path):
     assert batch["conditioning_latents"].shape == batch["latents"].shape
 
 
-def test_a_changed_conditioning_image_is_encoded_again_alone(tmp_path):
+def test_a_changed_conditioning_image_is_encoded_again_with_its_cache_group_only(tmp_path):
     import os
 
     _pairs(tmp_path, missing=())
-    _prepare(tmp_path, _datasets(tmp_path))
+    _prepare(tmp_path, _datasets(tmp_path), vae_batch_size=2)
     save_image(tmp_path / "sources" / "a.png", (64, 48), (0, 250, 0))
     os.utime(tmp_path / "sources" / "a.png", ns=(10, 10))
-    data, family = _prepare(tmp_path, _datasets(tmp_path))
-    assert family.encoded_images == 1
+    data, family = _prepare(tmp_path, _datasets(tmp_path), vae_batch_size=2)
+    assert family.encoded_images == 2  # the sources of a's group of vae_batch_size samples, not all four
     index = next(i for i, p in enumerate(data.plans) if Path(p.path).name == "a.png")
     green = data.load_batch([index])["conditioning_latents"][0, :3].mean(dim=(1, 2))
     assert torch.allclose(green, torch.tensor([-1.0, 250 / 127.5 - 1, -1.0]), atol=0.03)

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from difftune.config.schema import DatasetConfig, TrainConfig
 from difftune.data.errors import DatasetTooSmall
@@ -130,14 +131,14 @@ def test_changed_caption_reencodes_only_that_prompt(tmp_path):
     assert family.encoded_prompts == ["a brand new caption"] and family.encoded_images == 0
 
 
-def test_touched_image_reencodes_only_that_latent_and_resolution_change_all(tmp_path):
+def test_touched_image_reencodes_only_its_cache_group_and_resolution_change_all(tmp_path):
     paths = _make_images(tmp_path / "data")
     run = Run(tmp_path)
     run.prepare()
     stat = paths[2].stat()
     os.utime(paths[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10_000_000_000))
     _, family = run.prepare()
-    assert family.encoded_images == 1 and family.encoded_prompts == []
+    assert family.encoded_images == 2 and family.encoded_prompts == []  # its group of vae_batch_size
     _, family = run.prepare(dataset=run.dataset(resolution=48))
     assert family.encoded_images == 6
 
@@ -147,9 +148,11 @@ def test_corrupt_latent_file_is_rebuilt(tmp_path):
     run = Run(tmp_path)
     run.prepare()
     victim = sorted((tmp_path / "vae").glob("*.safetensors"))[0]
+    original = load_file(str(victim))["latents"].clone()  # the file is mapped, not read
     victim.write_bytes(victim.read_bytes()[:30])
     _, family = run.prepare()
-    assert family.encoded_images == 1 and victim.stat().st_size > 30
+    assert family.encoded_images == 2  # rebuilt with its group
+    assert torch.equal(load_file(str(victim))["latents"], original)
 
 
 def test_vae_cache_disable_writes_no_latent_files_and_encodes_per_batch(tmp_path):
@@ -250,3 +253,32 @@ def test_dataset_oversubscription_raises_repeats_of_a_dataset_too_small_for_one_
             gradient_accumulation_steps=4,
             allow_dataset_oversubscription=True,
         )
+
+
+def test_a_full_disk_while_caching_latents_says_how_much_is_needed_and_leaves_no_partial_file(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    from difftune.cache import store
+    from difftune.storage import DiskFull
+
+    _make_images(tmp_path / "data")
+    run = Run(tmp_path)
+    real_write, writes = store.write_tensors, []
+
+    def full_after_two(path, tensors, metadata=None):
+        if len(writes) == 2:
+            path.write_bytes(b"partial")  # what a full disk leaves behind
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writes.append(path)
+        real_write(path, tensors, metadata)
+
+    monkeypatch.setattr(store, "write_tensors", full_after_two)
+    with pytest.raises(DiskFull) as error:
+        run.prepare()
+    message = str(error.value)
+    assert "no space left on device while writing the latent cache of dataset 'pics'" in message
+    assert "needs about 1 MB for the 4 entries left" in message and "cache_dir_vae" in message
+    assert len(run.latent_files()) == 2  # the entries written before the disk filled up
+    assert not [p for p in (tmp_path / "vae").iterdir() if ".tmp" in p.name]

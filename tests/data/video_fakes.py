@@ -20,7 +20,7 @@ class FakeVideoFamily(FakeFamily):
         self.frame_counts: list[int] = []
         self.first_frames_encoded = 0
 
-    def encode_pixels(self, components, pixels):
+    def encode_pixels(self, components, pixels, generator=None):
         if pixels.ndim != 5:
             raise ValueError(f"video pixels must be (B, C, T, H, W), got {tuple(pixels.shape)}")
         self.encoded_images += pixels.shape[0]
@@ -28,7 +28,7 @@ class FakeVideoFamily(FakeFamily):
         pooled = F.avg_pool3d(pixels.float(), (1, 8, 8))[:, :, ::4]
         return torch.cat([pooled, pooled.mean(dim=1, keepdim=True)], dim=1)
 
-    def conditioning_latents(self, components, pixels):
+    def conditioning_latents(self, components, pixels, generator=None):
         self.first_frames_encoded += pixels.shape[0]
         return self.encode_pixels(components, pixels[:, :, :1])
 

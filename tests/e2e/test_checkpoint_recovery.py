@@ -72,3 +72,32 @@ def test_a_full_disk_stops_training_with_a_message_or_skips_the_checkpoint_when_
     assert sum("training goes on without this checkpoint" in m for m in warnings) == 2
     assert (out / "pytorch_lora_weights.safetensors").exists()
     assert not [p for p in out.iterdir() if "checkpoint" in p.name]
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_caching_latents_ends_with_the_weights_of_an_uninterrupted_one(
+    tmp_path, tiny_sdxl, image_folder, monkeypatch
+):
+    from difftune.cache.latents import LatentCache
+
+    common = dict(max_train_steps=3, checkpointing_steps=0, vae_batch_size=2, learning_rate=2e-3)
+    whole = train(load_config(write_run(tmp_path / "whole", tiny_sdxl, image_folder, **common)))
+
+    split_config = write_run(tmp_path / "split", tiny_sdxl, image_folder, **common)
+    real_write, written = LatentCache.write, []
+
+    def killed_after_three_entries(self, plans, latents, progress=None):
+        if len(written) == 3:  # in the middle of the second group of two
+            raise KeyboardInterrupt
+        written.append(plans[0])
+        real_write(self, plans, latents, progress)
+
+    monkeypatch.setattr(LatentCache, "write", killed_after_three_entries)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(split_config))
+    monkeypatch.setattr(LatentCache, "write", real_write)
+    assert len(list((tmp_path / "split" / "cache" / "vae").glob("*.safetensors"))) == 3
+    resumed = train(load_config(split_config, {"resume_from_checkpoint": "latest"}))
+
+    a, b = load_file(str(whole.lora_path)), load_file(str(resumed.lora_path))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from difftune.storage import DiskFull, is_disk_full, megabytes, write_tensors
+
 
 class CacheMiss(KeyError):
     """The entry is not in the cache (or was corrupt and has been deleted)."""
@@ -27,14 +29,22 @@ _DAMAGED = (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, 
 
 def write_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write tensors + metadata to path via a temporary file and os.replace (readers never see half a file)."""
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     contiguous = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
     try:
-        save_file(contiguous, str(temporary), metadata=metadata)
+        write_tensors(temporary, contiguous, metadata)
         os.replace(temporary, path)
+    except OSError as error:
+        if isinstance(error, DiskFull) or not is_disk_full(error):
+            raise
+        size = sum(t.numel() * t.element_size() for t in contiguous.values())
+        raise DiskFull(
+            f"no space left on device while writing the cache entry {path} (each entry needs about "
+            f"{megabytes(size)}); free some space, or point the cache (cache_dir_vae, or the cache_dir "
+            "of the text_embeds dataset) at a larger disk",
+            size,
+        ) from None
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -131,12 +131,17 @@ def prompt_key(caption: str, image_key: str) -> str:
     return f"{caption}{_PROMPT_IMAGE_SEPARATOR}{image_key}"
 
 
-def first_frame_latents(family: Family, components: Components, clips: torch.Tensor) -> torch.Tensor:
+def first_frame_latents(
+    family: Family,
+    components: Components,
+    clips: torch.Tensor,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> torch.Tensor:
     """(B, C, 1, h, w) latents of the first frame of clips (B, 3, T, H, W), encoded alone as the I2V pipelines do."""
     encode = getattr(family, "conditioning_latents", None)
     if encode is not None:
-        return encode(components, clips)
-    return family.encode_pixels(components, clips[:, :, :1])
+        return encode(components, clips, generator)
+    return family.encode_pixels(components, clips[:, :, :1], generator)
 
 
 def to_pil(pixels: torch.Tensor):

@@ -30,8 +30,9 @@ from difftune.data.conditioning import (
 from difftune.data.discovery import discover, skip_words
 from difftune.data.errors import DataError, UnreadableImage
 from difftune.data.sampler import BucketBatchSampler, SampleGroup, check_enough_samples
-from difftune.data.training_data import Events, TrainingData, encode_text
+from difftune.data.training_data import Events, TrainingData, cache_groups, encode_text
 from difftune.data.video_samples import VideoLatentCache, as_one_frame_clips, plan_video_samples
+from difftune.storage import DiskFull, megabytes
 
 if TYPE_CHECKING:
     from difftune.config.schema import DatasetConfig, TrainConfig
@@ -117,8 +118,9 @@ def prepare_training_data(
         return _groups(train_sets, data.plans, data.bucket_keys, excluded, repeats)
 
     check_enough_samples(groups(set()), train.train_batch_size, gas, num_processes)
+    data.cache_groups = cache_groups(data.plans, data.bucket_keys, train.vae_batch_size)
     if not (train.vae_cache_ondemand or train.vae_cache_disable):
-        _fill_latent_cache(data, train_sets, train.vae_batch_size)
+        _fill_latent_cache(data, train_sets)
 
     captioned = [
         i
@@ -232,26 +234,35 @@ def _add_dataset(
     )
 
 
-def _fill_latent_cache(data: TrainingData, datasets: Sequence[DatasetConfig], vae_batch_size: int) -> None:
-    """Encode every sample whose latents are not cached, vae_batch_size samples of one bucket at a time."""
+def _fill_latent_cache(data: TrainingData, datasets: Sequence[DatasetConfig]) -> None:
+    """Encode every cache group (vae_batch_size samples of one bucket) that lacks an entry, and store it.
+
+    The groups are fixed by the plans alone, so a run that resumes after an interrupted caching pass
+    encodes each missing entry in the same batch, with the same noise, as an uninterrupted run.
+    """
     for dataset in datasets:
         if "vae" in skip_words(dataset):
             continue  # missing entries are encoded when first used
         indices = [i for i, plan in enumerate(data.plans) if plan.dataset_id == dataset.id]
-        missing = data.missing_latents(indices)
-        by_bucket: dict[Hashable, list[int]] = defaultdict(list)
-        for i in missing:
-            by_bucket[data.bucket_keys[i]].append(i)
+        missing = set(data.missing_latents(indices))
+        groups = list(dict.fromkeys(data.cache_groups[i] for i in sorted(missing)))
         done = 0
-        for bucket in sorted(by_bucket, key=str):
-            bucket_indices = by_bucket[bucket]
-            for start in range(0, len(bucket_indices), vae_batch_size):
-                chunk = bucket_indices[start : start + vae_batch_size]
-                data.cached_or_encoded(chunk)
-                done += len(chunk)
-                data.events(
-                    "cache", {"kind": "latents", "dataset": dataset.id, "done": done, "total": len(missing)}
-                )
+        for group in sorted(groups, key=lambda g: (str(data.bucket_keys[g[0]]), g)):
+            try:
+                data.fill_cache(group)
+            except DiskFull as error:
+                left = len(missing) - done
+                raise DiskFull(
+                    f"no space left on device while writing the latent cache of dataset '{dataset.id}' in "
+                    f"{data.latent_caches[dataset.id].cache_dir} (needs about "
+                    f"{megabytes(error.size_bytes * left)} for the {left} entries left); free some space "
+                    "or set its cache_dir_vae to a folder on a larger disk",
+                    error.size_bytes * left,
+                ) from None
+            done += sum(1 for i in group if i in missing)
+            data.events(
+                "cache", {"kind": "latents", "dataset": dataset.id, "done": done, "total": len(missing)}
+            )
 
 
 def _cache_image_prompts(data: TrainingData, indices: Sequence[int], with_empty: bool) -> None:

@@ -57,6 +57,9 @@ class TrainingData:
     # conditioning latents, by the dataset id of the plan they are keyed by (see conditioning_source)
     conditioning_caches: dict[str, LatentCache] = field(default_factory=dict)
     prompt_images: bool = False  # prompt embeddings include the conditioning image
+    # the samples each one's latents are encoded with (see cache_groups); a sample without one is
+    # encoded with the others missing from its batch
+    cache_groups: dict[int, tuple[int, ...]] = field(default_factory=dict)
     _unreadable: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -128,22 +131,22 @@ class TrainingData:
         return missing
 
     def encode(
-        self, indices: Sequence[int], known_latents: dict[int, torch.Tensor] | None = None
+        self, indices: Sequence[int], latents: bool = True, conditions: bool = True
     ) -> dict[int, Encoded]:
-        """Encode samples sharing one bucket: {index: (latents, conditioning latents or None)}, float32 CPU.
+        """Encode samples sharing one bucket: {index: (latents, conditioning latents)}, float32 CPU.
 
-        known_latents: latents already at hand (from the cache) for some indices; only their
-        conditioning is encoded. Unreadable samples (their file or their conditioning image) are
-        reported once and left out.
+        latents / conditions: which of the two to encode (the other is None). Each entry's posterior
+        sample is drawn from a generator seeded by its cache key, so an entry does not depend on which
+        others are encoded with it or in what order. Unreadable samples (their file or their
+        conditioning image) are reported once and left out.
         """
-        known_latents = known_latents or {}
         loaded: list[tuple[int, torch.Tensor | None, torch.Tensor | None]] = []
         for i in indices:
             plan, paired = self.plans[i], self.conditioning_plans.get(i)
             first_frame = plan.dataset_id in self.first_frame_datasets
             try:
-                pixels = self._sample_pixels(plan) if i not in known_latents or first_frame else None
-                condition = self._image_pixels(paired) if paired is not None else None
+                pixels = self._sample_pixels(plan) if latents or (conditions and first_frame) else None
+                condition = self._image_pixels(paired) if paired is not None and conditions else None
             except (UnreadableImage, UnreadableVideo) as error:
                 self.report_unreadable(i, error.path, error.reason)
                 continue
@@ -154,34 +157,39 @@ class TrainingData:
             raise DataError("latents must be encoded but no model components were given; pass components")
         dtype = _module_dtype(self.components.vae)
 
+        def generators(keys: list[str]) -> list[torch.Generator]:
+            return [torch.Generator().manual_seed(_entry_seed(key)) for key in keys]
+
         def encode_pixels(rows: list[int], column: int) -> dict[int, torch.Tensor]:
             if not rows:
                 return {}
             pixels = torch.stack([loaded[k][column] for k in rows]).to(self.device, dtype)
-            return dict(zip(rows, self.family.encode_pixels(self.components, pixels).float().cpu()))
+            if column == 1:
+                keys = [self._latent_key(loaded[k][0]) for k in rows]
+            else:
+                keys = [self._condition_key(loaded[k][0]) for k in rows]
+            encoded = self.family.encode_pixels(self.components, pixels, generators(keys))
+            return dict(zip(rows, encoded.float().cpu()))
 
         with torch.no_grad():
-            latents = encode_pixels([k for k, (i, _, _) in enumerate(loaded) if i not in known_latents], 1)
-            conditions = encode_pixels([k for k, (_, _, c) in enumerate(loaded) if c is not None], 2)
+            found = encode_pixels([k for k in range(len(loaded)) if latents], 1)
+            paired = encode_pixels([k for k, (_, _, c) in enumerate(loaded) if c is not None], 2)
             first = [
                 k
                 for k, (i, _, _) in enumerate(loaded)
-                if self.plans[i].dataset_id in self.first_frame_datasets
+                if conditions and self.plans[i].dataset_id in self.first_frame_datasets
             ]
             if first:
                 clips = torch.stack([loaded[k][1] for k in first]).to(self.device, dtype)
-                encoded = first_frame_latents(self.family, self.components, clips).float().cpu()
-                conditions.update(zip(first, encoded))
-        return {
-            i: (latents[k] if k in latents else known_latents[i], conditions.get(k))
-            for k, (i, _, _) in enumerate(loaded)
-        }
+                keys = [self._condition_key(loaded[k][0]) for k in first]
+                encoded = first_frame_latents(self.family, self.components, clips, generators(keys))
+                paired.update(zip(first, encoded.float().cpu()))
+        return {i: (found.get(k), paired.get(k)) for k, (i, _, _) in enumerate(loaded)}
 
     def cached_or_encoded(self, indices: Sequence[int]) -> dict[int, Encoded]:
-        """(latents, conditioning) from the caches; what is missing is encoded (one bucket) and stored."""
+        """(latents, conditioning) from the caches; what is missing is encoded with its cache group and stored."""
         found: dict[int, Encoded] = {}
-        known: dict[int, torch.Tensor] = {}
-        to_encode = []
+        lacking = []
         for i in indices:
             plan, source = self.plans[i], self.conditioning_source(i)
             latent = _load_or_none(self.latent_caches[plan.dataset_id], plan)
@@ -190,18 +198,57 @@ class TrainingData:
             )
             if latent is not None and (source is None or condition is not None):
                 found[i] = (latent, condition)
-                continue
-            to_encode.append(i)
-            if latent is not None:
-                known[i] = latent
-        for i, (latent, condition) in self.encode(to_encode, known).items():
-            found[i] = (latent, condition)
-            plan, source = self.plans[i], self.conditioning_source(i)
-            if i not in known:
-                self.latent_caches[plan.dataset_id].write([plan], [latent])
-            if source is not None and condition is not None:
-                self.conditioning_caches[source.dataset_id].write([source], [condition])
+            else:
+                lacking.append(i)
+        for group in dict.fromkeys(self.cache_groups.get(i, tuple(lacking)) for i in lacking):
+            filled = self.fill_cache(group)
+            found.update({i: filled[i] for i in lacking if i in filled})
         return found
+
+    def fill_cache(self, group: Sequence[int]) -> dict[int, Encoded]:
+        """Encode one cache group and store the entries it lacks; returns every member as the cache holds it.
+
+        The whole group is encoded even when only one entry is missing: a VAE's results can differ in
+        the last bits with the batch it runs in, and a fixed batch keeps every rebuilt entry identical.
+        """
+        lacks_latents = [
+            i for i in group if self.latent_caches[self.plans[i].dataset_id].missing([self.plans[i]])
+        ]
+        lacks_conditions = []
+        for i in group:
+            source = self.conditioning_source(i)
+            if source is not None and self.conditioning_caches[source.dataset_id].missing([source]):
+                lacks_conditions.append(i)
+        encoded = self.encode(group, latents=bool(lacks_latents), conditions=bool(lacks_conditions))
+        stored: dict[int, Encoded] = {}
+        for i, (latent, condition) in encoded.items():
+            plan, source = self.plans[i], self.conditioning_source(i)
+            cache = self.latent_caches[plan.dataset_id]
+            if latent is None:
+                latent = _load_or_none(cache, plan)
+            else:
+                latent = _as_stored(cache, latent)
+                if i in lacks_latents:
+                    cache.write([plan], [latent])
+            if source is not None:
+                condition_cache = self.conditioning_caches[source.dataset_id]
+                if condition is None:
+                    condition = _load_or_none(condition_cache, source)
+                else:
+                    condition = _as_stored(condition_cache, condition)
+                    if i in lacks_conditions:
+                        condition_cache.write([source], [condition])
+            if latent is not None:
+                stored[i] = (latent, condition)
+        return stored
+
+    def _latent_key(self, index: int) -> str:
+        plan = self.plans[index]
+        return self.latent_caches[plan.dataset_id].key(plan)
+
+    def _condition_key(self, index: int) -> str:
+        source = self.conditioning_source(index)
+        return self.conditioning_caches[source.dataset_id].key(source)
 
     # -- internals -----------------------------------------------------------------------------
     def _latents(self, indices: list[int]) -> dict[int, Encoded]:
@@ -296,3 +343,31 @@ def _load_or_none(cache: LatentCache, plan: SamplePlan) -> torch.Tensor | None:
         return cache.load(plan).latents
     except CacheMiss:
         return None
+
+
+def _entry_seed(key: str) -> int:
+    """The seed of a cache entry's posterior sample: fixed by its key, so rebuilding it gives the same latents."""
+    return int.from_bytes(hashlib.sha256(f"latent-noise:{key}".encode()).digest()[:8], "big") >> 1
+
+
+def _as_stored(cache: LatentCache, latents: torch.Tensor) -> torch.Tensor:
+    """Latents rounded to the cache's storage dtype and back, as a later read of the entry returns them."""
+    return latents.to(cache.dtype).float()
+
+
+def cache_groups(
+    plans: Sequence[SamplePlan], bucket_keys: Sequence[Hashable], group_size: int
+) -> dict[int, tuple[int, ...]]:
+    """Each sample's cache group: up to group_size samples of one dataset and bucket, in plan order.
+
+    Entries are always encoded with their group (see TrainingData.fill_cache), whichever are missing.
+    """
+    by_bucket: dict[tuple[str, Hashable], list[int]] = {}
+    for index, plan in enumerate(plans):
+        by_bucket.setdefault((plan.dataset_id, bucket_keys[index]), []).append(index)
+    groups: dict[int, tuple[int, ...]] = {}
+    for members in by_bucket.values():
+        for start in range(0, len(members), max(1, group_size)):
+            group = tuple(members[start : start + group_size])
+            groups.update(dict.fromkeys(group, group))
+    return groups

@@ -130,7 +130,18 @@ class Family(ABC):
         return {key: torch.stack([e[key] for e in embeds]) for key in embeds[0]}
 
     @abstractmethod
-    def encode_pixels(self, components: Components, pixels: torch.Tensor) -> torch.Tensor: ...
+    def encode_pixels(
+        self,
+        components: Components,
+        pixels: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """Pixels in [-1, 1] -> latents: a sample of the VAE's posterior, in the family's layout.
+
+        generator: the sampling noise; a list holds one generator per row (what the latent cache
+        passes, so each entry is fixed by its own key). None: the family's own choice.
+        """
+        ...
 
     @abstractmethod
     def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor: ...

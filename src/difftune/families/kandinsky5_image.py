@@ -129,10 +129,16 @@ class Kandinsky5ImageFamily(Family):
         return k5.collate_prompt_embeds(embeds)
 
     @torch.no_grad()
-    def encode_pixels(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_pixels(
+        self,
+        components: Components,
+        pixels: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 16, H/8, W/8) latents times scaling_factor (as the pipelines)."""
         vae = components.vae
-        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample()
+        posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        latents = posterior.sample(generator=generator)
         return latents * vae.config.scaling_factor
 
     @torch.no_grad()

@@ -146,22 +146,33 @@ class Kandinsky5VideoFamily(Family):
         return k5.collate_prompt_embeds(embeds)
 
     @torch.no_grad()
-    def encode_pixels(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_pixels(
+        self,
+        components: Components,
+        pixels: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1] -> (B, 16, (T - 1) / 4 + 1, H/8, W/8) latents times scaling_factor."""
         if pixels.ndim != 5:
             raise ValueError(f"expected video pixels shaped (B, C, T, H, W), got {tuple(pixels.shape)}")
         check_frame_count(pixels.shape[2], "frame count of the pixels to encode")
         vae = components.vae
-        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample()
+        posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        latents = posterior.sample(generator=generator)
         return latents * vae.config.scaling_factor
 
-    def conditioning_latents(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+    def conditioning_latents(
+        self,
+        components: Components,
+        pixels: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
         """Image-to-video condition: the first frame of (B, 3, T, H, W) encoded alone -> (B, 16, 1, h, w).
 
         As `Kandinsky5I2VPipeline` encodes its input image. The VAE's group norms span all frames,
         so this differs slightly from the first latent frame of the whole clip.
         """
-        return self.encode_pixels(components, pixels[:, :, :1])
+        return self.encode_pixels(components, pixels[:, :, :1], generator)
 
     @torch.no_grad()
     def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:

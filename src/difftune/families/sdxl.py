@@ -146,15 +146,21 @@ class SDXLFamily(Family):
         return 2 ** (len(components.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode_pixels(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_pixels(
+        self,
+        components: Components,
+        pixels: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 4, H/f, W/f) latents * scaling_factor.
 
-        A sample of the VAE's posterior (as SDXL training does), drawn from a generator seeded with
-        the config's seed: the same images encoded in the same order give the same latents.
+        A sample of the VAE's posterior (as SDXL training does), drawn from `generator`, else from a
+        generator seeded with the config's seed.
         """
         vae = components.vae
         posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-        return posterior.sample(generator=self._latent_generator) * vae.config.scaling_factor
+        noise = generator if generator is not None else self._latent_generator
+        return posterior.sample(generator=noise) * vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
