@@ -55,3 +55,38 @@ def test_damaged_state_files_raise_state_file_error_naming_the_file(tmp_path):
         load_state(tmp_path, "trainer_state")
     with pytest.raises(StateFileError, match="other.json is missing"):
         load_state(tmp_path, "other")
+
+
+def test_torchao_8bit_optimizer_state_resumes_exactly(tmp_path):
+    optim = pytest.importorskip("torchao.optim")
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(256, 256)
+        return model, optim.AdamW8bit(model.parameters(), lr=1e-2)
+
+    def step(model, optimizer, seed):
+        model(torch.randn(4, 256, generator=torch.Generator().manual_seed(seed))).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    model, optimizer = build()
+    step(model, optimizer, 1)
+    save_state(tmp_path, "optimizer", optimizer.state_dict())
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    step(model, optimizer, 2)
+
+    resumed, resumed_optimizer = build()
+    resumed.load_state_dict(weights)
+    resumed_optimizer.load_state_dict(load_state(tmp_path, "optimizer"))
+    assert type(resumed_optimizer.state_dict()["state"][0]["exp_avg"]).__name__ == "OptimState8bit"
+    step(resumed, resumed_optimizer, 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+
+
+def test_a_tensor_subclass_outside_the_known_ones_is_refused(tmp_path):
+    class Custom(torch.Tensor):
+        pass
+
+    with pytest.raises(TypeError, match="Custom tensor cannot be stored"):
+        save_state(tmp_path, "optimizer", {"x": torch.zeros(2).as_subclass(Custom)})

@@ -6,7 +6,9 @@ tensor, referred to from the JSON by key); `load_state` rebuilds the same object
 
 The JSON marks what plain JSON cannot say: {"__tensor__": key} a tensor, {"__tuple__": [...]} a tuple,
 {"__dict__": [[key, value], ...]} a dict whose keys are not all strings (an optimizer's parameter ids),
-{"__ndarray__": [...], "dtype": ...} a numpy array (numpy's RNG state).
+{"__ndarray__": [...], "dtype": ...} a numpy array (numpy's RNG state), {"__dtype__": name} a torch
+dtype, and {"__subclass__": name, ...} a tensor subclass from a fixed list (torchao's quantized
+optimizer states), stored as its inner tensors and rebuilt with `__tensor_unflatten__`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ import torch
 
 from difftune.storage import write_json, write_tensors
 
-_MARKERS = ("__tensor__", "__tuple__", "__dict__", "__ndarray__")
+_MARKERS = ("__tensor__", "__tuple__", "__dict__", "__ndarray__", "__dtype__", "__subclass__")
+# tensor subclasses a state may hold: module -> class names (nothing else is ever imported by name)
+_SUBCLASSES = {
+    "torchao.optim.subclass_8bit": ("OptimState8bit",),
+    "torchao.optim.subclass_4bit": ("OptimState4bit",),
+    "torchao.optim.subclass_fp8": ("OptimStateFp8",),
+}
 
 
 class StateFileError(ValueError):
@@ -85,6 +93,14 @@ def load_state(folder: Path, name: str) -> Any:
 def _encode(value: Any, tensors: dict[str, torch.Tensor], storages: set[int], where: str) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
+    if (
+        isinstance(value, torch.Tensor)
+        and type(value) is not torch.Tensor
+        and not isinstance(value, torch.nn.Parameter)
+    ):
+        return _encode_subclass(value, tensors, storages, where)
     if isinstance(value, torch.Tensor):
         tensor = value.detach().to("cpu").contiguous()
         storage = tensor.untyped_storage().data_ptr()
@@ -117,6 +133,37 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], storages: set[int], wh
     )
 
 
+def _encode_subclass(value: torch.Tensor, tensors: dict[str, torch.Tensor], storages: set[int], where: str):
+    kind = type(value)
+    if kind.__name__ not in _SUBCLASSES.get(kind.__module__, ()):
+        raise TypeError(
+            f"{where}: a {kind.__module__}.{kind.__name__} tensor cannot be stored in a checkpoint"
+        )
+    names, context = value.__tensor_flatten__()
+    return {
+        "__subclass__": [kind.__module__, kind.__name__],
+        "tensors": {
+            name: _encode(getattr(value, name), tensors, storages, f"{where}.{name}") for name in names
+        },
+        "context": _encode(context, tensors, storages, where),
+        "size": list(value.shape),
+        "stride": list(value.stride()),
+    }
+
+
+def _decode_subclass(value: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    import importlib
+
+    module, name = value["__subclass__"]
+    if name not in _SUBCLASSES.get(module, ()):
+        raise ValueError(f"a tensor of type {module}.{name}, which difftune does not load")
+    kind = getattr(importlib.import_module(module), name)
+    inner = {key: _decode(item, tensors) for key, item in value["tensors"].items()}
+    return kind.__tensor_unflatten__(
+        inner, _decode(value["context"], tensors), value["size"], value["stride"]
+    )
+
+
 def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, list):
         return [_decode(v, tensors) for v in value]
@@ -128,6 +175,13 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return tuple(_decode(v, tensors) for v in value["__tuple__"])
     if "__dict__" in value:
         return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__dict__"]}
+    if "__dtype__" in value:
+        dtype = getattr(torch, value["__dtype__"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {value['__dtype__']!r}")
+        return dtype
+    if "__subclass__" in value:
+        return _decode_subclass(value, tensors)
     if "__ndarray__" in value:
         return np.array(value["__ndarray__"], dtype=np.dtype(value["dtype"]))
     return {k: _decode(v, tensors) for k, v in value.items()}
