@@ -101,3 +101,16 @@ def test_a_run_killed_while_caching_latents_ends_with_the_weights_of_an_uninterr
 
     a, b = load_file(str(whole.lora_path)), load_file(str(resumed.lora_path))
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_resuming_with_only_damaged_checkpoints_ends_in_one_message(
+    tmp_path, tiny_sdxl, image_folder, capsys
+):
+    config = write_run(tmp_path, tiny_sdxl, image_folder, max_train_steps=1, checkpointing_steps=1)
+    assert main(["train", "--config", str(config)]) == 0
+    (tmp_path / "out" / "checkpoint-1" / "optimizer.json").write_text("garbage")
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--resume_from_checkpoint", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert "no intact checkpoint to resume from" in err and "checkpoint-1: optimizer.json is 7 bytes" in err
+    assert "Traceback" not in err
