@@ -52,6 +52,7 @@ from difftune.training.setup import (
     check_block_indices,
     check_dataset_folders,
     check_fetchable_models,
+    choose_placement,
     default_bus,
     load_components,
     prepare_denoiser,
@@ -105,6 +106,9 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     # -- set up -------------------------------------------------------------------------------
     for warning in loaded.warnings:
         bus.emit("warning", {"message": warning})
+    placement_note = choose_placement(config.mixed_precision).note
+    if placement_note:
+        bus.emit("warning", {"message": placement_note})
     if config.seed is not None:
         from accelerate.utils import set_seed
 

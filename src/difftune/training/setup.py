@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,29 +13,63 @@ from difftune.events import ConsoleReporter, EventBus, JsonlLog, TensorboardWrit
 from difftune.families.base import Family
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a run trains and with which mixed precision; `note` says why that differs from the config."""
+
+    device: str  # "cuda", "mps" (Apple Silicon) or "cpu"
+    mixed_precision: str  # "bf16", "fp16" or "no", as accelerate takes it
+    note: str | None = None
+
+
+def mps_supports_bf16() -> bool:
+    """bf16 on Apple's MPS backend needs macOS 14 or newer (accelerate makes the same check)."""
+    return torch.backends.mps.is_macos_or_newer(14, 0)
+
+
+def choose_placement(mixed_precision: str) -> Placement:
+    """CUDA when present, else Apple's MPS, else the CPU; fp16 only on CUDA, bf16 on MPS only where
+    macOS supports it (else fp32)."""
+    if torch.cuda.is_available():
+        return Placement("cuda", mixed_precision)
+    if torch.backends.mps.is_available():
+        if mixed_precision == "no" or (mixed_precision == "bf16" and mps_supports_bf16()):
+            return Placement("mps", mixed_precision)
+        if mps_supports_bf16():
+            return Placement("mps", "bf16", "mixed_precision fp16 is CUDA-only; training in bf16 on mps")
+        return Placement(
+            "mps", "no", f"mixed_precision {mixed_precision}: bf16 on mps needs macOS 14; training in fp32"
+        )
+    if mixed_precision == "fp16":
+        return Placement(
+            "cpu", "bf16", "mixed_precision fp16 needs a GPU; training in bf16 on the CPU instead"
+        )
+    return Placement("cpu", mixed_precision)
+
+
 def build_accelerator(config: TrainConfig):
-    """accelerate's Accelerator for this config; CPU-only machines run with cpu=True."""
+    """accelerate's Accelerator on the device choose_placement picks (CUDA, Apple's mps, or the CPU)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    mixed = config.mixed_precision
-    if mixed == "fp16" and not torch.cuda.is_available():
-        warnings.warn("mixed_precision fp16 needs a GPU; training in bf16 on the CPU instead", stacklevel=2)
-        mixed = "bf16"
+    placement = choose_placement(config.mixed_precision)
     return Accelerator(
-        mixed_precision=mixed,
+        mixed_precision=placement.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        cpu=not torch.cuda.is_available(),
+        cpu=placement.device == "cpu",
         dataloader_config=DataLoaderConfiguration(),
     )
 
 
 def weight_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype:
-    """dtype of the frozen weights: the mixed-precision dtype (fp32 when mixed_precision is no)."""
+    """dtype of the frozen weights: the mixed-precision dtype (fp32 when mixed_precision is no, and on
+    mps without bf16)."""
     if config.mixed_precision == "no" or config.base_model_default_dtype == "fp32":
         return torch.float32
     if config.mixed_precision == "fp16" and device.type == "cuda":
         return torch.float16
+    if device.type == "mps" and not mps_supports_bf16():
+        return torch.float32
     return torch.bfloat16
 
 
