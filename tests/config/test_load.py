@@ -555,3 +555,11 @@ def test_crepa_block_inside_a_tread_route_is_refused_at_load(workdir):
     load_config(
         write_config(workdir, {**crepa, "crepa_block_index": 8, "tread_config": {"routes": routes}}, datasets)
     )
+
+
+def test_auto_shift_as_the_original_tool_reads_it_with_a_static_shift(workdir):
+    k5 = {"model_family": "kandinsky5-image", "flow_schedule_auto_shift": True}
+    assert load_config(write_config(workdir, {**k5, "flow_schedule_shift": 0})).train.flow_schedule_auto_shift
+    assert load_config(write_config(workdir, k5)).train.flow_schedule_auto_shift
+    with pytest.raises(ConfigError, match="the original tool uses the static shift then"):
+        load_config(write_config(workdir, {**k5, "flow_schedule_shift": 2.0}))

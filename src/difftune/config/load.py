@@ -88,6 +88,8 @@ def load_config(
 
     if str(values.get("offset_noise", "")).strip().lower() == "true" and "noise_offset" not in values:
         values["noise_offset"] = 0.1  # the original tool's default strength
+    if str(values.get("flow_schedule_auto_shift", "")).strip().lower() == "true":
+        training_checks.auto_shift_over_static(values, origin, problems)
     family = _check_family(values, origin, problems)
     if family is not None:
         for key, default in family.defaults.items():

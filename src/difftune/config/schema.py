@@ -240,7 +240,7 @@ class TrainConfig(_Strict):
     input_perturbation: float = Field(0.0, ge=0)
     input_perturbation_steps: int = Field(0, ge=0)  # > 0: decays linearly to 0 over these steps
     loss_type: Literal["l2", "huber", "smooth_l1"] = "l2"
-    huber_c: float = Field(0.1, gt=0, le=1)
+    huber_c: float = Field(0.1, gt=0)
     huber_schedule: Literal["snr", "exponential", "constant"] = "snr"
     timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = "none"
     timestep_bias_multiplier: float = Field(1.0, gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 from difftune.config.schema import TrainConfig
 
@@ -158,3 +159,26 @@ def crepa_tread_problems(
                 "before the route (about a quarter of the depth works best) or start the route later"
             )
     return problems
+
+
+def auto_shift_over_static(values: dict[str, Any], origin: dict[str, str], problems: list[str]) -> None:
+    """flow_schedule_auto_shift with flow_schedule_shift, before validation, as the original tool reads them.
+
+    There a static shift above 0 wins and auto shift is ignored, so a config that sets both asks for
+    two things: refused. flow_schedule_shift 0 (the original's way to let auto shift act) is dropped.
+    """
+    if "flow_schedule_shift" not in values:
+        return
+    try:
+        static = float(values["flow_schedule_shift"])
+    except (TypeError, ValueError):
+        return  # validation names the bad value
+    if static == 0:
+        del values["flow_schedule_shift"]
+    else:
+        problems.append(
+            f"{origin.get('flow_schedule_shift', 'config')}: 'flow_schedule_shift' is {static:g} and "
+            "'flow_schedule_auto_shift' is true; the original tool uses the static shift then and ignores "
+            "auto shift. Remove flow_schedule_shift (or set it to 0) to shift by resolution, or remove "
+            "flow_schedule_auto_shift"
+        )
