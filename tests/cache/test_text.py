@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -51,3 +53,21 @@ def test_entry_whose_metadata_names_another_prompt_is_rejected(tmp_path):
     cache.write(["x", "y"], [_embed(1), _embed(2)])
     cache.path_for("y").write_bytes(cache.path_for("x").read_bytes())  # right name, wrong content
     assert cache.missing(["y"]) == ["y"] and not cache.path_for("y").exists()
+
+
+def test_a_full_disk_names_the_entry_and_the_setting_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    from difftune.storage import DiskFull
+
+    def full(tensors, filename, metadata=None):  # safetensors' writer and its error text
+        Path(filename).write_bytes(b"part")
+        raise RuntimeError('IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(DiskFull) as error:
+        TextEmbedCache(tmp_path, "model-a").write(["x"], [_embed(1)])
+    assert error.value.errno == errno.ENOSPC
+    assert "no space left on device while writing the cache entry" in str(error.value)
+    assert "cache_dir of the text_embeds dataset" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
