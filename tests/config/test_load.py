@@ -563,3 +563,11 @@ def test_auto_shift_as_the_original_tool_reads_it_with_a_static_shift(workdir):
     assert load_config(write_config(workdir, k5)).train.flow_schedule_auto_shift
     with pytest.raises(ConfigError, match="the original tool uses the static shift then"):
         load_config(write_config(workdir, {**k5, "flow_schedule_shift": 2.0}))
+
+
+def test_an_auto_shift_run_resolves_to_a_file_that_loads_back(workdir):
+    config = {"model_family": "kandinsky5-image", "flow_schedule_auto_shift": True, "offset_noise": True}
+    loaded = load_config(write_config(workdir, config))
+    again = load_config(write_resolved(loaded, workdir / "out"))
+    assert again.train == loaded.train and again.train.flow_schedule_auto_shift
+    assert again.train.effective_noise_offset == 0.1

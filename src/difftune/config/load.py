@@ -138,6 +138,8 @@ def write_resolved(loaded: LoadedConfig, output_dir: str | Path) -> Path:
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     document = loaded.train.model_dump(mode="json")
+    if loaded.train.flow_schedule_auto_shift:
+        document["flow_schedule_shift"] = 0  # the shift comes from each batch's size (0 lets auto shift act)
     document[INLINE_DATASETS_KEY] = [d.model_dump(mode="json") for d in loaded.all_datasets]
     target = folder / RESOLVED_FILE_NAME
     partial = target.with_name(target.name + ".tmp")
