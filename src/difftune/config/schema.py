@@ -240,6 +240,7 @@ class TrainConfig(_Strict):
     input_perturbation: float = Field(0.0, ge=0)
     input_perturbation_steps: int = Field(0, ge=0)  # > 0: decays linearly to 0 over these steps
     loss_type: Literal["l2", "huber", "smooth_l1"] = "l2"
+    masked_loss_probability: float = Field(1.0, ge=0, le=1)  # share of batches a linked mask weights
     huber_c: float = Field(0.1, gt=0)
     huber_schedule: Literal["snr", "exponential", "constant"] = "snr"
     timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = "none"
@@ -467,6 +468,8 @@ class DatasetConfig(_Strict):
 
     video: VideoConfig | None = None
     conditioning_data: str | list[str] | None = None  # id(s) of linked conditioning datasets
+    # a conditioning dataset's role: source images (i2i; reference_* say the same) or loss masks
+    conditioning_type: Literal["mask", "reference_strict", "reference_loose"] | None = None
 
     @model_validator(mode="after")
     def _resolution_in_range(self) -> DatasetConfig:
@@ -480,6 +483,16 @@ class DatasetConfig(_Strict):
                     f"{self.resolution_type} it must be at most {limit:g}"
                 )
         return self
+
+    @field_validator("conditioning_type", mode="before")
+    @classmethod
+    def _no_control_conditioning(cls, value: Any) -> Any:
+        if value == "controlnet":
+            raise ValueError(
+                "difftune trains no ControlNet; use conditioning_type mask (loss masks) or leave it unset "
+                "(source images for image-to-image)"
+            )
+        return value
 
     @field_validator("caption_shuffle", mode="before")
     @classmethod

@@ -7,6 +7,11 @@ linked datasets the first that holds a pair is used. The conditioning image is r
 with its training sample's plan, so both cover the same pixels, then encoded with the family's VAE:
 (C, h, w) for image families, (C, 1, h, w) (a one-frame clip) for video families.
 
+A linked dataset with `conditioning_type: "mask"` holds loss masks instead: each training file pairs
+with its mask the same way, the mask is resized and cropped with the sample's plan and brought to the
+latent grid (`mask_weights`), and the loss counts only the latent cells whose mask pixels are not all
+black, on a `masked_loss_probability` share of batches.
+
 Image-to-video datasets without linked conditioning take the first frame of each clip instead.
 Families whose prompt embeddings hold the source image (Kandinsky 5 I2I) cache one text entry per
 (caption, conditioning image), under `prompt_key`.
@@ -69,6 +74,27 @@ def linked_conditioning_datasets(
     return linked
 
 
+def is_mask(dataset: DatasetConfig) -> bool:
+    """Whether a conditioning dataset holds loss masks (conditioning_type mask) rather than source images."""
+    return dataset.conditioning_type == "mask"
+
+
+def mask_weights(plan: SamplePlan, latent_size: tuple[int, int]) -> torch.Tensor:
+    """(1, h, w) float32 0/1 on the latent grid: 1 where the mask's pixels under a cell are not all black.
+
+    The mask image is resized and cropped with its sample's plan (so it covers the same pixels), made
+    grey, and averaged over each latent cell (area interpolation), as the original tool does.
+    Raises UnreadableImage when the mask cannot be decoded.
+    """
+    import torch.nn.functional as F
+
+    from difftune.data.images import load_pixels
+
+    grey = load_pixels(plan).mean(dim=0, keepdim=True)  # (1, H, W) in [-1, 1]; black is exactly -1
+    area = F.interpolate(grey[None], size=latent_size, mode="area")[0]
+    return (area > -1.0 + 1e-6).float()
+
+
 def pair_conditioning(
     plans: Sequence[SamplePlan], sources: Sequence[tuple[DatasetConfig, Discovery]]
 ) -> tuple[dict[int, SamplePlan], list[tuple[Path, str]]]:
@@ -113,8 +139,11 @@ def pair_conditioning(
 
 
 def wants_first_frame(dataset: DatasetConfig, family: Family) -> bool:
-    """Whether a dataset trains image-to-video from each clip's first frame (video.is_i2v, else the family)."""
-    if not family.is_video or linked_ids(dataset):
+    """Whether a dataset trains image-to-video from each clip's first frame (video.is_i2v, else the family).
+
+    Only asked for datasets without linked source images (those give the conditioning instead).
+    """
+    if not family.is_video:
         return False
     if dataset.video is not None and dataset.video.is_i2v is not None:
         return bool(dataset.video.is_i2v)

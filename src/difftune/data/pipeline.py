@@ -22,6 +22,7 @@ from difftune.data.buckets import SamplePlan, plan_samples
 from difftune.data.captions import load_captions
 from difftune.data.conditioning import (
     encode_image_prompts,
+    is_mask,
     linked_conditioning_datasets,
     pair_conditioning,
     prompts_use_images,
@@ -96,10 +97,12 @@ def prepare_training_data(
         caption_dropout={d.id: _caption_dropout(d, train) for d in train_sets},
         encode_latents_each_time=train.vae_cache_disable,
         prompt_images=prompt_images,
+        masked_loss_probability=train.masked_loss_probability,
     )
     latent_identity = f"{family.cache_identity()}|vae={train.pretrained_vae_model_name_or_path or ''}"
     for dataset in train_sets:
-        if prompt_images and not linked_conditioning_datasets(dataset, datasets):
+        linked = linked_conditioning_datasets(dataset, datasets)
+        if prompt_images and not [d for d in linked if not is_mask(d)]:
             raise DataError(
                 f"dataset '{dataset.id}' has no conditioning_data, but this model's prompts include the source "
                 "image (image-to-image); link it to a conditioning dataset with "
@@ -186,25 +189,34 @@ def _add_dataset(
     rejected = rejected + dataset_captions.unreadable
 
     pairs: dict[int, SamplePlan] = {}
+    masks: dict[int, SamplePlan] = {}
     linked = linked_conditioning_datasets(dataset, datasets)
-    if linked:
-        sources = []
-        for source in linked:
+    sources = [d for d in linked if not is_mask(d)]
+    for role, chosen in (("sources", sources), ("masks", [d for d in linked if is_mask(d)])):
+        if not chosen:
+            continue
+        found_sources = []
+        for source in chosen:
             source_dir = _vae_cache_dir(source, family)
-            data.conditioning_caches.setdefault(
-                source.id,
-                LatentCache(
-                    source_dir, f"{latent_identity}|conditioning", write_batch_size=source.write_batch_size
-                ),
-            )
-            sources.append((source, discover(source, source_dir)))
-        pairs, unpaired = pair_conditioning(kept, sources)
+            if role == "sources":
+                data.conditioning_caches.setdefault(
+                    source.id,
+                    LatentCache(
+                        source_dir,
+                        f"{latent_identity}|conditioning",
+                        write_batch_size=source.write_batch_size,
+                    ),
+                )
+            found_sources.append((source, discover(source, source_dir)))
+        matched, unpaired = pair_conditioning(kept, found_sources)
         rejected = rejected + unpaired
-        paired = sorted(pairs)
+        paired = sorted(matched)
         kept, keys = [kept[k] for k in paired], [keys[k] for k in paired]
         per_sample = [per_sample[k] for k in paired]
-        pairs = {new: pairs[old] for new, old in enumerate(paired)}
-    elif wants_first_frame(dataset, family):
+        pairs = {new: pairs[old] for new, old in enumerate(paired) if old in pairs}
+        masks = {new: masks[old] for new, old in enumerate(paired) if old in masks}
+        (pairs if role == "sources" else masks).update({new: matched[old] for new, old in enumerate(paired)})
+    if not sources and wants_first_frame(dataset, family):
         data.first_frame_datasets.add(dataset.id)
         data.conditioning_caches[dataset.id] = VideoLatentCache(
             cache_dir, f"{latent_identity}|first-frame", write_batch_size=dataset.write_batch_size
@@ -221,6 +233,7 @@ def _add_dataset(
     data.bucket_keys += keys
     data.captions += per_sample
     data.conditioning_plans.update({offset + k: plan for k, plan in pairs.items()})
+    data.mask_plans.update({offset + k: plan for k, plan in masks.items()})
     buckets = len(set(keys))
     data.events(
         "log",

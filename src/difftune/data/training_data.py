@@ -20,7 +20,13 @@ from difftune.cache.store import CacheMiss
 from difftune.cache.text import TextEmbedCache
 from difftune.data.buckets import SamplePlan
 from difftune.data.captions import pick_caption
-from difftune.data.conditioning import encode_image_prompts, first_frame_latents, prompt_key, to_pil
+from difftune.data.conditioning import (
+    encode_image_prompts,
+    first_frame_latents,
+    mask_weights,
+    prompt_key,
+    to_pil,
+)
 from difftune.data.errors import DataError, UnreadableImage
 from difftune.data.images import load_pixels
 from difftune.data.sampler import BucketBatchSampler
@@ -60,6 +66,8 @@ class TrainingData:
     # the samples each one's latents are encoded with (see cache_groups); a sample without one is
     # encoded with the others missing from its batch
     cache_groups: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    mask_plans: dict[int, SamplePlan] = field(default_factory=dict)  # paired loss masks
+    masked_loss_probability: float = 1.0  # the share of batches whose masks weight the loss
     _unreadable: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -75,6 +83,8 @@ class TrainingData:
 
         Latents are (B, C, H, W), or (B, C, T', H', W') for video families; "conditioning_latents"
         ((B, C, h, w), video (B, C, 1, h, w)) is there when the samples have conditioning.
+        "loss_mask" ((B, 1, h, w), video (B, 1, 1, h, w); 0/1 on the latent grid) is there when the
+        samples have linked masks and this batch draws one under masked_loss_probability.
         position = (epoch, batch_index) picks each sample's caption and the caption dropout; it
         defaults to the sampler's last batch, so a resumed run sees the same captions. Sizes are long
         tensors (B, 2): original_sizes (h, w), crop_coords (top, left), target_sizes (h, w).
@@ -109,7 +119,38 @@ class TrainingData:
         batch["target_sizes"] = torch.tensor([(p.bucket[1], p.bucket[0]) for p in plans])
         batch["captions"] = captions
         batch["paths"] = [str(p.path) for p in plans]
+        masks = self._loss_masks(indices, batch["latents"], (epoch, batch_index))
+        if masks is not None:
+            batch["loss_mask"] = masks
         return batch
+
+    def _loss_masks(
+        self, indices: Sequence[int], latents: torch.Tensor, position: tuple[int, int]
+    ) -> torch.Tensor | None:
+        """The batch's masks on the latent grid, or None (no masks, or not drawn for this batch).
+
+        A sample without a mask in a batch that has some counts everywhere (all ones).
+        """
+        if not any(i in self.mask_plans for i in indices):
+            return None
+        epoch, batch_index = position
+        if _unit_draw(self.seed, epoch, batch_index, -1, "masked-loss") >= self.masked_loss_probability:
+            return None
+        size = tuple(latents.shape[-2:])
+        masks = []
+        for i in indices:
+            plan = self.mask_plans.get(i)
+            if plan is None:
+                masks.append(torch.ones(1, *size))
+                continue
+            try:
+                masks.append(mask_weights(plan, size))
+            except UnreadableImage as error:
+                # this step counts the sample everywhere; later batches leave it out
+                self.report_unreadable(i, error.path, error.reason)
+                masks.append(torch.ones(1, *size))
+        stacked = torch.stack(masks)
+        return stacked.unsqueeze(2) if latents.ndim == 5 else stacked
 
     def conditioning_source(self, index: int) -> SamplePlan | None:
         """The plan a sample's conditioning latents are keyed by: its paired image, itself (first frame), or None."""
@@ -332,9 +373,9 @@ def _module_dtype(module: torch.nn.Module | None) -> torch.dtype:
     return next((p.dtype for p in module.parameters()), torch.float32)
 
 
-def _unit_draw(seed: int, epoch: int, batch_index: int, index: int) -> float:
-    """A number in [0, 1) fixed by (seed, epoch, batch_index, sample index)."""
-    digest = hashlib.sha256(f"dropout:{seed}:{epoch}:{batch_index}:{index}".encode()).digest()
+def _unit_draw(seed: int, epoch: int, batch_index: int, index: int, purpose: str = "dropout") -> float:
+    """A number in [0, 1) fixed by (purpose, seed, epoch, batch_index, sample index)."""
+    digest = hashlib.sha256(f"{purpose}:{seed}:{epoch}:{batch_index}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 

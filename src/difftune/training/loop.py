@@ -35,7 +35,7 @@ from difftune.training.distributed import (
     shard_if_configured,
 )
 from difftune.training.features import TrainingFeatures
-from difftune.training.losses import LossKind, build_crepa, crepa_loss, per_sample_loss
+from difftune.training.losses import LossKind, build_crepa, crepa_loss, loss_mask, per_sample_loss
 from difftune.training.noise import TimestepBias, input_perturbation_scale
 from difftune.training.optim import (
     averaged_weights,
@@ -242,7 +242,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
             losses = per_sample_loss(
                 prediction,
                 objective.target(latents, noise, timesteps),
-                family.loss_mask(batch, latents),
+                loss_mask(family, batch, latents),
                 loss_kind,
                 objective,
                 timesteps,

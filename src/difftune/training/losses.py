@@ -43,6 +43,17 @@ class LossKind:
         return c * smooth if self.loss_type == "huber" else smooth
 
 
+def loss_mask(family, batch: dict, latents: torch.Tensor) -> torch.Tensor | None:
+    """What the loss counts: the family's mask (e.g. a given first frame) times the batch's "loss_mask"
+    (linked mask images on the latent grid), broadcast against the latents; None counts everything."""
+    own = family.loss_mask(batch, latents)
+    data = batch.get("loss_mask")
+    if data is None:
+        return own
+    data = data.to(latents.device)
+    return data if own is None else own.to(latents.device) * data
+
+
 def per_sample_loss(
     prediction: torch.Tensor,
     target: torch.Tensor,

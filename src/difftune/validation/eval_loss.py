@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from difftune.families.base import Components, Family
-from difftune.training.losses import LossKind, per_sample_loss
+from difftune.training.losses import LossKind, loss_mask, per_sample_loss
 
 DEFAULT_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _DISTRIBUTION_SAMPLES = 8192
@@ -93,7 +93,7 @@ class EvalLoss:
             for batch, noise_cpu in zip(self.batches, self.noise):
                 latents = batch["latents"].to(self.device)
                 noise = noise_cpu.to(self.device, dtype=latents.dtype)
-                mask = self.family.loss_mask(batch, latents)
+                mask = loss_mask(self.family, batch, latents)
                 for k, value in enumerate(self.timesteps.tolist()):
                     timesteps = torch.full(
                         (latents.shape[0],), value, dtype=self.timesteps.dtype, device=self.device
