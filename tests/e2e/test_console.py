@@ -11,7 +11,7 @@ from tests.e2e.conftest import write_run
 
 # What difftune itself prints: event lines, the progress bar, the closing line.
 OWN_LINE = re.compile(
-    r"^(\[(log|warning|cache|skipped|checkpoint|validation|saved|eval|finished)\] |training: |finished at step )"
+    r"^(\[(log|warning|cache|skipped|checkpoint|validation_start|validation|saved|eval|finished)\] |training: |finished at step )"
 )
 
 
