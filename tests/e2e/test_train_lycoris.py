@@ -210,3 +210,30 @@ def test_fsdp2_saves_the_lycoris_file_of_one_process(tmp_path, tiny_sdxl, image_
     # gradient is at rounding level may differ by a small share of lr between reduction orders
     for key in reference:
         torch.testing.assert_close(saved[key], reference[key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_validation_lycoris_strength_changes_the_samples_not_the_weights(tmp_path, tiny_sdxl, image_folder):
+    import numpy as np
+    from PIL import Image
+
+    runs = {
+        strength: train(
+            load_config(
+                write_lycoris_run(
+                    tmp_path / str(strength),
+                    "sdxl",
+                    "locon",
+                    tiny_sdxl,
+                    image_folder,
+                    validation_lycoris_strength=strength,
+                    learning_rate=1e-2,
+                )
+            )
+        )
+        for strength in (0.0, 1.0)
+    }
+    weights = [load_file(str(run.lora_path)) for run in runs.values()]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    off, on = (np.asarray(Image.open(run.validation_paths[0]), dtype=np.int16) for run in runs.values())
+    assert np.abs(off - on).max() > 8

@@ -231,3 +231,18 @@ def predict_with_grad(denoiser):
         },
         return_dict=False,
     )[0]
+
+
+def test_validation_strength_scales_the_adapter_and_the_trained_multiplier_returns(stock, tmp_path):
+    from difftune.training.lycoris import lycoris_strength
+
+    _, denoiser, _ = trained_denoiser(stock, "sdxl", lycoris_file(tmp_path, "sdxl", "locon"))
+    trained = predict("sdxl", denoiser)
+    base = predict("sdxl", denoiser_of(stock("sdxl")[1]))
+    with lycoris_strength(denoiser, 0.0):
+        torch.testing.assert_close(predict("sdxl", denoiser), base)
+    with lycoris_strength(denoiser, 0.5):
+        half = predict("sdxl", denoiser)
+    # LoCon is linear in its multiplier inside each layer; through the UNet the output lies between
+    assert 0 < (half - base).abs().mean() < (trained - base).abs().mean()
+    torch.testing.assert_close(predict("sdxl", denoiser), trained)

@@ -426,7 +426,7 @@ TRAIN_KEYS: dict[str, Status] = {
     "validation_guidance_skip_layers_start": _VALIDATION,
     "validation_guidance_skip_layers_stop": _VALIDATION,
     "validation_guidance_skip_scale": _VALIDATION,
-    "validation_lycoris_strength": _VALIDATION,
+    "validation_lycoris_strength": BUILT,
     "validation_method": _VALIDATION,
     "validation_no_cfg_until_timestep": _VALIDATION,
     "validation_noise_scheduler": _VALIDATION,

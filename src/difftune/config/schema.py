@@ -280,6 +280,7 @@ class TrainConfig(_Strict):
     validation_resolution: str = "1024x1024"
     validation_guidance: float = Field(7.5, ge=0)
     validation_guidance_rescale: float = Field(0.0, ge=0, le=1)
+    validation_lycoris_strength: float = 1.0  # the LyCORIS multiplier while validating
     validation_num_inference_steps: int = Field(30, ge=1, le=1000)
     validation_steps: int = Field(100, ge=0)
     validation_seed: Seed | None = None

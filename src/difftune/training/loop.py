@@ -7,6 +7,7 @@ batch -> noise and timesteps -> family.model_forward -> loss -> backward -> opti
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import traceback
@@ -381,6 +382,15 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     return result
 
 
+def adapter_strength(model, config):
+    """validation_lycoris_strength for a LyCORIS run (a no-op otherwise)."""
+    if config.model_type != "lycoris":
+        return contextlib.nullcontext()
+    from difftune.training.lycoris import lycoris_strength
+
+    return lycoris_strength(model, config.validation_lycoris_strength)
+
+
 def validate(
     family,
     components,
@@ -398,7 +408,7 @@ def validate(
 
     paths: list[Path] = []
     for suffix, weights in features.validation_weights(model):
-        with weights:
+        with weights, adapter_strength(model, config):
             paths += run_validation(
                 family,
                 components,

@@ -206,3 +206,16 @@ def _with_tensors(
         for name, child in module._modules.items()
     }
     return clone
+
+
+@contextmanager
+def lycoris_strength(model: torch.nn.Module, strength: float):
+    """Run the block with every LyCORIS module's multiplier at `strength` (validation_lycoris_strength),
+    then restore the trained multiplier."""
+    network = lycoris_network(model)
+    trained = network.multiplier
+    network.set_multiplier(strength)
+    try:
+        yield model
+    finally:
+        network.set_multiplier(trained)
