@@ -75,15 +75,24 @@ def test_a_full_disk_stops_training_with_a_message_or_skips_the_checkpoint_when_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["sdxl", "kandinsky5-image"])
 def test_a_run_killed_while_caching_latents_ends_with_the_weights_of_an_uninterrupted_one(
-    tmp_path, tiny_sdxl, image_folder, monkeypatch
+    tmp_path, family, image_folder, monkeypatch, request
 ):
     from difftune.cache.latents import LatentCache
 
-    common = dict(max_train_steps=3, checkpointing_steps=0, vae_batch_size=2, learning_rate=2e-3)
-    whole = train(load_config(write_run(tmp_path / "whole", tiny_sdxl, image_folder, **common)))
+    model = request.getfixturevalue({"sdxl": "tiny_sdxl", "kandinsky5-image": "tiny_k5_image"}[family])
+    common = dict(
+        model_family=family,
+        max_train_steps=3,
+        checkpointing_steps=0,
+        vae_batch_size=2,
+        learning_rate=2e-3,
+        validation_disable=True,
+    )
+    whole = train(load_config(write_run(tmp_path / "whole", model, image_folder, **common)))
 
-    split_config = write_run(tmp_path / "split", tiny_sdxl, image_folder, **common)
+    split_config = write_run(tmp_path / "split", model, image_folder, **common)
     real_write, written = LatentCache.write, []
 
     def killed_after_three_entries(self, plans, latents, progress=None):
