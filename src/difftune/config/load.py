@@ -504,6 +504,13 @@ def _load_datasets(raw: Any, where: str, train: TrainConfig, warnings: list[str]
         problems += training_checks.image_to_video_problems(
             enabled, where, f"model_flavour '{flavour}'", family.frames_per_latent
         )
+    eval_ids = [d.id for d in enabled if d.dataset_type == "eval"]
+    if train.eval_dataset_id is not None and train.eval_dataset_id not in eval_ids:
+        problems.append(
+            f"{where}: eval_dataset_id '{train.eval_dataset_id}' names no enabled dataset of dataset_type eval "
+            f"(eval datasets: {', '.join(eval_ids) or 'none'}); add one with that id and "
+            '"dataset_type": "eval", or remove eval_dataset_id'
+        )
     if not problems and not any(d.dataset_type in ("image", "video") for d in enabled):
         problems.append(
             f'{where}: no enabled image or video dataset; add an entry with "dataset_type": '

@@ -90,9 +90,6 @@ _DATA_FILTER = (
     "remove it and clean the folder yourself"
 )
 _TIMESTEPS = "difftune draws timesteps without this; remove it (flow models: flow_schedule_shift)"
-_EVAL = (
-    "difftune's eval loss scores a fixed slice of the training data; use eval_steps_interval and eval_batches"
-)
 _NOT_YET = "difftune does not do this; remove it"
 
 TRAIN_KEYS: dict[str, Status] = {
@@ -392,11 +389,11 @@ TRAIN_KEYS: dict[str, Status] = {
     "eval_steps_interval": BUILT,
     "evaluation_type": BUILT,
     "pretrained_evaluation_model_name_or_path": BUILT,
-    "eval_dataset_id": refused(_EVAL),
-    "eval_dataset_pooling": refused(_EVAL),
+    "eval_dataset_id": BUILT,
+    "eval_dataset_pooling": cosmetic("how evaluation charts are grouped; difftune plots one eval loss"),
     "eval_epoch_interval": refused("use eval_steps_interval"),
-    "eval_timesteps": refused(_EVAL),
-    "num_eval_images": refused(_EVAL),
+    "eval_timesteps": BUILT,
+    "num_eval_images": BUILT,
     # validation
     "validation_prompt": BUILT,
     "validation_negative_prompt": BUILT,

@@ -338,6 +338,9 @@ class TrainConfig(_Strict):
     # evaluation: stable eval loss on a fixed slice at fixed timesteps and noise; CLIP score
     eval_steps_interval: int = Field(0, ge=0)  # 0: at every validation
     eval_batches: int = Field(2, ge=1)  # a fixed slice of the training batches
+    eval_dataset_id: str | None = None  # the eval dataset scored (None: every enabled eval dataset)
+    num_eval_images: int = Field(4, ge=1)  # samples of the eval datasets scored
+    eval_timesteps: int | None = Field(None, ge=1, le=1000)  # fixed timesteps (None: 9 quantiles)
     evaluation_type: Literal["none", "clip"] = "none"
     pretrained_evaluation_model_name_or_path: str = "openai/clip-vit-large-patch14"
 

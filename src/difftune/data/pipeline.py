@@ -101,13 +101,7 @@ def prepare_training_data(
     )
     latent_identity = f"{family.cache_identity()}|vae={train.pretrained_vae_model_name_or_path or ''}"
     for dataset in train_sets:
-        linked = linked_conditioning_datasets(dataset, datasets)
-        if prompt_images and not [d for d in linked if not is_mask(d)]:
-            raise DataError(
-                f"dataset '{dataset.id}' has no conditioning_data, but this model's prompts include the source "
-                "image (image-to-image); link it to a conditioning dataset with "
-                '"conditioning_data": "<id>", or disable it'
-            )
+        _check_prompt_images(data, dataset, datasets)
         _add_dataset(data, dataset, datasets, latent_identity, seed)
 
     gas = train.gradient_accumulation_steps
@@ -142,7 +136,82 @@ def prepare_training_data(
     data.sampler = BucketBatchSampler(
         groups(data._unreadable), train.train_batch_size, seed, num_processes, process_index
     )
+    eval_sets = [
+        d
+        for d in datasets
+        if not d.disabled and d.dataset_type == "eval" and train.eval_dataset_id in (None, d.id)
+    ]
+    if eval_sets:
+        data.held_out_batches = _held_out_batches(data, train, eval_sets, datasets, latent_identity)
     return data
+
+
+def _held_out_batches(
+    data: TrainingData,
+    train: TrainConfig,
+    eval_sets: Sequence[DatasetConfig],
+    datasets: Sequence[DatasetConfig],
+    latent_identity: str,
+) -> list[dict[str, Any]]:
+    """Batches of the eval datasets (never sampled for training): the first num_eval_images samples by
+    dataset and path, grouped by bucket into batches of train_batch_size, without caption dropout."""
+    held = TrainingData(
+        sampler=data.sampler,
+        plans=[],
+        captions=[],
+        skipped=[],
+        family=data.family,
+        components=data.components,
+        device=data.device,
+        text_cache=data.text_cache,
+        latent_caches={},
+        events=data.events,
+        seed=data.seed,
+        encode_latents_each_time=data.encode_latents_each_time,
+        prompt_images=data.prompt_images,
+        masked_loss_probability=data.masked_loss_probability,
+    )
+    for dataset in eval_sets:
+        as_training = "video" if dataset.video is not None and data.family.is_video else "image"
+        _check_prompt_images(held, dataset, datasets)
+        _add_dataset(
+            held,
+            dataset.model_copy(update={"dataset_type": as_training}),
+            datasets,
+            latent_identity,
+            held.seed,
+        )
+    chosen = sorted(
+        range(held.num_samples), key=lambda i: (held.plans[i].dataset_id, held.plans[i].relative_path)
+    )
+    chosen = chosen[: train.num_eval_images]
+    if not chosen:
+        names = ", ".join(f"'{d.id}'" for d in eval_sets)
+        raise DataError(f"eval dataset(s) {names} hold no usable sample; add images or disable them")
+    by_bucket: dict[Hashable, list[int]] = defaultdict(list)
+    for i in chosen:
+        by_bucket[held.bucket_keys[i]].append(i)
+    batches = []
+    for key in sorted(by_bucket, key=str):
+        bucket = by_bucket[key]
+        batches += [
+            bucket[start : start + train.train_batch_size]
+            for start in range(0, len(bucket), train.train_batch_size)
+        ]
+    return [held.load_batch(indices, position=(0, k)) for k, indices in enumerate(batches)]
+
+
+def _check_prompt_images(
+    data: TrainingData, dataset: DatasetConfig, datasets: Sequence[DatasetConfig]
+) -> None:
+    """Families whose prompts include the source image need every dataset linked to source images."""
+    linked = linked_conditioning_datasets(dataset, datasets)
+    if data.prompt_images and not [d for d in linked if not is_mask(d)]:
+        raise DataError(
+            f"dataset '{dataset.id}' has no conditioning_data, but this model's prompts include the source "
+            "image (image-to-image); link it to a conditioning dataset with "
+            '"conditioning_data": "<id>", or disable it'
+        )
 
 
 def _caption_dropout(dataset: DatasetConfig, train: TrainConfig) -> float:

@@ -68,6 +68,9 @@ class TrainingData:
     cache_groups: dict[int, tuple[int, ...]] = field(default_factory=dict)
     mask_plans: dict[int, SamplePlan] = field(default_factory=dict)  # paired loss masks
     masked_loss_probability: float = 1.0  # the share of batches whose masks weight the loss
+    held_out_batches: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # eval datasets' batches, never trained on
     _unreadable: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:

@@ -174,6 +174,9 @@ TRAIN_HELP = {
     # evaluation
     "eval_steps_interval": "Compute the evaluation loss every this many steps (0: at every validation).",
     "eval_batches": "Batches of the fixed evaluation slice.",
+    "eval_dataset_id": "The eval dataset the eval loss scores (default: every eval dataset).",
+    "num_eval_images": "How many samples of the eval datasets the eval loss scores.",
+    "eval_timesteps": "How many fixed timesteps the eval loss scores at.",
     "evaluation_type": "Also score validation samples with CLIP.",
     "pretrained_evaluation_model_name_or_path": "The CLIP model for evaluation_type clip.",
 }

@@ -11,21 +11,32 @@ from difftune.families.base import Components, Family
 
 
 class Evaluator:
-    """Eval loss on a fixed slice of cached training batches (fixed noise and timesteps), and CLIP score."""
+    """Eval loss on held-out batches (the eval datasets), else on a fixed slice of cached training
+    batches, at fixed noise and timesteps; and CLIP score."""
 
     def __init__(self, family: Family, components: Components, data, config: TrainConfig, device) -> None:
         from difftune.training.losses import LossKind
-        from difftune.validation.eval_loss import EvalLoss
+        from difftune.validation.eval_loss import DEFAULT_QUANTILES, EvalLoss
 
-        batches = [
+        # held-out batches of the eval datasets; without any, a fixed slice of the training batches
+        batches = data.held_out_batches or [
             data.load_batch(indices, position=(0, i))
             for i, indices in enumerate(data.sampler.epoch_batches(0)[: config.eval_batches])
         ]
         for batch in batches:
             batch["latents"] = batch["latents"].to(device)
         seed = config.seed if config.seed is not None else 0
+        quantiles = DEFAULT_QUANTILES
+        if config.eval_timesteps is not None:  # evenly spread over the training distribution
+            quantiles = tuple((k + 0.5) / config.eval_timesteps for k in range(config.eval_timesteps))
         self.eval_loss = EvalLoss(
-            family, components, batches, seed=seed, device=device, loss_kind=LossKind.from_config(config)
+            family,
+            components,
+            batches,
+            seed=seed,
+            quantiles=quantiles,
+            device=device,
+            loss_kind=LossKind.from_config(config),
         )
         self.scorer = None
         if config.evaluation_type == "clip":

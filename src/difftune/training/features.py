@@ -48,7 +48,8 @@ class TrainingFeatures:
             features.ema = EMAModel(model, config.ema_decay, config.ema_device)
             if state.extra.get("ema"):
                 features.ema.load_state_dict(state.extra["ema"])
-        if config.eval_steps_interval or config.evaluation_type != "none":
+        # an eval dataset turns the eval loss on (at every validation unless eval_steps_interval says)
+        if config.eval_steps_interval or config.evaluation_type != "none" or data.held_out_batches:
             from difftune.training.evaluation import Evaluator
 
             features.evaluator = Evaluator(family, components, data, config, device)
