@@ -23,7 +23,7 @@ CONFIGS = {
     "locon": {"algo": "locon", "multiplier": 1.0, "linear_dim": 4, "linear_alpha": 4},
 }
 # The weights each algorithm starts at zero (so the adapter starts as the base model): training moves them.
-ZERO_STARTED = {"lokr": ".lokr_w2", "loha": ".hada_w2_a", "locon": ".lora_up.weight"}
+ZERO_STARTED = {"lokr": ".lokr_w2", "loha": ".hada_w2_a", "locon": ".lora_up.weight", "full": ".diff"}
 RUN = {
     "model_type": "lora",
     "lora_type": "lycoris",
@@ -40,9 +40,10 @@ def write_lycoris_run(tmp_path, family, algo, model, media, **overrides):
     preset = {"target_module": targets}
     if algo == "lokr":
         preset["module_algo_map"] = {targets[0]: {"factor": 10}, targets[1]: {"factor": 4}}
+    settings = CONFIGS.get(algo, {"algo": algo, "multiplier": 1.0, "linear_dim": 4, "linear_alpha": 1})
     lycoris = tmp_path / "config" / "lycoris_config.json"
     lycoris.parent.mkdir(parents=True, exist_ok=True)
-    lycoris.write_text(json.dumps({**CONFIGS[algo], "apply_preset": preset}, indent=4))
+    lycoris.write_text(json.dumps({**settings, "apply_preset": preset}, indent=4))
     settings = {**RUN, "model_family": family, "lycoris_config": str(lycoris), **overrides}
     if family == "kandinsky5-video":
         settings |= {"dataset": video_dataset(media), "validation_num_video_frames": 5, "train_batch_size": 1}
@@ -57,7 +58,7 @@ def assert_trained(path, algo):
     return weights
 
 
-@pytest.mark.parametrize("algo", list(CONFIGS))
+@pytest.mark.parametrize("algo", [*CONFIGS, "full"])
 def test_sdxl_trains_with_each_lycoris_config(tmp_path, tiny_sdxl, image_folder, algo):
     result = train(load_config(write_lycoris_run(tmp_path, "sdxl", algo, tiny_sdxl, image_folder)))
     assert result.global_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))

@@ -42,38 +42,46 @@ def lycoris_file(tmp_path, family, algo, **extra):
     return path
 
 
+BUILDERS = {  # family -> (tiny model builder, stock pipeline class)
+    "sdxl": ("difftune.testing.sdxl:build_tiny_sdxl", "StableDiffusionXLPipeline"),
+    "kandinsky5-image": ("difftune.testing.kandinsky5:build_tiny_kandinsky5_image", "Kandinsky5T2IPipeline"),
+    "kandinsky5-video": (
+        "difftune.testing.kandinsky5_video:build_tiny_kandinsky5_video",
+        "Kandinsky5T2VPipeline",
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def family(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def stock(tmp_path_factory):
-    """family -> (model folder, stock diffusers pipeline), built once per module."""
+    """stock(family) -> (model folder, stock diffusers pipeline), each built once per module."""
+    import importlib
+
+    import diffusers
+
     built = {}
 
     def get(family):
         if family not in built:
+            builder, pipeline = BUILDERS[family]
+            module, name = builder.split(":")
             folder = tmp_path_factory.mktemp("models") / family
-            if family == "sdxl":
-                from diffusers import StableDiffusionXLPipeline
-
-                from difftune.testing.sdxl import build_tiny_sdxl
-
-                build_tiny_sdxl(folder)
-                built[family] = folder, StableDiffusionXLPipeline.from_pretrained(folder)
-            elif family == "kandinsky5-image":
-                from diffusers import Kandinsky5T2IPipeline
-
-                from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
-
-                build_tiny_kandinsky5_image(folder)
-                built[family] = folder, Kandinsky5T2IPipeline.from_pretrained(folder)
-            else:
-                from diffusers import Kandinsky5T2VPipeline
-
-                from difftune.testing.kandinsky5_video import build_tiny_kandinsky5_video
-
-                build_tiny_kandinsky5_video(folder)
-                built[family] = folder, Kandinsky5T2VPipeline.from_pretrained(folder)
+            getattr(importlib.import_module(module), name)(folder)
+            built[family] = folder, getattr(diffusers, pipeline).from_pretrained(folder)
         return built[family]
 
     return get
+
+
+@pytest.fixture()
+def built(stock, family):
+    """The family's tiny model and stock pipeline, built before the test (its set-up time)."""
+    return stock(family)
 
 
 def denoiser_of(pipeline):
@@ -133,10 +141,9 @@ def trained_denoiser(stock, family, lycoris_config, **overrides):
     return config, denoiser.eval(), warnings
 
 
-@pytest.mark.parametrize("family", list(TARGETS))
 @pytest.mark.parametrize("algo", list(ALGORITHMS))
 def test_saved_file_loads_with_lycoris_onto_the_stock_denoiser_with_the_same_prediction(
-    stock, tmp_path, family, algo
+    stock, built, tmp_path, family, algo
 ):
     from lycoris import create_lycoris_from_weights
 
