@@ -324,3 +324,46 @@ def test_i2i_model_forward_and_generate(tmp_path):
         image=source,
     )
     assert images[0].size == (96, 64)
+
+
+def test_cached_i2i_prompt_embeddings_equal_the_stock_pipeline_with_a_real_processor(tmp_path):
+    """The I2I folder holds a Qwen2-VL processor (PIL image processor, tiny vision tower): the source
+    image goes through the vision tower into the prompt embeddings, in the cache as in the pipeline."""
+    from diffusers import Kandinsky5I2IPipeline
+    from PIL import Image
+
+    from difftune.cache.text import TextEmbedCache
+    from difftune.data.conditioning import encode_image_prompts, prompt_key
+    from difftune.families.qwen_processor import load_qwen2_vl_processor
+    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
+
+    folder = build_tiny_kandinsky5_image(tmp_path / "i2i", seed=0, i2i=True)
+    family = make_family(folder, model_flavour="i2i-lite-sft")
+    components = family.load(torch.device("cpu"), torch.float32)
+    assert type(components.tokenizers[0].image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    red, blue = Image.new("RGB", (96, 64), (200, 30, 30)), Image.new("RGB", (96, 64), (30, 30, 200))
+    cache = TextEmbedCache(tmp_path / "cache", family.cache_identity())
+    items = [
+        (prompt_key("make it blue", name), "make it blue", image) for name, image in [("r", red), ("b", blue)]
+    ]
+    encode_image_prompts(family, components, cache, items, lambda *_: None)
+
+    stock = Kandinsky5I2IPipeline.from_pretrained(
+        folder, tokenizer=load_qwen2_vl_processor(str(folder), "tokenizer")
+    )
+    cached = {}
+    for key, caption, image in items:
+        qwen, clip, cu_seqlens = stock.encode_prompt(
+            prompt=[caption], image=image, device=torch.device("cpu"), dtype=torch.float32
+        )
+        cached[key] = cache.load(key)
+        length = int(cu_seqlens[1])
+        torch.testing.assert_close(cached[key]["prompt_embeds_qwen"], qwen[0, :length], rtol=0, atol=0)
+        torch.testing.assert_close(cached[key]["prompt_embeds_clip"], clip[0], rtol=0, atol=0)
+        image_tokens = stock.tokenizer(
+            text=[stock.prompt_template.format(caption)], images=[image], return_tensors="pt"
+        )
+        assert (image_tokens["input_ids"] == stock.tokenizer.image_token_id).sum() > 0
+    red_key, blue_key = (key for key, _, _ in items)
+    difference = cached[red_key]["prompt_embeds_qwen"] - cached[blue_key]["prompt_embeds_qwen"]
+    assert difference.abs().max() > 1e-3  # the image, not only the caption, is in the embeddings

@@ -56,6 +56,21 @@ def visual_block_count(model_id: str) -> int | None:
     return count if isinstance(count, int) else None
 
 
+def load_qwen_tokenizer(index: dict[str, Any], model_id: str, revision: str | None = None):
+    """The pipeline's `tokenizer` as model_index.json names it; a `Qwen2VLProcessor` (the Hub folders)
+    is loaded without torchvision (see `qwen_processor`)."""
+    import transformers
+
+    from difftune.families.qwen_processor import PROCESSOR_CLASS, load_qwen2_vl_processor
+
+    class_name = index["tokenizer"][1]
+    if class_name == PROCESSOR_CLASS:
+        return load_qwen2_vl_processor(model_id, "tokenizer", revision)
+    return getattr(transformers, class_name).from_pretrained(
+        model_id, subfolder="tokenizer", revision=revision
+    )
+
+
 def text_pipeline(pipeline_cls: type, text_encoder, tokenizer, text_encoder_2, tokenizer_2):
     """A stock Kandinsky 5 pipeline holding only the text encoders, to call its own `encode_prompt`."""
     return pipeline_cls(

@@ -119,7 +119,7 @@ class Kandinsky5VideoFamily(Family):
             denoiser=transformer,
             vae=vae.to(device).eval(),
             text_encoders=[text_encoder, text_encoder_2],
-            tokenizers=[load_part("tokenizer"), load_part("tokenizer_2")],
+            tokenizers=[k5.load_qwen_tokenizer(index, model_id, revision), load_part("tokenizer_2")],
             scheduler=load_part("scheduler"),
         )
 

@@ -7,6 +7,7 @@ with `i2i=True`) and with `Kandinsky5ImageFamily.load`. Tokenizers are the real 
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -145,12 +146,14 @@ def build_tiny_kandinsky5_image(path: str | Path, seed: int = 0, i2i: bool = Fal
     """Save a tiny random Kandinsky 5.0 Image pipeline folder under `path`; returns the folder.
 
     T2I folders load with `Kandinsky5T2IPipeline`, `i2i=True` folders (transformer with visual_cond)
-    with `Kandinsky5I2IPipeline`. The Qwen tokenizer is saved as a plain `Qwen2Tokenizer`; the Hub
-    folders hold a `Qwen2VLProcessor`, whose loading needs torchvision.
+    with `Kandinsky5I2IPipeline`. T2I folders save the Qwen tokenizer as a plain `Qwen2Tokenizer`;
+    I2I folders, whose prompt template holds the source image, save a `Qwen2VLProcessor` with a PIL
+    image processor as the Hub folders do (load it with `families.qwen_processor`, not torchvision).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5I2IPipeline, Kandinsky5T2IPipeline
 
-    from difftune.testing.qwen import qwen2_tokenizer
+    from difftune.families.qwen_processor import PROCESSOR_CLASS
+    from difftune.testing.qwen import qwen2_tokenizer, qwen2_vl_processor
     from difftune.testing.tokenizers import clip_tokenizer
 
     path = Path(path)
@@ -167,4 +170,10 @@ def build_tiny_kandinsky5_image(path: str | Path, seed: int = 0, i2i: bool = Fal
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
     )
     pipeline.save_pretrained(path)
+    if i2i:  # the Hub layout: the tokenizer folder also holds the image processor, named a processor
+        qwen2_vl_processor().image_processor.save_pretrained(path / "tokenizer")
+        index_file = path / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index["tokenizer"] = ["transformers", PROCESSOR_CLASS]
+        index_file.write_text(json.dumps(index, indent=2))
     return path

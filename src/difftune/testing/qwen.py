@@ -93,11 +93,12 @@ def qwen2_tokenizer(model_max_length: int = 32768):
 def qwen2_vl_processor(model_max_length: int = 32768):
     """A `Qwen2VLProcessor` (what the Kandinsky 5 pipelines call `tokenizer`) around `qwen2_tokenizer()`.
 
-    The image processor is the PIL one (no torchvision); patch, merge and temporal sizes are
-    Qwen2.5-VL's (14, 2, 2).
+    The image processor is the PIL one (no torchvision) with Qwen2.5-VL's patch, merge and temporal
+    sizes (14, 2, 2); there is no video processor, which only torchvision provides.
     """
-    from transformers import Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    from difftune.families.qwen_processor import qwen2_vl_processor_without_video
+
     image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2)
-    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=qwen2_tokenizer(model_max_length))
+    return qwen2_vl_processor_without_video(image_processor, qwen2_tokenizer(model_max_length))
