@@ -123,3 +123,5 @@ def test_resuming_with_only_damaged_checkpoints_ends_in_one_message(
     err = capsys.readouterr().err
     assert "no intact checkpoint to resume from" in err and "checkpoint-1: optimizer.json is 7 bytes" in err
     assert "Traceback" not in err
+    loads = [e for e in read_events(tmp_path / "out" / "events.jsonl", "log") if "loading" in e["message"]]
+    assert len(loads) == 1  # the first run's: the resume stopped before loading the model

@@ -118,6 +118,9 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     for warning in family.validate_config():
         bus.emit("warning", {"message": warning})
     check_dataset_folders(loaded.datasets)  # before the model load, which can take minutes
+    resume_path = resolve_resume(  # verified now, so a damaged checkpoint stops before the model load
+        output_dir, config.resume_from_checkpoint, config.allow_resume_outside_output_dir, bus.emit
+    )
     check_fetchable_models(config)
     check_block_indices(family, config)
     weight_dtype = weight_dtype_for(config, accelerator.device)
@@ -166,9 +169,6 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     # -- resume -------------------------------------------------------------------------------
     noise_generator = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
     state = TrainerState()
-    resume_path = resolve_resume(
-        output_dir, config.resume_from_checkpoint, config.allow_resume_outside_output_dir, bus.emit
-    )
     if resume_path is not None:
         state = (load_sharded_checkpoint if sharded else load_checkpoint)(
             resume_path, model, optimizer, lr_scheduler
