@@ -124,6 +124,10 @@ def test_resume_from_outside_output_dir_refused(make_client, workdir, resume_fro
     error = refused.json()["detail"][0]
     assert error["key"] == "resume_from_checkpoint" and "outside output_dir 'out'" in error["message"]
     assert (workdir / "config" / "config.json").read_text() == before
+    # the loader's explicit flag for it is for `difftune train` by hand, not for the web UI
+    flagged = {"model_family": "sdxl", "output_dir": "out", "resume_from_checkpoint": resume_from}
+    flagged["allow_resume_outside_output_dir"] = True
+    assert client.put("/api/config", json=flagged).status_code == 422
 
     # a config written by hand is refused when the UI starts the job
     (workdir / "config" / "config.json").write_text(

@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import json
 import secrets
+import threading
 from collections.abc import AsyncIterator
 from html import escape
 from pathlib import Path
@@ -33,10 +34,17 @@ from fastapi.responses import (
     StreamingResponse,
 )
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from difftune.server.configfiles import non_finite, parse_body, read_config_file, save_config_file
+from difftune.server.configfiles import (
+    non_finite,
+    parse_body,
+    read_config_file,
+    replace_atomically,
+    save_config_file,
+)
 from difftune.server.files import list_folder, resolve_inside, thumbnail_png, user_file_response
 from difftune.server.forms import normalize_keys, schema_groups, validate_datasets, validate_train
 from difftune.server.jobs import JobBusy, JobRunner, TrainCommand, default_train_command
@@ -161,7 +169,7 @@ def create_app(
         config, errors = validate_train(body)
         errors = non_finite(body) or errors or resume_outside_output_dir(config, workdir)
         errors = errors or lycoris_settings(config, workdir)
-        errors = errors or await asyncio.to_thread(
+        errors = errors or await run_in_threadpool(
             save_config_file, workdir / CONFIG_FILE, config, validate_train
         )
         if errors:
@@ -181,7 +189,7 @@ def create_app(
         body = parse_body(await request.body(), DATASETS_FILE)
         entries, errors = validate_datasets(body)
         errors = non_finite(body) or errors
-        errors = errors or await asyncio.to_thread(
+        errors = errors or await run_in_threadpool(
             save_config_file, workdir / DATASETS_FILE, entries, validate_datasets
         )
         if errors:
@@ -238,18 +246,20 @@ def create_app(
 
     # -- progress -----------------------------------------------------------------------------------
     loss_series: dict[tuple[Path, int], LossSeries] = {}
+    loss_lock = threading.Lock()
 
     @app.get("/api/loss")
-    async def loss(points: int = 1000) -> dict[str, Any]:
+    def loss(points: int = 1000) -> dict[str, Any]:
         """The current run's loss by step (every run's, later ones winning, when none was started
-        here), averaged down to at most `points` points; read incrementally, off the event loop."""
+        here), averaged down to at most `points` points; read incrementally, in a worker thread."""
         job = runner.job
         key = (output_dir() / "events.jsonl", job.events_offset if job else 0)
-        if key not in loss_series:
-            loss_series.clear()
-            loss_series[key] = LossSeries(*key)
-        series = loss_series[key]
-        await asyncio.to_thread(series.update)
+        with loss_lock:
+            if key not in loss_series:
+                loss_series.clear()
+                loss_series[key] = LossSeries(*key)
+            series = loss_series[key]
+        series.update()
         return series.points(max(2, min(points, 20_000)))
 
     @app.get("/api/validation")
@@ -318,10 +328,7 @@ def lycoris_settings(config: dict[str, Any], workdir: Path) -> list[dict[str, An
     value = str(config.get("lycoris_config") or LYCORIS_FILE.as_posix())
     path = Path(value) if Path(value).is_absolute() else workdir / value
     if not path.exists() and config.get("model_family"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            json.dumps(lycoris_file(str(config["model_family"])), indent=2) + "\n", encoding="utf-8"
-        )
+        replace_atomically(path, json.dumps(lycoris_file(str(config["model_family"])), indent=2) + "\n")
     try:
         read_lycoris_config(path)
     except ConfigError as exc:

@@ -92,7 +92,7 @@ def save_config_file(path: Path, data: Any, validate: Validator) -> list[dict[st
             }
         ]
     try:
-        _replace_atomically(path, text)
+        replace_atomically(path, text)
     except OSError as exc:
         full = exc.errno == 28  # ENOSPC
         raise HTTPException(
@@ -102,7 +102,7 @@ def save_config_file(path: Path, data: Any, validate: Validator) -> list[dict[st
     return []
 
 
-def _replace_atomically(path: Path, text: str) -> None:
+def replace_atomically(path: Path, text: str) -> None:
     """Write a temporary file next to `path`, flush it to disk, and rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
