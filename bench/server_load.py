@@ -114,13 +114,11 @@ async def open_stream(port: int, received: list[int], ready: asyncio.Event, stop
         writer.close()
 
 
-async def measure(port: int, streams: int, job_requests: int, loss_requests: int, deadline: float) -> dict:
-    figures: dict[str, float] = {}
-    idle = await time_requests(port, "/api/job", job_requests, deadline)
-
-    cold_loss = await time_requests(port, "/api/loss", 1, deadline)
-    figures["loss_first_ms"] = 1000 * cold_loss[0]
-
+async def hold_streams(port: int, streams: int, max_seconds: float) -> None:
+    """The stream holder (a process of its own, so that reading the streams does not delay the timed
+    requests): open `streams` event streams, say "open SECONDS", read them until a line comes on stdin
+    (or max_seconds pass), then say "bytes_per_s RATE" for the time in between."""
+    loop = asyncio.get_running_loop()
     stop, received = asyncio.Event(), [0]
     readies = [asyncio.Event() for _ in range(streams)]
     opened = time.perf_counter()
@@ -129,20 +127,50 @@ async def measure(port: int, streams: int, job_requests: int, loss_requests: int
         tasks.append(asyncio.create_task(open_stream(port, received, ready, stop)))
         if len(tasks) % 50 == 0:
             await asyncio.sleep(0.05)
-    await asyncio.wait_for(
-        asyncio.gather(*(r.wait() for r in readies)), max(1.0, deadline - time.monotonic())
-    )
-    figures["streams_open_s"] = time.perf_counter() - opened
-    await asyncio.sleep(1.0)  # every stream past its backlog
-
-    loaded = await time_requests(port, "/api/job", job_requests, deadline)
-    loss = await time_requests(port, "/api/loss", loss_requests, deadline)
-    before = received[0]
-    await asyncio.sleep(2.0)
-    figures["stream_bytes_per_s"] = (received[0] - before) / 2.0
+    await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), max_seconds)
+    print(f"open {time.perf_counter() - opened}", flush=True)
+    first, started = received[0], time.perf_counter()
+    try:
+        await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), max_seconds)
+    except TimeoutError:
+        pass
+    rate = (received[0] - first) / (time.perf_counter() - started)
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
+    print(f"bytes_per_s {rate}", flush=True)
 
+
+def measure(port: int, streams: int, job_requests: int, loss_requests: int, deadline: float) -> dict:
+    figures: dict[str, float] = {}
+    idle = asyncio.run(time_requests(port, "/api/job", job_requests, deadline))
+    cold_loss = asyncio.run(time_requests(port, "/api/loss", 1, deadline))
+    figures["loss_first_ms"] = 1000 * cold_loss[0]
+
+    seconds = str(max(1.0, deadline - time.monotonic()))
+    holder = subprocess.Popen(
+        [sys.executable, __file__, "--hold", str(port), str(streams), seconds],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        figures["streams_open_s"] = float(holder.stdout.readline().split()[1])
+        time.sleep(1.0)  # every stream past its backlog
+        loaded = asyncio.run(time_requests(port, "/api/job", job_requests, deadline))
+        loss = asyncio.run(time_requests(port, "/api/loss", loss_requests, deadline))
+        holder.stdin.write("stop\n")
+        holder.stdin.flush()
+        figures["stream_bytes_per_s"] = float(holder.stdout.readline().split()[1])
+    finally:
+        holder.stdin.close()  # an empty line for the holder: it closes its streams and ends
+        try:
+            holder.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+
+    if not (idle and loaded and loss):
+        raise SystemExit(f"--max-seconds passed before the requests were answered: {figures}")
     figures["job_idle_p50_ms"] = common.median_ms(idle)
     figures["job_idle_p99_ms"] = p99_ms(idle)
     figures["job_p50_ms"] = common.median_ms(loaded)
@@ -159,6 +187,10 @@ def p99_ms(seconds: list[float]) -> float:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--hold"]:  # the stream holder process, started by measure()
+        port, streams, seconds = sys.argv[2:5]
+        asyncio.run(hold_streams(int(port), int(streams), float(seconds)))
+        return
     parser = common.parser(__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=None, help="open event streams (500; --quick 100)")
     parser.add_argument("--events-mb", type=float, default=None, help="size of events.jsonl (92; --quick 10)")
@@ -194,7 +226,7 @@ def main() -> None:
                         raise SystemExit("the server did not start") from None
                     time.sleep(0.1)
             trainer.start()
-            figures = asyncio.run(measure(port, streams, args.job_requests, args.loss_requests, deadline))
+            figures = measure(port, streams, args.job_requests, args.loss_requests, deadline)
         finally:
             stop_training.set()
             server.terminate()
@@ -211,7 +243,7 @@ def main() -> None:
     }
     figures = {key: round(value, 2) for key, value in figures.items()}
     # one results file per size, so that a run is compared with a run like it
-    common.report(f"server_load_{streams}streams", figures, notes, save=not args.no_save)
+    common.report(f"server_load_{streams}streams_{megabytes:g}mb", figures, notes, save=not args.no_save)
 
 
 if __name__ == "__main__":

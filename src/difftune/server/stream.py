@@ -51,6 +51,7 @@ class EventHub:
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._pending: list[dict[str, Any]] = []  # read but not yet published
+        self._latest: tuple[int, str] = (-1, "")  # (seq before the last publish, its messages)
         self._reading = threading.Lock()
 
     # -- the one follower ------------------------------------------------------------------------
@@ -87,11 +88,15 @@ class EventHub:
         return fresh
 
     def _publish(self, fresh: list[dict[str, Any]]) -> None:
+        before, encoded = self.seq, []
         for data in fresh:
             if data["type"] == "reset":
                 self.messages.clear()
             self.seq += 1
-            self.messages.append((self.seq, encode(f"{self.epoch}-{self.seq}", data)))
+            encoded.append(encode(f"{self.epoch}-{self.seq}", data))
+            self.messages.append((self.seq, encoded[-1]))
+        # what every page that was up to date gets: joined once, not once per page
+        self._latest = (before, "".join(encoded))
         wake, self._wake = self._wake, asyncio.Event()
         if wake is not None:
             wake.set()
@@ -111,6 +116,10 @@ class EventHub:
 
     # -- one page's stream ------------------------------------------------------------------------
     def _missed(self, last_seq: int) -> list[str]:
+        if last_seq == self.seq:
+            return []
+        if last_seq and last_seq == self._latest[0]:
+            return [self._latest[1]]
         return [message for seq, message in self.messages if seq > last_seq]
 
     async def stream(
@@ -140,7 +149,8 @@ class EventHub:
                 if missed:
                     last_seq = self.seq
                     yield "".join(missed)
-                wake = self._wake
+                    continue  # more may have come while that was sent: look again before waiting
+                wake = self._wake  # taken with no await since the look, so no wake-up is missed
                 try:
                     async with asyncio.timeout(min(KEEP_ALIVE_SECONDS, deadline - loop.time())):
                         await wake.wait()
