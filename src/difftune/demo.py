@@ -120,25 +120,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from difftune.config import load_config
+    from difftune.console import library_output
     from difftune.testing.images import make_image_dataset
     from difftune.training.loop import train
 
     started = time.perf_counter()
     workdir = Path(args.workdir).resolve()
+    output_dir = workdir / "output" / args.family
+    shutil.rmtree(output_dir, ignore_errors=True)  # each demo run starts fresh
     model_dir = workdir / "models" / args.family
-    if not (model_dir / "model_index.json").exists():
-        build_demo_model(args.family, model_dir)
-    data_dir = demo_data_dir(workdir, args.family)
-    if not data_dir.exists():
-        if registry.spec(args.family).is_video:
-            from difftune.testing.videos import make_video_dataset
+    with library_output(output_dir / "events.jsonl", args.verbose):
+        if not (model_dir / "model_index.json").exists():
+            build_demo_model(args.family, model_dir)
+        data_dir = demo_data_dir(workdir, args.family)
+        if not data_dir.exists():
+            if registry.spec(args.family).is_video:
+                from difftune.testing.videos import make_video_dataset
 
-            make_video_dataset(data_dir, n=6)
-        else:
-            make_image_dataset(data_dir, n=12)
-    config_path = write_demo_config(workdir, args.family, model_dir, args.steps)
-    shutil.rmtree(workdir / "output" / args.family, ignore_errors=True)  # each demo run starts fresh
-    result = train(load_config(config_path))
+                make_video_dataset(data_dir, n=6)
+            else:
+                make_image_dataset(data_dir, n=12)
+        config_path = write_demo_config(workdir, args.family, model_dir, args.steps)
+        result = train(load_config(config_path))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s at step {result.global_step}")
     print(f"  LoRA:        {result.lora_path}")
     print(f"  validation:  {result.output_dir / 'validation'}")
