@@ -282,3 +282,31 @@ def test_a_full_disk_while_caching_latents_says_how_much_is_needed_and_leaves_no
     assert "needs about 1 MB for the 4 entries left" in message and "cache_dir_vae" in message
     assert len(run.latent_files()) == 2  # the entries written before the disk filled up
     assert not [p for p in (tmp_path / "vae").iterdir() if ".tmp" in p.name]
+
+
+class NoisyFakeFamily(FakeFamily):
+    """FakeFamily whose encoding adds posterior noise from the generators it is given, like a VAE sample."""
+
+    def encode_pixels(self, components, pixels, generator=None):
+        mean = super().encode_pixels(components, pixels, generator)
+        noise = [torch.randn(mean.shape[1:], generator=g) for g in generator]
+        return mean + 0.1 * torch.stack(noise)
+
+
+def test_posterior_noise_is_fixed_by_the_cache_entry_or_by_the_batch_when_encoding_each_time(tmp_path):
+    _make_images(tmp_path / "data")
+    run = Run(tmp_path)
+    config = TrainConfig(model_family="fake")
+    cached, _ = run.prepare(family=NoisyFakeFamily(config))
+    first = cached.load_batch([0, 1], position=(0, 0))["latents"]
+    assert torch.equal(first, cached.load_batch([1, 0], position=(3, 1))["latents"][[1, 0]])
+    # the same entry encoded again in a fresh cache, in another group, gets the same noise
+    other = Run(tmp_path / "other")
+    other.dataset = lambda **kwargs: run.dataset(cache_dir_vae=str(tmp_path / "other" / "vae"), **kwargs)
+    again, _ = other.prepare(family=NoisyFakeFamily(config), vae_batch_size=3)
+    assert torch.equal(again.load_batch([0, 1], position=(0, 0))["latents"], first)
+
+    each_time, _ = run.prepare(family=NoisyFakeFamily(config), vae_cache_disable=True)
+    a = each_time.load_batch([0, 1], position=(0, 0))["latents"]
+    assert torch.equal(a, each_time.load_batch([0, 1], position=(0, 0))["latents"])  # a resumed run's draw
+    assert not torch.equal(a, each_time.load_batch([0, 1], position=(1, 0))["latents"])  # a new epoch's

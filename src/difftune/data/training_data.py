@@ -95,7 +95,7 @@ class TrainingData:
         if not indices:
             raise ValueError("load_batch needs at least one sample index")
         epoch, batch_index = position or self.sampler.last_position or (self.sampler.epoch, 0)
-        latents = self._latents(list(indices))
+        latents = self._latents(list(indices), (epoch, batch_index))
         good = [i for i in indices if i in latents]
         if not good:
             paths = ", ".join(str(self.plans[i].path) for i in indices)
@@ -175,14 +175,15 @@ class TrainingData:
         return missing
 
     def encode(
-        self, indices: Sequence[int], latents: bool = True, conditions: bool = True
+        self, indices: Sequence[int], latents: bool = True, conditions: bool = True, draw: str = ""
     ) -> dict[int, Encoded]:
         """Encode samples sharing one bucket: {index: (latents, conditioning latents)}, float32 CPU.
 
         latents / conditions: which of the two to encode (the other is None). Each entry's posterior
-        sample is drawn from a generator seeded by its cache key, so an entry does not depend on which
-        others are encoded with it or in what order. Unreadable samples (their file or their
-        conditioning image) are reported once and left out.
+        sample is drawn from a generator seeded by its cache key (and `draw`, which names the batch
+        when latents are encoded for each batch), so an entry does not depend on which others are
+        encoded with it or in what order. Unreadable samples (their file or their conditioning image)
+        are reported once and left out.
         """
         loaded: list[tuple[int, torch.Tensor | None, torch.Tensor | None]] = []
         for i in indices:
@@ -202,7 +203,7 @@ class TrainingData:
         dtype = _module_dtype(self.components.vae)
 
         def generators(keys: list[str]) -> list[torch.Generator]:
-            return [torch.Generator().manual_seed(_entry_seed(key)) for key in keys]
+            return [torch.Generator().manual_seed(_entry_seed(f"{key}{draw}")) for key in keys]
 
         def encode_pixels(rows: list[int], column: int) -> dict[int, torch.Tensor]:
             if not rows:
@@ -295,11 +296,15 @@ class TrainingData:
         return self.conditioning_caches[source.dataset_id].key(source)
 
     # -- internals -----------------------------------------------------------------------------
-    def _latents(self, indices: list[int]) -> dict[int, Encoded]:
-        """(latents, conditioning) of the readable samples among indices, from the caches or encoded now."""
+    def _latents(self, indices: list[int], position: tuple[int, int]) -> dict[int, Encoded]:
+        """(latents, conditioning) of the readable samples among indices, from the caches or encoded now.
+
+        Encoded for each batch (vae_cache_disable), an image gets a new posterior sample at each
+        (epoch, batch_index), which a resumed run draws again exactly.
+        """
         readable = [i for i in dict.fromkeys(indices) if i not in self._unreadable]
         if self.encode_latents_each_time:
-            return self.encode(readable)
+            return self.encode(readable, draw=f"|batch:{position[0]}:{position[1]}")
         return self.cached_or_encoded(readable)
 
     def _sample_pixels(self, plan: SamplePlan) -> torch.Tensor:
