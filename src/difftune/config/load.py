@@ -504,6 +504,13 @@ def _load_datasets(raw: Any, where: str, train: TrainConfig, warnings: list[str]
         problems += training_checks.image_to_video_problems(
             enabled, where, f"model_flavour '{flavour}'", family.frames_per_latent
         )
+    regularisation = [d.id for d in enabled if d.is_regularisation_data]
+    if regularisation and train.model_type == "full":
+        problems.append(
+            f"{where}: dataset(s) {', '.join(regularisation)} set is_regularisation_data, whose target is the "
+            "base model's prediction with the adapter switched off; full training has no adapter, so use "
+            "model_type lora (or lycoris) or remove is_regularisation_data"
+        )
     eval_ids = [d.id for d in enabled if d.dataset_type == "eval"]
     if train.eval_dataset_id is not None and train.eval_dataset_id not in eval_ids:
         problems.append(

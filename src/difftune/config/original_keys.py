@@ -518,7 +518,7 @@ DATASET_KEYS: dict[str, Status] = {
     "conditioning_data": BUILT,
     "conditioning_type": BUILT,
     "conditioning": refused("build the conditioning images yourself and link them with conditioning_data"),
-    "is_regularisation_data": refused("difftune has no prior preservation; remove it"),
+    "is_regularisation_data": BUILT,
     "source_dataset_id": refused("link conditioning datasets with conditioning_data on the image dataset"),
     "max_num_samples": refused("keep only the files you want in the folder"),
     "start_epoch": refused("difftune samples every dataset from the first epoch; remove it", 0, 1),

@@ -241,6 +241,7 @@ class TrainConfig(_Strict):
     input_perturbation_steps: int = Field(0, ge=0)  # > 0: decays linearly to 0 over these steps
     loss_type: Literal["l2", "huber", "smooth_l1"] = "l2"
     masked_loss_probability: float = Field(1.0, ge=0, le=1)  # share of batches a linked mask weights
+    prior_loss_weight: float = Field(1.0, ge=0)  # loss weight of regularisation data (is_regularisation_data)
     huber_c: float = Field(0.1, gt=0)
     huber_schedule: Literal["snr", "exponential", "constant"] = "snr"
     timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = "none"
@@ -471,6 +472,7 @@ class DatasetConfig(_Strict):
     skip_file_discovery: str = ""  # words among: vae aspect text metadata
 
     video: VideoConfig | None = None
+    is_regularisation_data: bool = False  # trains toward the base model's prediction (prior preservation)
     conditioning_data: str | list[str] | None = None  # id(s) of linked conditioning datasets
     # a conditioning dataset's role: source images (i2i; reference_* say the same) or loss masks
     conditioning_type: Literal["mask", "reference_strict", "reference_loose"] | None = None

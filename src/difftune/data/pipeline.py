@@ -98,6 +98,7 @@ def prepare_training_data(
         encode_latents_each_time=train.vae_cache_disable,
         prompt_images=prompt_images,
         masked_loss_probability=train.masked_loss_probability,
+        regularisation_datasets={d.id for d in train_sets if d.is_regularisation_data},
     )
     latent_identity = f"{family.cache_identity()}|vae={train.pretrained_vae_model_name_or_path or ''}"
     for dataset in train_sets:

@@ -68,6 +68,7 @@ class TrainingData:
     cache_groups: dict[int, tuple[int, ...]] = field(default_factory=dict)
     mask_plans: dict[int, SamplePlan] = field(default_factory=dict)  # paired loss masks
     masked_loss_probability: float = 1.0  # the share of batches whose masks weight the loss
+    regularisation_datasets: set[str] = field(default_factory=set)  # is_regularisation_data
     held_out_batches: list[dict[str, Any]] = field(
         default_factory=list
     )  # eval datasets' batches, never trained on
@@ -86,6 +87,7 @@ class TrainingData:
 
         Latents are (B, C, H, W), or (B, C, T', H', W') for video families; "conditioning_latents"
         ((B, C, h, w), video (B, C, 1, h, w)) is there when the samples have conditioning.
+        "regularisation" ((B,) bool) is there when some dataset is regularisation data.
         "loss_mask" ((B, 1, h, w), video (B, 1, 1, h, w); 0/1 on the latent grid) is there when the
         samples have linked masks and this batch draws one under masked_loss_probability.
         position = (epoch, batch_index) picks each sample's caption and the caption dropout; it
@@ -122,6 +124,10 @@ class TrainingData:
         batch["target_sizes"] = torch.tensor([(p.bucket[1], p.bucket[0]) for p in plans])
         batch["captions"] = captions
         batch["paths"] = [str(p.path) for p in plans]
+        if self.regularisation_datasets:
+            batch["regularisation"] = torch.tensor(
+                [p.dataset_id in self.regularisation_datasets for p in plans]
+            )
         masks = self._loss_masks(indices, batch["latents"], (epoch, batch_index))
         if masks is not None:
             batch["loss_mask"] = masks

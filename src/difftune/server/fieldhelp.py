@@ -95,6 +95,7 @@ TRAIN_HELP = {
     "huber_c": "The Huber loss's threshold.",
     "huber_schedule": "How huber_c changes with the timestep.",
     "masked_loss_probability": "The share of batches whose linked mask images weight the loss.",
+    "prior_loss_weight": "The loss weight of regularisation data (prior preservation).",
     "timestep_bias_strategy": "Train more on early, late or a range of timesteps.",
     "timestep_bias_multiplier": "How much more the biased timesteps are drawn.",
     "timestep_bias_begin": "First timestep of the range strategy.",
@@ -220,6 +221,7 @@ DATASET_HELP = {
     "skip_file_discovery": "Steps of file discovery to skip: words among vae aspect text metadata.",
     "video": "Frame settings of a video dataset.",
     "conditioning_data": "Id(s) of the conditioning datasets paired with this one.",
+    "is_regularisation_data": "Train this data toward the base model's own prediction (needs an adapter).",
     "conditioning_type": "What a conditioning dataset holds: mask (loss masks) or source images.",
 }
 

@@ -47,6 +47,7 @@ from difftune.training.optim import (
     use_averaged_weights,
     use_training_weights,
 )
+from difftune.training.prior import build_prior
 from difftune.training.scheduled_sampling import rollout_inputs
 from difftune.training.setup import (
     build_accelerator,
@@ -180,6 +181,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         bus.emit("log", {"message": f"resumed from {resume_path} at step {state.global_step}"})
     elif config.resume_from_checkpoint:
         bus.emit("log", {"message": "no checkpoint to resume from yet; starting at step 0"})
+    prior = build_prior(family, components, model, config, loaded.datasets)
     features = TrainingFeatures.build(
         family, components, data, config, model, accelerator.device, noise_generator, state
     )
@@ -239,15 +241,20 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
                     accelerator.num_processes,
                     accelerator.process_index,
                 )
+                target = objective.target(latents, noise, timesteps)
+                if prior is not None:  # regularisation rows: the base model's own prediction (first,
+                    target = prior.target(noisy, timesteps, batch, target)  # so CREPA sees the trained pass)
                 prediction = family.model_forward(components, denoiser, noisy, timesteps, batch)
             losses = per_sample_loss(
                 prediction,
-                objective.target(latents, noise, timesteps),
+                target,
                 loss_mask(family, batch, latents),
                 loss_kind,
                 objective,
                 timesteps,
             )
+            if prior is not None and (prior_weights := prior.weights(batch, losses.device)) is not None:
+                losses = losses * prior_weights
             weights = objective.loss_weights(timesteps)
             loss = (losses * weights).mean() if weights is not None else losses.mean()
             if crepa is not None:
