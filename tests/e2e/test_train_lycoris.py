@@ -66,6 +66,13 @@ def test_sdxl_trains_with_each_lycoris_config(tmp_path, tiny_sdxl, image_folder,
     assert [p.suffix for p in result.validation_paths] == [".png"]  # validation ran with the adapter
 
 
+def test_full_weights_train_in_bf16_and_validate(tmp_path, tiny_sdxl, image_folder):
+    config = write_lycoris_run(tmp_path, "sdxl", "full", tiny_sdxl, image_folder, mixed_precision="bf16")
+    result = train(load_config(config))
+    assert_trained(result.lora_path, "full")
+    assert [p.suffix for p in result.validation_paths] == [".png"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", list(CONFIGS))
 def test_kandinsky5_image_trains_with_each_lycoris_config(tmp_path, tiny_k5_image, image_folder, algo):

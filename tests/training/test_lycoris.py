@@ -253,3 +253,27 @@ def test_validation_strength_scales_the_adapter_and_the_trained_multiplier_retur
     # LoCon is linear in its multiplier inside each layer; through the UNet the output lies between
     assert 0 < (half - base).abs().mean() < (trained - base).abs().mean()
     torch.testing.assert_close(predict("sdxl", denoiser), trained)
+
+
+def test_full_weights_train_in_fp32_and_run_in_a_bf16_pipeline_without_autocast(stock, tmp_path):
+    _, denoiser, _ = trained_denoiser(stock, "sdxl", lycoris_file(tmp_path, "sdxl", "full"))
+    expected = predict("sdxl", denoiser)
+    frozen = [p for p in denoiser.parameters() if not p.requires_grad]
+    for parameter in frozen:
+        parameter.data = parameter.data.to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in denoiser.parameters() if p.requires_grad)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        output = denoiser(
+            torch.randn(2, 4, 8, 8, generator=g).to(torch.bfloat16),
+            torch.tensor([50, 700]),
+            encoder_hidden_states=torch.randn(2, 77, 64, generator=g).to(torch.bfloat16),
+            added_cond_kwargs={
+                "text_embeds": torch.randn(2, 32, generator=g).to(torch.bfloat16),
+                "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2).to(torch.bfloat16),
+            },
+            return_dict=False,
+        )[0]
+    assert output.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa: the outputs agree to a few percent of their scale
+    assert (output.float() - expected).abs().max() < 0.05 * expected.abs().max()

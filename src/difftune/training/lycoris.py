@@ -82,7 +82,7 @@ def attach_lycoris(
     (x -> W x + dW x), so bypass_mode is set. Raises ConfigError, naming `source` and the key, when
     the file's targets match no layer of this denoiser.
     """
-    from lycoris import LycorisNetwork
+    from lycoris import FullModule, LycorisNetwork
 
     apply_preset(settings)
     arguments = settings.network_arguments()
@@ -125,7 +125,33 @@ def attach_lycoris(
         parameter.data = parameter.data.to(torch.float32)
         parameter.requires_grad_(True)
     denoiser.add_module(ADAPTER_NAME, network)
+    for lora in network.loras:
+        if isinstance(lora, FullModule):  # trains the layer's whole weight
+            _match_input_dtype(lora)
     return warnings
+
+
+def _match_input_dtype(lora: torch.nn.Module) -> None:
+    """Let a full-weight layer (fp32 trained weight) take and give the base's dtype outside autocast.
+
+    LyCORIS's FullModule multiplies its input by its own weight as it is; a bf16 pipeline (validation)
+    would hand it bf16 activations. Outside autocast the input is cast to the weight's dtype and the
+    output back to the input's; under autocast (training) nothing changes.
+    """
+    layer = lora.org_module[0]
+    given: list[torch.dtype] = []
+
+    def before(_layer, args):
+        if torch.is_autocast_enabled(args[0].device.type) or args[0].dtype == lora.weight.dtype:
+            return None
+        given.append(args[0].dtype)
+        return (args[0].to(lora.weight.dtype), *args[1:])
+
+    def after(_layer, _args, output):
+        return output.to(given.pop()) if given else None
+
+    layer.register_forward_pre_hook(before)
+    layer.register_forward_hook(after)
 
 
 def _adaptable_classes(denoiser: torch.nn.Module) -> list[str]:
