@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 from difftune.server import stream as stream_module
@@ -120,8 +121,6 @@ def test_file_reads_happen_off_the_event_loop(tmp_path, monkeypatch):
     original = stream_module.EventHub._read_new
 
     def record(self):
-        import threading
-
         threads.append(threading.current_thread() is threading.main_thread())
         return original(self)
 
@@ -134,3 +133,18 @@ def test_file_reads_happen_off_the_event_loop(tmp_path, monkeypatch):
 
     asyncio.run(run())
     assert threads and not any(threads)
+
+
+def test_a_broken_config_file_pauses_the_stream_without_ending_it(make_client, workdir):
+    out = workdir / "out"
+    out.mkdir()
+    (out / "events.jsonl").write_text(progress(1))
+    config = workdir / "config" / "config.json"
+    good = config.read_text()
+    config.write_text('{"output_dir": "out",,}')  # no job runs, so the output folder comes from here
+    client = make_client()
+
+    threading.Timer(0.5, lambda: config.write_text(good)).start()
+    with client.stream("GET", "/api/events", params={"max_seconds": 10}) as response:
+        events = read_sse(response, lambda ev: any(e.get("step") == 1 for e in ev))
+    assert [e["step"] for e in events if e["type"] == "progress"] == [1]

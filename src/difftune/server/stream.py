@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from fastapi import HTTPException
+
 from difftune.server.jobs import JobRunner
 from difftune.server.progress import LineTail, finite, parse_event
 
@@ -68,7 +70,10 @@ class EventHub:
 
     def _read_new(self) -> list[dict[str, Any]]:
         job = self.runner.job
-        events_path = self.output_dir() / "events.jsonl"
+        try:
+            events_path = self.output_dir() / "events.jsonl"
+        except HTTPException:  # config.json unreadable while no job runs: look again next time
+            return []
         key = (events_path, job.process.pid if job else None, job.started_at if job else None)
         fresh: list[dict[str, Any]] = []
         if key != self._run_key:  # a new run (or the first look): start over from its beginning
