@@ -1,8 +1,9 @@
 """What a run prints: difftune's own lines on the console; the libraries' warnings and bars go to the log.
 
-transformers, diffusers, huggingface_hub, torchao and accelerate report through Python logging and
-tqdm. During a command their records become `library` events in output_dir/events.jsonl (the run's
-log) instead of console lines, and their progress bars are off; `--verbose` leaves them as they are.
+transformers, diffusers, huggingface_hub, torchao and accelerate report through Python logging, tqdm
+and `warnings.warn`. During a command their records become `library` events in output_dir/events.jsonl
+(the run's log) instead of console lines, and their progress bars are off; a `warnings.warn` from
+difftune's own code stays a console line. `--verbose` leaves everything as it is.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,11 +64,12 @@ def library_output(log_path: Path | None, verbose: bool = False) -> Iterator[Non
         library.disable_progress_bar()
     hub_utils.disable_progress_bars()
     root.addHandler(handler)
-    logging.captureWarnings(True)
+    saved_showwarning = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         yield
     finally:
-        logging.captureWarnings(False)
+        warnings.showwarning = saved_showwarning
         root.removeHandler(handler)
         handler.close()
         for library, bars in zip(libraries, saved_bars):
@@ -76,6 +79,17 @@ def library_output(log_path: Path | None, verbose: bool = False) -> Iterator[Non
                 library.enable_progress_bar()
         if saved_hub_bars:
             hub_utils.enable_progress_bars()
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.warn from difftune's own code stays a console line; a library's goes to the log."""
+    if str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
+        print(f"[warning] {message}", file=sys.stderr, flush=True)
+    else:
+        logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
 
 
 def hide_torchao() -> None:

@@ -48,3 +48,19 @@ def test_a_run_prints_only_difftunes_own_lines(tmp_path, tiny_sdxl, image_folder
 def test_verbose_shows_the_libraries_output_again(tmp_path, tiny_sdxl, image_folder):
     lines = _console_lines(tmp_path, tiny_sdxl, image_folder, "--verbose")
     assert any(line.startswith("Loading weights") for line in lines)
+
+
+def test_warnings_of_the_libraries_go_to_the_log_and_difftunes_own_stay_on_the_console(tmp_path, capsys):
+    import warnings
+
+    from difftune.console import library_output
+    from difftune.training import memory
+
+    log = tmp_path / "events.jsonl"
+    with library_output(log):
+        warnings.warn_explicit("a library's notice", UserWarning, "/site-packages/lib/x.py", 1)
+        warnings.warn_explicit("a setting of difftune that was not honoured", UserWarning, memory.__file__, 1)
+    err = capsys.readouterr().err
+    assert "[warning] a setting of difftune that was not honoured" in err and "notice" not in err
+    (event,) = read_events(log, "library")
+    assert "UserWarning: a library's notice" in event["message"]
