@@ -345,8 +345,8 @@ def test_original_dataset_keys_warn_or_stop(workdir):
         in w
         for w in warnings
     )
-    path = write_config(workdir, SDXL, datasets=[{**IMAGES, "vae_cache_clear_each_epoch": True}, dict(TEXT)])
-    with pytest.raises(ConfigError, match="'vae_cache_clear_each_epoch' is true, a setting of the original"):
+    path = write_config(workdir, SDXL, datasets=[{**IMAGES, "max_num_samples": 10}, dict(TEXT)])
+    with pytest.raises(ConfigError, match="'max_num_samples' is 10, a setting of the original"):
         load_config(path)
 
 

@@ -1,4 +1,4 @@
-"""Loss masks, regularisation data and an eval dataset together in one real run."""
+"""Loss masks, regularisation data, an eval dataset and per-epoch random crops together in one real run."""
 
 import shutil
 
@@ -58,13 +58,13 @@ def test_masks_regularisation_and_held_out_eval_in_one_run(tmp_path, tiny_sdxl, 
                 "cache_dir_vae": str(tmp_path / "cache" / "held"),
             },
         ],
-        dataset={"conditioning_data": "masks"},
-        max_train_steps=4,
+        dataset={"conditioning_data": "masks", "crop_style": "random"},  # new windows in the second epoch
+        max_train_steps=12,  # 9 batches an epoch
         eval_steps_interval=2,
         num_eval_images=2,
         prior_loss_weight=0.5,
     )
     result = train(load_config(config))
-    assert result.global_step == 4 and result.lora_path.exists()
+    assert result.global_step == 12 and result.lora_path.exists()
     evals = read_events(tmp_path / "out" / "events.jsonl", "eval")
-    assert [e["step"] for e in evals] == [2, 4] and all(e["eval_loss"] > 0 for e in evals)
+    assert [e["step"] for e in evals] == [2, 4, 6, 8, 10, 12] and all(e["eval_loss"] > 0 for e in evals)

@@ -528,7 +528,7 @@ DATASET_KEYS: dict[str, Status] = {
     "ignore_epochs": refused("difftune samples every dataset in every epoch; remove it"),
     "timestep_sampling_offset": refused(_TIMESTEPS, 0),
     "slider_strength": refused(_LORA_INIT),
-    "vae_cache_clear_each_epoch": refused("difftune encodes each image once; remove it"),
+    "vae_cache_clear_each_epoch": BUILT,
     "hash_filenames": cosmetic("how cache files are named"),
     "cache_file_suffix": cosmetic("how cache files are named"),
     "cache_dir_conditioning_image_embeds": refused(_NOT_YET),

@@ -70,6 +70,15 @@ CropAspect = Literal["square", "preserve", "closest", "random"]
 CropStyle = Literal["center", "centre", "random", "corner"]
 
 
+def refuse_face_crops(value: Any) -> Any:
+    """crop_style face needs a face detector, which difftune does not have."""
+    if isinstance(value, str) and value.strip().lower() == "face":
+        raise ValueError(
+            "crop_style face (crops around detected faces) is not built; use random, center or corner"
+        )
+    return value
+
+
 def parse_resolutions(value: str | int | float) -> list[tuple[int, int]]:
     """'1024x1024,1280x768' or '1024' -> [(width, height), ...]."""
     sizes = []
@@ -345,6 +354,11 @@ class TrainConfig(_Strict):
     evaluation_type: Literal["none", "clip"] = "none"
     pretrained_evaluation_model_name_or_path: str = "openai/clip-vit-large-patch14"
 
+    @field_validator("crop_style", mode="before")
+    @classmethod
+    def _no_face_crops(cls, value: Any) -> Any:
+        return refuse_face_crops(value)
+
     @field_validator("validation_resolution", mode="before")
     @classmethod
     def _check_resolution(cls, value: Any) -> str:
@@ -459,6 +473,8 @@ class DatasetConfig(_Strict):
     crop_aspect: CropAspect = "square"
     crop_aspect_buckets: list[Annotated[float, Field(gt=0)]] | None = None
     crop_style: CropStyle = "random"
+    # a new random crop each epoch (crop_style random); None: on with random crops, as the original
+    vae_cache_clear_each_epoch: bool | None = None
     minimum_image_size: float | None = Field(None, ge=0)
     maximum_image_size: float | None = Field(None, gt=0)
     target_downsample_size: float | None = Field(None, gt=0)
@@ -489,6 +505,11 @@ class DatasetConfig(_Strict):
                     f"{self.resolution_type} it must be at most {limit:g}"
                 )
         return self
+
+    @field_validator("crop_style", mode="before")
+    @classmethod
+    def _no_face_crops(cls, value: Any) -> Any:
+        return refuse_face_crops(value)
 
     @field_validator("conditioning_type", mode="before")
     @classmethod

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from difftune.data.errors import DataError, SampleRejected
@@ -149,6 +149,26 @@ def plan_samples(
         except SampleRejected as rejected:
             skipped.append((sample.path, rejected.reason))
     return plans, skipped
+
+
+def crops_each_epoch(dataset: DatasetConfig) -> bool:
+    """Whether the dataset's random crop is drawn again each epoch (vae_cache_clear_each_epoch, on by
+    default for random crops, as the original tool)."""
+    random_crop = dataset.crop and dataset.crop_style == "random"
+    return random_crop and dataset.vae_cache_clear_each_epoch is not False
+
+
+def recrop(plan: SamplePlan, seed: int, epoch: int) -> SamplePlan:
+    """The plan with its random crop window drawn again for `epoch`; epoch 0 keeps the plan's own.
+
+    Only the window moves: the bucket and the resize stay, so the sample keeps its place in the
+    sampler. Fixed by (seed, path, epoch), so a resumed run draws the same crops.
+    """
+    if epoch == 0:
+        return plan
+    rng = _sample_rng(seed, f"{plan.relative_path}|crop-epoch:{epoch}")
+    left, top = _crop_offsets(plan.resize_to, plan.bucket, "random", rng)
+    return replace(plan, crop_box=(left, top, plan.bucket[0], plan.bucket[1]))
 
 
 def _check_limits(sample: SampleInfo, dataset: DatasetConfig) -> None:

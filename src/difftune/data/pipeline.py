@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from difftune.cache.latents import LatentCache
 from difftune.cache.text import TextEmbedCache
-from difftune.data.buckets import SamplePlan, plan_samples
+from difftune.data.buckets import SamplePlan, crops_each_epoch, plan_samples
 from difftune.data.captions import load_captions
 from difftune.data.conditioning import (
     encode_image_prompts,
@@ -99,6 +99,7 @@ def prepare_training_data(
         prompt_images=prompt_images,
         masked_loss_probability=train.masked_loss_probability,
         regularisation_datasets={d.id for d in train_sets if d.is_regularisation_data},
+        recrop_datasets={d.id for d in train_sets if crops_each_epoch(d)},
     )
     latent_identity = f"{family.cache_identity()}|vae={train.pretrained_vae_model_name_or_path or ''}"
     for dataset in train_sets:

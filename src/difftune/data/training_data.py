@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,7 @@ import torch
 from difftune.cache.latents import LatentCache
 from difftune.cache.store import CacheMiss
 from difftune.cache.text import TextEmbedCache
-from difftune.data.buckets import SamplePlan
+from difftune.data.buckets import SamplePlan, recrop
 from difftune.data.captions import pick_caption
 from difftune.data.conditioning import (
     encode_image_prompts,
@@ -69,6 +69,11 @@ class TrainingData:
     mask_plans: dict[int, SamplePlan] = field(default_factory=dict)  # paired loss masks
     masked_loss_probability: float = 1.0  # the share of batches whose masks weight the loss
     regularisation_datasets: set[str] = field(default_factory=set)  # is_regularisation_data
+    recrop_datasets: set[str] = field(default_factory=set)  # a new random crop each epoch
+    _crop_epoch: int = 0
+    _first_plans: dict[int, tuple[SamplePlan, SamplePlan | None, SamplePlan | None]] = field(
+        default_factory=dict
+    )
     held_out_batches: list[dict[str, Any]] = field(
         default_factory=list
     )  # eval datasets' batches, never trained on
@@ -97,6 +102,7 @@ class TrainingData:
         if not indices:
             raise ValueError("load_batch needs at least one sample index")
         epoch, batch_index = position or self.sampler.last_position or (self.sampler.epoch, 0)
+        self.crop_for_epoch(epoch)
         latents = self._latents(list(indices), (epoch, batch_index))
         good = [i for i in indices if i in latents]
         if not good:
@@ -160,6 +166,41 @@ class TrainingData:
                 masks.append(torch.ones(1, *size))
         stacked = torch.stack(masks)
         return stacked.unsqueeze(2) if latents.ndim == 5 else stacked
+
+    def crop_for_epoch(self, epoch: int) -> None:
+        """Move the random crops of recrop_datasets to `epoch`'s windows (the paired conditioning image
+        and mask with them); entries of two epochs back are deleted from the latent caches.
+
+        Latents of a new window are encoded when a batch first needs them, then cached.
+        """
+        if epoch == self._crop_epoch or not self.recrop_datasets:
+            return
+        if not self._first_plans:
+            self._first_plans = {
+                i: (plan, self.conditioning_plans.get(i), self.mask_plans.get(i))
+                for i, plan in enumerate(self.plans)
+                if plan.dataset_id in self.recrop_datasets
+            }
+        for i, (first, paired, mask) in self._first_plans.items():
+            if epoch >= 2 and not self.encode_latents_each_time:
+                self._forget(i, recrop(first, self.seed, epoch - 2), paired)
+            plan = self.plans[i] = recrop(first, self.seed, epoch)
+            if paired is not None:
+                self.conditioning_plans[i] = replace(paired, crop_box=plan.crop_box)
+            if mask is not None:
+                self.mask_plans[i] = replace(mask, crop_box=plan.crop_box)
+        self._crop_epoch = epoch
+
+    def _forget(self, index: int, old: SamplePlan, paired: SamplePlan | None) -> None:
+        """Delete the cache entries of a sample's crop that is no longer used (vae_cache_clear_each_epoch)."""
+        if old.crop_box == self.plans[index].crop_box:
+            return
+        self.latent_caches[old.dataset_id].path_for(old).unlink(missing_ok=True)
+        if paired is not None:
+            old_paired = replace(paired, crop_box=old.crop_box)
+            self.conditioning_caches[paired.dataset_id].path_for(old_paired).unlink(missing_ok=True)
+        elif old.dataset_id in self.first_frame_datasets:
+            self.conditioning_caches[old.dataset_id].path_for(old).unlink(missing_ok=True)
 
     def conditioning_source(self, index: int) -> SamplePlan | None:
         """The plan a sample's conditioning latents are keyed by: its paired image, itself (first frame), or None."""

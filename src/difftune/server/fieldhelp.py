@@ -221,6 +221,7 @@ DATASET_HELP = {
     "skip_file_discovery": "Steps of file discovery to skip: words among vae aspect text metadata.",
     "video": "Frame settings of a video dataset.",
     "conditioning_data": "Id(s) of the conditioning datasets paired with this one.",
+    "vae_cache_clear_each_epoch": "Draw a new random crop each epoch (default with crop_style random).",
     "is_regularisation_data": "Train this data toward the base model's own prediction (needs an adapter).",
     "conditioning_type": "What a conditioning dataset holds: mask (loss masks) or source images.",
 }
