@@ -62,6 +62,16 @@ def with_defaults(values: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
             default = getattr(train, key)
             if key not in filled and default is not None:
                 filled[key] = default
+    block = filled.get("parquet")
+    if filled.get("caption_strategy") == "parquet" and (block is None or isinstance(block, dict)):
+        block = dict(block or {})
+        for column, default in (
+            ("filename_column", train.parquet_filename_column),
+            ("caption_column", train.parquet_caption_column),
+        ):
+            if block.get(column) is None and default is not None:
+                block[column] = default
+        filled["parquet"] = block
     variables = {
         "model_family": train.model_family,
         "output_dir": train.output_dir,

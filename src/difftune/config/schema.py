@@ -317,6 +317,8 @@ class TrainConfig(_Strict):
     crop_style: CropStyle | None = None
     cache_dir_vae: str | None = None  # may hold {id}, {model_family}, {output_dir}
     cache_dir_text: str | None = None  # the text_embeds dataset's cache_dir
+    parquet_caption_column: str | None = None  # default caption column of parquet blocks
+    parquet_filename_column: str | None = None  # default file-name column of parquet blocks
 
     # checkpoints
     checkpointing_steps: int = Field(500, ge=0)
@@ -446,6 +448,25 @@ class CaptionShuffle(_Strict):
     include_original: bool = True
 
 
+class ParquetConfig(_Strict):
+    """A dataset's `parquet` block (caption_strategy parquet): the table of file names and captions.
+
+    path: a .parquet (or .jsonl) file, relative to the dataset folder or the working folder (default:
+    the dataset's metadata_file, else metadata.parquet in the folder). An identifier without its
+    extension (identifier_includes_extension false, the default) matches a file of any image
+    extension. width_column / height_column only speed up the original tool's scan; difftune reads
+    the sizes from the files.
+    """
+
+    path: str | None = None
+    filename_column: str | None = None  # None: the top-level parquet_filename_column, else "id"
+    caption_column: str | None = None  # None: the top-level parquet_caption_column, else "caption"
+    fallback_caption_column: str | None = None  # used where the caption column is empty
+    width_column: str | None = None
+    height_column: str | None = None
+    identifier_includes_extension: bool = False
+
+
 class DatasetConfig(_Strict):
     """One entry of multidatabackend.json."""
 
@@ -466,6 +487,7 @@ class DatasetConfig(_Strict):
     caption_shuffle: CaptionShuffle | None = None
     caption_dropout_probability: float | None = Field(None, ge=0, le=1)  # None: the top-level value
     metadata_file: str | None = None  # jsonl/csv captions: file with file_name + caption columns
+    parquet: ParquetConfig | None = None  # caption_strategy parquet: the table's file and columns
 
     resolution: float | None = Field(None, gt=0)
     resolution_type: ResolutionType = "pixel_area"
@@ -483,7 +505,9 @@ class DatasetConfig(_Strict):
 
     cache_dir_vae: str | None = None
     cache_dir: str | None = None
-    metadata_backend: Literal["discovery", "json"] = "discovery"
+    metadata_backend: Literal["discovery", "json", "parquet"] = (
+        "discovery"  # parquet: sizes come from the files
+    )
     write_batch_size: int = Field(128, ge=1)
     skip_file_discovery: str = ""  # words among: vae aspect text metadata
 

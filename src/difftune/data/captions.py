@@ -167,7 +167,12 @@ def pick_caption(captions: Sequence[str], seed: int, epoch: int, relative_path: 
 
 
 def _lookup(table: dict[str, list[str]], sample: SampleInfo) -> list[str] | None:
-    return table.get(sample.relative_path) or table.get(sample.path.name)
+    """By relative path or file name; then without the extension (parquet identifiers without one)."""
+    relative = Path(sample.relative_path)
+    for key in (sample.relative_path, sample.path.name, relative.with_suffix("").as_posix(), relative.stem):
+        if key in table:
+            return table[key]
+    return None
 
 
 def _metadata_file(dataset: DatasetConfig, root: Path) -> Path:
@@ -194,10 +199,9 @@ def _metadata_file(dataset: DatasetConfig, root: Path) -> Path:
 def _read_metadata_table(dataset: DatasetConfig, root: Path) -> dict[str, list[str]]:
     """{file_name: captions} from a jsonl or csv file; file_name relative to the dataset folder or bare."""
     if dataset.caption_strategy == "parquet":
-        raise DataError(
-            f"dataset '{dataset.id}': caption_strategy parquet is not supported; export the captions to "
-            'metadata.jsonl (one {"file_name": ..., "caption": ...} per line) and use caption_strategy jsonl'
-        )
+        from difftune.data.parquet import read_parquet_captions
+
+        return read_parquet_captions(dataset, root)
     path = _metadata_file(dataset, root)
     try:
         text = path.read_text(encoding="utf-8-sig")

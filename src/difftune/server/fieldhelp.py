@@ -154,6 +154,8 @@ TRAIN_HELP = {
     "crop_style": "Default crop position.",
     "cache_dir_vae": "Default folder of cached latents (may hold {id}, {model_family}, {output_dir}).",
     "cache_dir_text": "Folder of cached text embeddings.",
+    "parquet_caption_column": "Default caption column of parquet caption tables.",
+    "parquet_filename_column": "Default file-name column of parquet caption tables.",
     # checkpoints
     "checkpointing_steps": "Save a resumable checkpoint every this many steps (0: never).",
     "checkpoints_total_limit": "Keep only this many checkpoints, deleting the oldest.",
@@ -221,6 +223,7 @@ DATASET_HELP = {
     "skip_file_discovery": "Steps of file discovery to skip: words among vae aspect text metadata.",
     "video": "Frame settings of a video dataset.",
     "conditioning_data": "Id(s) of the conditioning datasets paired with this one.",
+    "parquet": "caption_strategy parquet: the table's path and its file-name and caption columns.",
     "vae_cache_clear_each_epoch": "Draw a new random crop each epoch (default with crop_style random).",
     "is_regularisation_data": "Train this data toward the base model's own prediction (needs an adapter).",
     "conditioning_type": "What a conditioning dataset holds: mask (loss masks) or source images.",
