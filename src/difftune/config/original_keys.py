@@ -538,7 +538,7 @@ DATASET_KEYS: dict[str, Status] = {
     "text_embeds": cosmetic("difftune keeps one text cache, in the default text_embeds dataset"),
     "audio": refused("difftune trains on images and videos only; remove it"),
     "grounding": _OTHER_FAMILY,
-    "huggingface": refused("download the dataset to a folder and use type: local"),
+    "huggingface": BUILT,
     "parquet": BUILT,
     "csv_file": refused("use caption_strategy csv with metadata_file"),
     "csv_caption_column": refused("use caption_strategy csv with metadata_file"),

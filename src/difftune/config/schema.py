@@ -65,7 +65,7 @@ Precision = Literal[
 
 
 ResolutionType = Literal["pixel", "area", "pixel_area"]
-CaptionStrategy = Literal["filename", "textfile", "instanceprompt", "jsonl", "csv", "parquet"]
+CaptionStrategy = Literal["filename", "textfile", "instanceprompt", "jsonl", "csv", "parquet", "huggingface"]
 CropAspect = Literal["square", "preserve", "closest", "random"]
 CropStyle = Literal["center", "centre", "random", "corner"]
 
@@ -467,11 +467,43 @@ class ParquetConfig(_Strict):
     identifier_includes_extension: bool = False
 
 
+class HuggingfaceConfig(_Strict):
+    """A dataset's `huggingface` block: column settings of a type huggingface dataset (they win over the
+    same keys at the dataset's top level). width_column / height_column only speed up the original
+    tool's scan; difftune reads the sizes from the images."""
+
+    image_column: str | None = None
+    caption_column: str | list[str] | None = None
+    fallback_caption_column: str | None = None
+    width_column: str | None = None
+    height_column: str | None = None
+    filter_func: dict[str, Any] | None = None
+    composite_image_config: dict[str, Any] | None = None
+
+    @field_validator("filter_func", "composite_image_config")
+    @classmethod
+    def _not_built(cls, value: Any, info: ValidationInfo) -> Any:
+        if value:
+            raise ValueError(
+                f"huggingface.{info.field_name} is not built; prepare the rows you want with the datasets "
+                "library (filter, map, save_to_disk) and set dataset_name to the saved folder"
+            )
+        return value
+
+
 class DatasetConfig(_Strict):
     """One entry of multidatabackend.json."""
 
     id: str
-    type: Literal["local"] = "local"
+    type: Literal["local", "huggingface"] = "local"
+    # type huggingface: a Hub dataset id or a folder written by datasets' save_to_disk
+    dataset_name: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    image_column: str = "image"
+    caption_column: str | list[str] | None = None  # None: "caption", else "text"
+    fallback_caption_column: str | None = None
+    huggingface: HuggingfaceConfig | None = None
     dataset_type: Literal["image", "video", "text_embeds", "image_embeds", "conditioning", "eval"] = "image"
     instance_data_dir: str | None = None
     follow_symlinks_outside_root: bool = False  # symbolic links to files or folders outside instance_data_dir
@@ -505,9 +537,8 @@ class DatasetConfig(_Strict):
 
     cache_dir_vae: str | None = None
     cache_dir: str | None = None
-    metadata_backend: Literal["discovery", "json", "parquet"] = (
-        "discovery"  # parquet: sizes come from the files
-    )
+    # parquet / huggingface: the original reads sizes from columns; difftune reads them from the files
+    metadata_backend: Literal["discovery", "json", "parquet", "huggingface"] = "discovery"
     write_batch_size: int = Field(128, ge=1)
     skip_file_discovery: str = ""  # words among: vae aspect text metadata
 
@@ -552,8 +583,27 @@ class DatasetConfig(_Strict):
             return {"enable": str(value).strip().lower() == "true"}
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _huggingface_captions(cls, values: Any) -> Any:
+        """A type huggingface dataset takes its captions from its rows unless it says otherwise."""
+        if (
+            isinstance(values, dict)
+            and values.get("type") == "huggingface"
+            and "caption_strategy" not in values
+        ):
+            return {**values, "caption_strategy": "huggingface"}
+        return values
+
     @model_validator(mode="after")
     def _needs_a_folder(self) -> DatasetConfig:
+        if self.type == "huggingface" or self.caption_strategy == "huggingface":
+            if self.type != "huggingface" or not self.dataset_name:
+                raise ValueError(
+                    f"dataset '{self.id}': type huggingface and caption_strategy huggingface go together, "
+                    "with dataset_name (a Hub dataset id or a folder written by save_to_disk)"
+                )
+            return self
         if self.dataset_type in ("image", "video", "conditioning", "eval") and not self.disabled:
             if not self.instance_data_dir:
                 raise ValueError(f"dataset '{self.id}' ({self.dataset_type}) needs instance_data_dir")

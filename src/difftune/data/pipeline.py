@@ -61,6 +61,12 @@ def prepare_training_data(
     Raises DatasetTooSmall when the samples cannot fill one optimizer step.
     """
     seed = train.seed if train.seed is not None else 0
+    if any(d.type == "huggingface" and not d.disabled for d in datasets):
+        from difftune.data.huggingface import as_local
+
+        datasets = [
+            as_local(d, events) if d.type == "huggingface" and not d.disabled else d for d in datasets
+        ]
     check_datasets = getattr(family, "check_datasets", None)
     if check_datasets is not None:
         check_datasets(datasets)

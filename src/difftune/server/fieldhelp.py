@@ -190,7 +190,7 @@ TRAIN_HELP = {
 
 DATASET_HELP = {
     "id": "A name for the dataset, unique in the list.",
-    "type": "Where the files are (local folders only).",
+    "type": "Where the files are: local (a folder) or huggingface (a datasets dataset, see dataset_name).",
     "dataset_type": "Training images or videos, the text-embedding cache, or conditioning/eval data.",
     "instance_data_dir": "The folder of images or videos (and their captions).",
     "follow_symlinks_outside_root": "Follow symbolic links that lead outside instance_data_dir.",
@@ -224,6 +224,13 @@ DATASET_HELP = {
     "video": "Frame settings of a video dataset.",
     "conditioning_data": "Id(s) of the conditioning datasets paired with this one.",
     "parquet": "caption_strategy parquet: the table's path and its file-name and caption columns.",
+    "dataset_name": "type huggingface: a Hub dataset id or a folder written by save_to_disk.",
+    "split": "type huggingface: the split to train on.",
+    "revision": "type huggingface: the dataset revision (branch, tag or commit).",
+    "image_column": "type huggingface: the column of images.",
+    "caption_column": "type huggingface: the column(s) of captions.",
+    "fallback_caption_column": "type huggingface: the caption column used where the others are empty.",
+    "huggingface": "type huggingface: the original tool's block of column settings.",
     "vae_cache_clear_each_epoch": "Draw a new random crop each epoch (default with crop_style random).",
     "is_regularisation_data": "Train this data toward the base model's own prediction (needs an adapter).",
     "conditioning_type": "What a conditioning dataset holds: mask (loss masks) or source images.",

@@ -264,7 +264,7 @@ def check_dataset_folders(datasets) -> None:
 
     for dataset in datasets:
         folder = dataset.instance_data_dir
-        if not folder or dataset.disabled:
+        if not folder or dataset.disabled or dataset.type == "huggingface":  # written from its rows later
             continue
         root = Path(folder).expanduser()
         if not root.is_dir():
