@@ -110,3 +110,8 @@ def test_use_dora_points_to_dora_wd(workdir):
 def test_comfyui_format_is_a_warning_because_the_file_already_is_in_lycoris_layout(workdir):
     loaded = load_config(write_lycoris(workdir, DOCUMENTED, lora_format="comfyui"))
     assert any("lora_format comfyui" in warning for warning in loaded.warnings)
+
+
+def test_full_under_fsdp2_is_refused(workdir):
+    message = refused(write_lycoris(workdir, {**DOCUMENTED, "algo": "full"}, fsdp_enable=True))
+    assert "'full'" in message and "fsdp_enable" in message

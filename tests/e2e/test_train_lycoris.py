@@ -201,21 +201,22 @@ def test_the_wizards_lycoris_files_train_at_its_lowest_memory_tier(tmp_path, req
 
 
 @pytest.mark.slow
-def test_fsdp2_saves_the_lycoris_file_of_one_process(tmp_path, tiny_sdxl, image_folder):
+@pytest.mark.parametrize("algo", ["lokr"])
+def test_fsdp2_saves_the_lycoris_file_of_one_process(tmp_path, tiny_sdxl, image_folder, algo):
     from .test_multiprocess import torchrun
 
     common = dict(max_train_steps=2, validation_disable=True)
     one = train(
         load_config(
             write_lycoris_run(
-                tmp_path / "one", "sdxl", "lokr", tiny_sdxl, image_folder, train_batch_size=2, **common
+                tmp_path / "one", "sdxl", algo, tiny_sdxl, image_folder, train_batch_size=2, **common
             )
         )
     )
     two = write_lycoris_run(
         tmp_path / "two",
         "sdxl",
-        "lokr",
+        algo,
         tiny_sdxl,
         image_folder,
         train_batch_size=1,

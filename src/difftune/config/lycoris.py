@@ -181,6 +181,12 @@ def check_lycoris_run(settings: LycorisSettings, train, path: str) -> list[str]:
             "keeps quantised weights that LyCORIS can only wrap in bypass mode; set bypass_mode true or "
             "remove it"
         )
+    if train.fsdp_enable and "full" in settings.algorithms():
+        problems.append(
+            f"{path}: algo 'full' keeps a copy of each targeted layer's original weight that FSDP2 "
+            "(fsdp_enable) cannot gather with the shards; use lokr / loha / locon with fsdp_enable, or "
+            "set fsdp_enable false"
+        )
     if train.use_dora:
         problems.append(
             f"{path}: use_dora is a LoRA setting; for weight decomposition with LyCORIS set "
