@@ -258,3 +258,19 @@ def test_validation_lycoris_strength_changes_the_samples_not_the_weights(tmp_pat
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
     off, on = (np.asarray(Image.open(run.validation_paths[0]), dtype=np.int16) for run in runs.values())
     assert np.abs(off - on).max() > 8
+
+
+def test_targets_of_another_family_stop_the_run_before_the_caches_are_filled(
+    tmp_path, tiny_sdxl, image_folder
+):
+    from difftune.config import ConfigError
+
+    config = write_lycoris_run(tmp_path, "sdxl", "loha", tiny_sdxl, image_folder)
+    lycoris = tmp_path / "config" / "lycoris_config.json"
+    settings = json.loads(lycoris.read_text())
+    settings["apply_preset"]["target_module"] = TARGETS["kandinsky5-image"]
+    lycoris.write_text(json.dumps(settings))
+    with pytest.raises(ConfigError) as error:
+        train(load_config(config))
+    assert str(lycoris) in str(error.value) and "Attention" in str(error.value)
+    assert not (tmp_path / "cache").exists() or not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))

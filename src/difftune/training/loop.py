@@ -51,6 +51,7 @@ from difftune.training.prior import build_prior
 from difftune.training.scheduled_sampling import rollout_inputs
 from difftune.training.setup import (
     build_accelerator,
+    check_adapter_targets,
     check_block_indices,
     check_dataset_folders,
     check_fetchable_models,
@@ -127,6 +128,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     weight_dtype = weight_dtype_for(config, accelerator.device)
     bus.emit("log", {"message": f"loading {family.name} from {family.model_id()}"})
     components = load_components(family, accelerator.device, weight_dtype)
+    check_adapter_targets(config, components.denoiser)
     for note in prepare_frozen(family, components, config, accelerator.device):
         bus.emit("log", {"message": note})
 

@@ -112,11 +112,7 @@ def attach_lycoris(
             warn_on_unmatched=False,
         )
     if not network.loras:
-        raise ConfigError(
-            f"{source}: 'apply_preset' selects no layer of {type(denoiser).__name__}; its classes "
-            f"with Linear layers are {', '.join(_adaptable_classes(denoiser))}: name some of them "
-            "in apply_preset.target_module"
-        )
+        raise ConfigError(_no_match_message(denoiser, source))
     warnings = _unmatched_targets(denoiser, source)
     with _quiet_lycoris():
         network.apply_to()
@@ -152,6 +148,37 @@ def _match_input_dtype(lora: torch.nn.Module) -> None:
 
     layer.register_forward_pre_hook(before)
     layer.register_forward_hook(after)
+
+
+def check_targets(denoiser: torch.nn.Module, settings: LycorisSettings, source: str) -> None:
+    """Raise ConfigError when the file's apply_preset selects no module of this denoiser: no targeted
+    class is present and no target name matches. Cheap; runs before the caches are filled."""
+    import fnmatch
+    import re
+
+    preset = settings.apply_preset
+    classes = set(_PRESET_DEFAULTS["target_module"])
+    patterns: list[str] = []
+    if preset is not None:
+        classes = {
+            *(preset.target_module if preset.target_module is not None else classes),
+            *preset.module_algo_map,
+        }
+        patterns = [*(preset.target_name or []), *preset.name_algo_map]
+    if any(type(module).__name__ in classes for module in denoiser.modules()):
+        return
+    match = fnmatch.fnmatch if preset is not None and preset.use_fnmatch else lambda n, p: re.match(p, n)
+    if any(match(name, pattern) for name, _ in denoiser.named_modules() for pattern in patterns):
+        return
+    raise ConfigError(_no_match_message(denoiser, source))
+
+
+def _no_match_message(denoiser: torch.nn.Module, source: str) -> str:
+    return (
+        f"{source}: 'apply_preset' selects no layer of {type(denoiser).__name__}; its classes "
+        f"with Linear layers are {', '.join(_adaptable_classes(denoiser))}: name some of them "
+        "in apply_preset.target_module"
+    )
 
 
 def _adaptable_classes(denoiser: torch.nn.Module) -> list[str]:

@@ -327,6 +327,17 @@ def check_block_indices(family: Family, config: TrainConfig) -> None:
         )
 
 
+def check_adapter_targets(config: TrainConfig, denoiser: torch.nn.Module) -> None:
+    """A LyCORIS file whose targets match nothing in the loaded denoiser stops the run before the
+    caches are filled (ConfigError naming the file and the classes that exist)."""
+    if config.model_type != "lycoris":
+        return
+    from difftune.config.lycoris import read_lycoris_config
+    from difftune.training.lycoris import check_targets
+
+    check_targets(denoiser, read_lycoris_config(config.lycoris_config), config.lycoris_config)
+
+
 def load_components(family: Family, device: torch.device, weight_dtype: torch.dtype):
     """family.load, with a message that says what to check when the weights cannot be fetched or read."""
     try:
