@@ -102,10 +102,12 @@ def test_encode_pixels_compresses_time_4x(loaded, video_pixels):
     assert latents.shape == (2, 16, (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8)
     torch.manual_seed(0)
     raw = components.vae.encode(video_pixels).latent_dist.sample()
-    torch.testing.assert_close(latents, raw * components.vae.config.scaling_factor)
+    # two calls of the 3D VAE may sum its convolutions in another order when several threads share
+    # them (oneDNN picks its blocking per call): a few float32 ulps of sums over ~10^3 terms
+    torch.testing.assert_close(latents, raw * components.vae.config.scaling_factor, rtol=1e-4, atol=1e-4)
     decoded = family.decode_latents(components, latents)
     assert decoded.shape == video_pixels.shape
-    torch.testing.assert_close(decoded, components.vae.decode(raw).sample)
+    torch.testing.assert_close(decoded, components.vae.decode(raw).sample, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="frame count of the pixels to encode=8.*use 5 or 9"):
         family.encode_pixels(components, video_pixels[:, :, :8])
     assert family.conditioning_latents(components, video_pixels).shape == (2, 16, 1, 4, 6)

@@ -50,9 +50,14 @@ def choose_placement(mixed_precision: str) -> Placement:
 def build_accelerator(config: TrainConfig):
     """accelerate's Accelerator on the device choose_placement picks (CUDA, Apple's mps, or the CPU)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration
 
     placement = choose_placement(config.mixed_precision)
+    # accelerate keeps one precision per process; a run is a fresh start even when an earlier run in
+    # this process (a notebook, the tests) used another one. The process group itself is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return Accelerator(
         mixed_precision=placement.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
