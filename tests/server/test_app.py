@@ -1,5 +1,6 @@
 import io
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -266,3 +267,18 @@ def test_a_lycoris_config_gets_the_wizards_lycoris_file_and_a_bad_one_is_named(
     (workdir / "config" / "lycoris_config.json").write_text(json.dumps({"algo": "lokr", "multiplier": 1}))
     detail = client.put("/api/config", json=config).json()["detail"]
     assert detail[0]["key"] == "lycoris_config" and "'linear_dim' is required" in detail[0]["message"]
+
+
+@pytest.mark.parametrize(
+    "where", ["../outside.json", "/tmp/difftune-written-by-a-client.json", "config/x.sh"]
+)
+def test_a_missing_lycoris_file_is_written_only_as_json_inside_the_working_folder(
+    make_client, workdir, where
+):
+    client = make_client()
+    config = {"model_family": "kandinsky5-image", "model_type": "lycoris", "lycoris_config": where}
+    response = client.put("/api/config", json=config)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["key"] == "lycoris_config"
+    target = Path(where) if Path(where).is_absolute() else workdir / where
+    assert not target.exists()

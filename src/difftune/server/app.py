@@ -328,6 +328,13 @@ def lycoris_settings(config: dict[str, Any], workdir: Path) -> list[dict[str, An
     value = str(config.get("lycoris_config") or LYCORIS_FILE.as_posix())
     path = Path(value) if Path(value).is_absolute() else workdir / value
     if not path.exists() and config.get("model_family"):
+        # a client names the path: write only a .json file inside the working folder
+        if path.suffix != ".json" or not path.resolve().is_relative_to(workdir.resolve()):
+            message = (
+                "the web UI writes a missing LyCORIS settings file only as a .json file inside its working "
+                f"folder ({workdir}); use a path such as {LYCORIS_FILE.as_posix()}, or create the file yourself"
+            )
+            return [{"key": "lycoris_config", "value": value, "message": message}]
         replace_atomically(path, json.dumps(lycoris_file(str(config["model_family"])), indent=2) + "\n")
     try:
         read_lycoris_config(path)
