@@ -517,7 +517,7 @@ DATASET_KEYS: dict[str, Status] = {
     "video": BUILT,
     "conditioning_data": BUILT,
     "conditioning_type": BUILT,
-    "conditioning": refused("build the conditioning images yourself and link them with conditioning_data"),
+    "conditioning": BUILT,
     "is_regularisation_data": BUILT,
     "source_dataset_id": refused("link conditioning datasets with conditioning_data on the image dataset"),
     "max_num_samples": refused("keep only the files you want in the folder"),

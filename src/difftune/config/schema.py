@@ -491,6 +491,64 @@ class HuggingfaceConfig(_Strict):
         return value
 
 
+GENERATED_ELSEWHERE = (
+    "superresolution",
+    "sdr",
+    "logc3_sdr",
+    "jpeg_artifacts",
+    "depth",
+    "depth_midas",
+    "random_masks",
+    "inpainting",
+    "segmentation",
+)
+
+
+class ConditioningGenerator(_Strict):
+    """One entry of a dataset's `conditioning` block: a conditioning dataset generated from its images.
+
+    canny (also spelt edges): Canny edge maps (OpenCV) with low_threshold / high_threshold (also
+    inside `params`; default 100 / 200), written to cache/conditioning/<id>_conditioning_canny and
+    linked to the dataset as its conditioning_data. captions: false or unset trains on the dataset's
+    own captions; a string or a list of strings are the captions of every paired sample instead.
+    """
+
+    type: Literal["canny", "edges"]
+    conditioning_type: Literal["mask", "reference_strict", "reference_loose"] | None = None
+    params: dict[str, float] = Field(default_factory=dict)
+    low_threshold: float | None = Field(None, ge=0, le=1000)
+    high_threshold: float | None = Field(None, ge=0, le=1000)
+    captions: bool | str | list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _built_types_only(cls, values: Any) -> Any:
+        kind = values.get("type") if isinstance(values, dict) else None
+        if kind in GENERATED_ELSEWHERE:
+            raise ValueError(
+                f"conditioning type '{kind}' is not built (canny is); generate those images into a folder, "
+                'add it as a dataset with "dataset_type": "conditioning" and link it with conditioning_data'
+            )
+        return values
+
+    @model_validator(mode="after")
+    def _known_params(self) -> ConditioningGenerator:
+        unknown = sorted(set(self.params) - {"low_threshold", "high_threshold"})
+        if unknown:
+            raise ValueError(f"canny params take low_threshold and high_threshold, not {', '.join(unknown)}")
+        if self.captions is True:
+            raise ValueError("captions is false (the dataset's own captions), a string or a list of strings")
+        return self
+
+    def thresholds(self) -> tuple[float, float]:
+        """(low, high) hysteresis thresholds of the Canny detector."""
+        low = self.params.get("low_threshold", self.low_threshold if self.low_threshold is not None else 100)
+        high = self.params.get(
+            "high_threshold", self.high_threshold if self.high_threshold is not None else 200
+        )
+        return float(low), float(high)
+
+
 class DatasetConfig(_Strict):
     """One entry of multidatabackend.json."""
 
@@ -545,6 +603,8 @@ class DatasetConfig(_Strict):
     video: VideoConfig | None = None
     is_regularisation_data: bool = False  # trains toward the base model's prediction (prior preservation)
     conditioning_data: str | list[str] | None = None  # id(s) of linked conditioning datasets
+    # conditioning datasets generated from this dataset's images (canny edge maps)
+    conditioning: list[ConditioningGenerator] | None = None  # one block or a list of them
     # a conditioning dataset's role: source images (i2i; reference_* say the same) or loss masks
     conditioning_type: Literal["mask", "reference_strict", "reference_loose"] | None = None
 
@@ -565,6 +625,11 @@ class DatasetConfig(_Strict):
     @classmethod
     def _no_face_crops(cls, value: Any) -> Any:
         return refuse_face_crops(value)
+
+    @field_validator("conditioning", mode="before")
+    @classmethod
+    def _one_generator_is_a_list_of_one(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
 
     @field_validator("conditioning_type", mode="before")
     @classmethod

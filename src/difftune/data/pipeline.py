@@ -67,6 +67,11 @@ def prepare_training_data(
         datasets = [
             as_local(d, events) if d.type == "huggingface" and not d.disabled else d for d in datasets
         ]
+    pair_captions: dict[str, list[str]] = {}
+    if any(d.conditioning for d in datasets):
+        from difftune.data.generators import with_generated
+
+        datasets, pair_captions = with_generated(datasets, events)
     check_datasets = getattr(family, "check_datasets", None)
     if check_datasets is not None:
         check_datasets(datasets)
@@ -110,7 +115,7 @@ def prepare_training_data(
     latent_identity = f"{family.cache_identity()}|vae={train.pretrained_vae_model_name_or_path or ''}"
     for dataset in train_sets:
         _check_prompt_images(data, dataset, datasets)
-        _add_dataset(data, dataset, datasets, latent_identity, seed)
+        _add_dataset(data, dataset, datasets, latent_identity, seed, pair_captions)
 
     gas = train.gradient_accumulation_steps
     repeats = {d.id: d.repeats for d in train_sets}
@@ -242,8 +247,12 @@ def _add_dataset(
     datasets: Sequence[DatasetConfig],
     latent_identity: str,
     seed: int,
+    pair_captions: dict[str, list[str]] | None = None,
 ) -> None:
-    """Discover, plan, pair and caption one training dataset and append its samples to data."""
+    """Discover, plan, pair and caption one training dataset and append its samples to data.
+
+    pair_captions: captions (by conditioning dataset id) that replace those of the samples paired with it.
+    """
     family = data.family
     cache_dir = _vae_cache_dir(dataset, family)
     cache_type = VideoLatentCache if family.is_video else LatentCache
@@ -293,6 +302,9 @@ def _add_dataset(
         pairs = {new: pairs[old] for new, old in enumerate(paired) if old in pairs}
         masks = {new: masks[old] for new, old in enumerate(paired) if old in masks}
         (pairs if role == "sources" else masks).update({new: matched[old] for new, old in enumerate(paired)})
+    for k, paired_plan in pairs.items():
+        if pair_captions and paired_plan.dataset_id in pair_captions:
+            per_sample[k] = pair_captions[paired_plan.dataset_id]
     if not sources and wants_first_frame(dataset, family):
         data.first_frame_datasets.add(dataset.id)
         data.conditioning_caches[dataset.id] = VideoLatentCache(

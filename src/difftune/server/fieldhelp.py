@@ -223,6 +223,7 @@ DATASET_HELP = {
     "skip_file_discovery": "Steps of file discovery to skip: words among vae aspect text metadata.",
     "video": "Frame settings of a video dataset.",
     "conditioning_data": "Id(s) of the conditioning datasets paired with this one.",
+    "conditioning": "Conditioning images generated from this dataset's images (canny edge maps).",
     "parquet": "caption_strategy parquet: the table's path and its file-name and caption columns.",
     "dataset_name": "type huggingface: a Hub dataset id or a folder written by save_to_disk.",
     "split": "type huggingface: the split to train on.",

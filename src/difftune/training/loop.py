@@ -133,7 +133,6 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         bus.emit("log", {"message": note})
 
     prompts = validation_prompts(config)
-    conditioning_image = validation_conditioning_image(loaded.all_datasets)
     extra_prompts = [p for _, p in prompts] + [config.validation_negative_prompt, ""]
     with accelerator.main_process_first():  # the main process fills the caches, the others read them
         data = prepare_training_data(
@@ -148,6 +147,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
             process_index=accelerator.process_index,
             extra_prompts=extra_prompts,
         )
+    conditioning_image = validation_conditioning_image(loaded.all_datasets)  # generated ones exist now
     data.sampler = shard_global_batches(
         data.sampler, accelerator.num_processes, accelerator.process_index, config.gradient_accumulation_steps
     )

@@ -145,14 +145,31 @@ def run_validation(
 
 
 def validation_conditioning_image(datasets) -> Any:
-    """The first image of the first enabled conditioning dataset (for i2i/i2v validation), or None."""
+    """The first image of the first enabled conditioning dataset, masks left out (for i2i/i2v validation),
+    or None."""
     from PIL import Image
 
+    from difftune.data.generators import GENERATED_ROOT, generated_id, generators_of
+
     suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+    folders = []
     for dataset in datasets:
-        if dataset.dataset_type != "conditioning" or dataset.disabled or not dataset.instance_data_dir:
+        if dataset.disabled:
             continue
-        files = sorted(p for p in Path(dataset.instance_data_dir).rglob("*") if p.suffix.lower() in suffixes)
+        if (
+            dataset.dataset_type == "conditioning"
+            and dataset.conditioning_type != "mask"
+            and dataset.instance_data_dir
+        ):
+            folders.append(Path(dataset.instance_data_dir))
+        # conditioning images generated from a dataset's own images (made before validation runs)
+        folders += [
+            GENERATED_ROOT / generated_id(dataset, g)
+            for g in generators_of(dataset)
+            if g.conditioning_type != "mask"
+        ]
+    for folder in folders:
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes)
         if files:
             return Image.open(files[0]).convert("RGB")
     return None
