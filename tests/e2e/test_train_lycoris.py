@@ -1,6 +1,9 @@
 """End to end: LoKr, LoHa and LoCon config files in the original tool's format train every family."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -66,13 +69,9 @@ def test_sdxl_trains_with_each_lycoris_config(tmp_path, tiny_sdxl, image_folder,
     assert [p.suffix for p in result.validation_paths] == [".png"]  # validation ran with the adapter
 
 
-def test_full_weights_train_in_bf16_and_validate(tmp_path, tiny_sdxl, image_folder):
-    import os
-    import subprocess
-    import sys
-
-    config = write_lycoris_run(tmp_path, "sdxl", "full", tiny_sdxl, image_folder, mixed_precision="bf16")
-    # a process of its own: accelerate keeps one mixed precision per process
+def train_in_own_process(config) -> None:
+    """`difftune train --config PATH` in a process of its own: accelerate keeps one mixed precision per
+    process, and the other runs of this session use mixed_precision no."""
     done = subprocess.run(
         [sys.executable, "-m", "difftune", "train", "--config", str(config)],
         env=os.environ | {"OMP_NUM_THREADS": "1"},
@@ -81,6 +80,11 @@ def test_full_weights_train_in_bf16_and_validate(tmp_path, tiny_sdxl, image_fold
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_full_weights_train_in_bf16_and_validate(tmp_path, tiny_sdxl, image_folder):
+    config = write_lycoris_run(tmp_path, "sdxl", "full", tiny_sdxl, image_folder, mixed_precision="bf16")
+    train_in_own_process(config)
     assert_trained(tmp_path / "out" / "pytorch_lora_weights.safetensors", "full")
     assert [p.name for p in (tmp_path / "out" / "validation" / "3").iterdir()] == ["validation-64x64.png"]
 
@@ -157,7 +161,6 @@ def test_two_processes_train_the_lycoris_weights_of_one_process_with_the_global_
 @pytest.mark.parametrize("family", list(TARGETS))
 def test_the_wizards_lycoris_files_train_at_its_lowest_memory_tier(tmp_path, request, family):
     """The wizard's LyCORIS choice with its 12 GB settings (quantised base, group offload for Kandinsky 5)."""
-    from difftune import cli
     from difftune.configure import VRAM_TIERS_GB, build_files, lycoris_file
 
     model = request.getfixturevalue(
@@ -196,7 +199,7 @@ def test_the_wizards_lycoris_files_train_at_its_lowest_memory_tier(tmp_path, req
     (tmp_path / "multidatabackend.json").write_text(json.dumps([dataset, text]))
     (tmp_path / "config.json").write_text(json.dumps(config))
 
-    assert cli.main(["train", "--config", str(tmp_path / "config.json")]) == 0
+    train_in_own_process(tmp_path / "config.json")  # the wizard writes mixed_precision bf16
     assert_trained(tmp_path / "out" / "pytorch_lora_weights.safetensors", "lokr")
 
 
