@@ -82,7 +82,9 @@ _SKIPPED_ANYWAY = cosmetic(
 _SPEED = cosmetic("speed, memory or storage tuning with the same maths; difftune chooses its own")
 _CHECKPOINTS = cosmetic("when and where checkpoints are written; use checkpointing_steps")
 
-_TEXT_ENCODER = "difftune keeps the text encoders frozen and trains the denoiser only; remove it"
+_TEXT_ENCODER = (
+    "difftune trains the text encoders with train_text_encoder (SDXL, LoRA) for the whole run; remove it"
+)
 _CONTROL = "difftune trains no ControlNet or control adapter; remove it"
 _LORA_INIT = "difftune initialises adapters as peft does; remove it"
 _DATA_FILTER = (
@@ -302,8 +304,8 @@ TRAIN_KEYS: dict[str, Status] = {
     "singlora_ramp_up_steps": refused(_LORA_INIT, 0),
     "slider_lora_target": refused(_LORA_INIT),
     "layer_freeze_strategy": refused("difftune trains every adapter weight; remove it"),
-    "train_text_encoder": refused(_TEXT_ENCODER),
-    "text_encoder_lr": refused(_TEXT_ENCODER),
+    "train_text_encoder": BUILT,
+    "text_encoder_lr": BUILT,
     "text_encoder_limit": refused(_TEXT_ENCODER),
     "freeze_encoder_after": refused(_TEXT_ENCODER),
     "freeze_encoder_before": refused(_TEXT_ENCODER),

@@ -230,6 +230,8 @@ class TrainConfig(_Strict):
     lora_alpha: float | None = Field(None, gt=0)  # defaults to lora_rank
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     use_dora: bool = False
+    train_text_encoder: bool = False  # LoRA on the text encoders too (SDXL), see training/text_encoders.py
+    text_encoder_lr: float | None = Field(None, gt=0)  # their learning rate (None: learning_rate)
     lora_format: Literal["diffusers", "comfyui"] = "diffusers"  # comfyui also writes the kohya layout
 
     # objective

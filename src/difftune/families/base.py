@@ -216,6 +216,25 @@ class Family(ABC):
         load_lora_weights reads."""
         ...
 
+    def text_encoder_lora_targets(self) -> list[str]:
+        """Module names a LoRA wraps in each text encoder (train_text_encoder); [] when the family does
+        not train its text encoders."""
+        return []
+
+    def encode_prompts_with_gradients(
+        self, components: Components, texts: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """Batch prompt tensors (as collate_prompts gives them) encoded with gradients through the text
+        encoders (train_text_encoder). Only families with text_encoder_lora_targets."""
+        raise NotImplementedError(f"{self.name} does not train its text encoders")
+
+    def save_text_encoder_lora(
+        self, lora_file: Path, layers: list[dict[str, torch.Tensor]], metadata: dict[str, Any]
+    ) -> None:
+        """Add the text encoders' LoRA layers (peft keys, one dict per encoder) to a saved LoRA file, in the
+        layout the pipeline's load_lora_weights reads. Only families with text_encoder_lora_targets."""
+        raise NotImplementedError(f"{self.name} does not train its text encoders")
+
     def denoiser_block_count(self) -> int | None:
         """How many transformer blocks the denoiser has (the list TREAD and CREPA index), read from the
         model's config without loading weights; None when that is not known before the load."""

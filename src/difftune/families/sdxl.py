@@ -326,6 +326,38 @@ class SDXLFamily(Family):
             "negative_pooled_prompt_embeds": negative_pooled,
         }
 
+    def text_encoder_lora_targets(self) -> list[str]:
+        """The CLIP attention projections of both text encoders, as diffusers' SDXL DreamBooth script."""
+        return ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+    def encode_prompts_with_gradients(
+        self, components: Components, texts: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """{"prompt_embeds": (B, L, D1 + D2), "pooled_prompt_embeds": (B, D2p)}, differentiable."""
+        embeds, pooled = self._encode_texts(components.tokenizers, components.text_encoders, texts)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def save_text_encoder_lora(
+        self, lora_file: Path, layers: list[dict[str, torch.Tensor]], metadata: dict[str, Any]
+    ) -> None:
+        """Rewrite lora_file with the UNet's layers and both encoders' ("text_encoder.", "text_encoder_2.")."""
+        from diffusers import StableDiffusionXLPipeline
+        from safetensors.torch import load_file
+
+        prefix = f"{self.adapter_prefix}."
+        unet = {key.removeprefix(prefix): value for key, value in load_file(str(lora_file)).items()}
+        first, second = layers
+        StableDiffusionXLPipeline.save_lora_weights(
+            Path(lora_file).parent,
+            unet_lora_layers=unet,
+            text_encoder_lora_layers=first,
+            text_encoder_2_lora_layers=second,
+            weight_name=Path(lora_file).name,
+            unet_lora_adapter_metadata=self.lora_metadata(),
+            text_encoder_lora_adapter_metadata=metadata,
+            text_encoder_2_lora_adapter_metadata=metadata,
+        )
+
     def save_lora(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor]) -> Path:
         """Write pytorch_lora_weights.safetensors ("unet."-prefixed peft keys + LoraConfig metadata).
 

@@ -94,6 +94,8 @@ TRAIN_HELP = {
     "loss_type": "The loss between prediction and target.",
     "huber_c": "The Huber loss's threshold.",
     "huber_schedule": "How huber_c changes with the timestep.",
+    "train_text_encoder": "Also train a LoRA on both SDXL text encoders.",
+    "text_encoder_lr": "Learning rate of the text encoders' LoRA (default: learning_rate).",
     "masked_loss_probability": "The share of batches whose linked mask images weight the loss.",
     "prior_loss_weight": "The loss weight of regularisation data (prior preservation).",
     "timestep_bias_strategy": "Train more on early, late or a range of timesteps.",

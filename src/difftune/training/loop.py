@@ -43,6 +43,7 @@ from difftune.training.optim import (
     build_lr_scheduler,
     build_optimizer,
     clip_gradients,
+    scaled_learning_rate,
     step_lr_schedule,
     use_averaged_weights,
     use_training_weights,
@@ -65,6 +66,7 @@ from difftune.training.setup import (
     text_cache_dir,
     weight_dtype_for,
 )
+from difftune.training.text_encoders import build_text_encoder_training, check_text_encoder_training
 
 
 @dataclass
@@ -117,6 +119,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
 
         set_seed(config.seed)
     family = get_family(config)
+    check_text_encoder_training(family, config)
     for warning in family.validate_config():
         bus.emit("warning", {"message": warning})
     check_dataset_folders(loaded.datasets)  # before the model load, which can take minutes
@@ -155,11 +158,16 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     denoiser = prepare_denoiser(family, components, config, weight_dtype, accelerator.device, bus.emit)
     sharded = shard_if_configured(denoiser, config, accelerator.num_processes, bus.emit)  # FSDP2
     crepa = build_crepa(config, denoiser, components, accelerator.device)
+    text_encoders = build_text_encoder_training(family, components, config)  # train_text_encoder
     optimizer = build_optimizer(
         list(denoiser.parameters()) + (crepa.trainable_parameters() if crepa else []),
         config,
         accelerator.num_processes,
     )
+    if text_encoders is not None:
+        text_encoders.add_to(
+            optimizer, scaled_learning_rate(config, accelerator.num_processes) / config.learning_rate
+        )
     steps_per_epoch = max(1, data.sampler.batches_per_epoch // config.gradient_accumulation_steps)
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     lr_scheduler = build_lr_scheduler(optimizer, config, total_steps)
@@ -180,6 +188,8 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         data.sampler.load_state_dict(state.sampler)
         if crepa is not None and "crepa" in state.extra:
             crepa.load_state_dict(state.extra["crepa"])
+        if text_encoders is not None:
+            text_encoders.load_state_dict(state.extra)
         bus.emit("log", {"message": f"resumed from {resume_path} at step {state.global_step}"})
     elif config.resume_from_checkpoint:
         bus.emit("log", {"message": "no checkpoint to resume from yet; starting at step 0"})
@@ -243,6 +253,8 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
                     accelerator.num_processes,
                     accelerator.process_index,
                 )
+                if text_encoders is not None:  # the captions encoded now, with gradients
+                    batch = text_encoders.encode(batch)
                 target = objective.target(latents, noise, timesteps)
                 if prior is not None:  # regularisation rows: the base model's own prediction (first,
                     target = prior.target(noisy, timesteps, batch, target)  # so CREPA sees the trained pass)
@@ -263,6 +275,8 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
                 loss = loss + crepa_loss(crepa, family, components, batch, latents)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
+                if text_encoders is not None:
+                    text_encoders.average_gradients(accelerator)
                 clip_gradients(accelerator, optimizer, config)
             optimizer.step()
             step_lr_schedule(lr_scheduler, optimizer, accelerator.sync_gradients)
@@ -299,6 +313,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
             state.sampler = data.sampler.state_dict()
             state.noise_generator = noise_generator.get_state()
             state.extra = features.state_dict() | ({"crepa": crepa.state_dict()} if crepa else {})
+            state.extra |= text_encoders.state_dict() if text_encoders else {}
             trainable, optimizer_state = checkpoint_parts(model, optimizer)  # gathered under FSDP2
             if accelerator.is_main_process:
                 try:
@@ -355,6 +370,8 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         result.lora_path, result.model_path = save_final_weights(
             family, model, config, output_dir, full_state
         )
+        if text_encoders is not None:
+            text_encoders.save(result.lora_path)
         bus.emit("saved", {"step": state.global_step, "path": str(result.lora_path or result.model_path)})
     final_validation = prompts and not config.validation_disable and not result.interrupted
     if final_validation and (accelerator.is_main_process or sharded):
