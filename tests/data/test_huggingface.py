@@ -115,3 +115,40 @@ def test_the_original_tools_example_entry_loads(tmp_path, monkeypatch):
         "username/dataset-name",
         "caption",
     )
+
+
+def test_a_video_dataset_takes_its_clips_from_the_video_column(tmp_path):
+    from datasets import Video
+
+    from difftune.testing.videos import make_video
+    from tests.data.video_fakes import FakeVideoFamily
+
+    clips = [str(make_video(tmp_path / "src" / f"clip{i}.mp4", frames=9, seed=i)) for i in range(2)]
+    table = {"clip": clips, "description": ["waves", "a road"]}
+    features = Features({"clip": Video(decode=False), "description": Value("string")})
+    Dataset.from_dict(table, features=features).save_to_disk(str(tmp_path / "saved"))
+    dataset = DatasetConfig(
+        id="clips",
+        type="huggingface",
+        dataset_type="video",
+        dataset_name=str(tmp_path / "saved"),
+        huggingface={"video_column": "clip", "caption_column": "description", "num_frames_column": "frames"},
+        instance_data_dir=str(tmp_path / "rows"),
+        resolution=32,
+        resolution_type="pixel",
+        cache_dir_vae=str(tmp_path / "vae"),
+        video={"num_frames": 5},
+    )
+    config = TrainConfig(model_family="fake", train_batch_size=2, seed=1)
+    data = prepare_training_data(
+        config,
+        [dataset],
+        tmp_path / "text",
+        FakeVideoFamily(config),
+        fake_components(),
+        "cpu",
+        lambda k, p: None,
+    )
+    assert sorted(Path(p.path).name for p in data.plans) == ["00000000.mp4", "00000001.mp4"]
+    assert sorted(c[0] for c in data.captions) == ["a road", "waves"]
+    assert data.load_batch([0, 1])["latents"].ndim == 5

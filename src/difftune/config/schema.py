@@ -471,14 +471,17 @@ class ParquetConfig(_Strict):
 
 class HuggingfaceConfig(_Strict):
     """A dataset's `huggingface` block: column settings of a type huggingface dataset (they win over the
-    same keys at the dataset's top level). width_column / height_column only speed up the original
-    tool's scan; difftune reads the sizes from the images."""
+    same keys at the dataset's top level). width_column, height_column, num_frames_column and fps_column
+    only speed up the original tool's scan; difftune reads those from the files."""
 
     image_column: str | None = None
+    video_column: str | None = None
     caption_column: str | list[str] | None = None
     fallback_caption_column: str | None = None
     width_column: str | None = None
     height_column: str | None = None
+    num_frames_column: str | None = None
+    fps_column: str | None = None
     filter_func: dict[str, Any] | None = None
     composite_image_config: dict[str, Any] | None = None
 
@@ -561,6 +564,7 @@ class DatasetConfig(_Strict):
     split: str = "train"
     revision: str | None = None
     image_column: str = "image"
+    video_column: str = "video"  # dataset_type video
     caption_column: str | list[str] | None = None  # None: "caption", else "text"
     fallback_caption_column: str | None = None
     huggingface: HuggingfaceConfig | None = None

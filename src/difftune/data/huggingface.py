@@ -1,8 +1,8 @@
 """type huggingface datasets: the rows of a `datasets` dataset, written once into a local folder.
 
 `dataset_name` is a Hub dataset id (loaded with `datasets.load_dataset`, `split`, `revision`) or a
-folder written by `save_to_disk`. Each row becomes `<row number, 8 digits>.<ext>` (the image's own
-bytes, not re-encoded) and a `.txt` beside it with its captions, one per line: `caption_column` (a
+folder written by `save_to_disk`. Each row becomes `<row number, 8 digits>.<ext>` (the image's, or for
+a video dataset the `video_column` clip's, own bytes, not re-encoded) and a `.txt` beside it with its captions, one per line: `caption_column` (a
 name, a list of names, or "a.b" for a nested value; default "caption", else "text"), or
 `fallback_caption_column` where those are empty. A file is rewritten only when its content changed,
 so the latent and text caches stay valid; files of rows that are gone are removed. The folder is
@@ -36,7 +36,12 @@ def export_folder(dataset: DatasetConfig) -> Path:
 def as_local(dataset: DatasetConfig, events: Events) -> DatasetConfig:
     """Write the dataset's rows into its export folder; the same dataset as a local textfile dataset there."""
     rows = _load(dataset)
-    image_column = (dataset.huggingface and dataset.huggingface.image_column) or dataset.image_column
+    video = dataset.dataset_type == "video"
+    block = dataset.huggingface
+    if video:
+        image_column = (block and block.video_column) or dataset.video_column
+    else:
+        image_column = (block and block.image_column) or dataset.image_column
     caption_columns = _caption_columns(dataset, rows.column_names)
     fallback = (dataset.huggingface and dataset.huggingface.fallback_caption_column) or (
         dataset.fallback_caption_column
@@ -44,19 +49,20 @@ def as_local(dataset: DatasetConfig, events: Events) -> DatasetConfig:
     if image_column not in rows.column_names:
         raise DataError(
             f"dataset '{dataset.id}': {dataset.dataset_name} has no column '{image_column}' (columns: "
-            f"{', '.join(rows.column_names)}); set image_column to the column of images"
+            f"{', '.join(rows.column_names)}); set {'video' if video else 'image'}_column to the column of "
+            f"{'videos' if video else 'images'}"
         )
-    from datasets import Image
+    from datasets import Image, Video
 
-    rows = rows.cast_column(image_column, Image(decode=False))
+    rows = rows.cast_column(image_column, Video(decode=False) if video else Image(decode=False))
     folder = export_folder(dataset)
     folder.mkdir(parents=True, exist_ok=True)
     written: set[str] = set()
     changed = 0
     for number, row in enumerate(rows):
-        data = _image_bytes(row[image_column], dataset, number)
+        data = _file_bytes(row[image_column], dataset, number)
         stem = f"{number:08d}"
-        name = stem + _extension(row[image_column], data)
+        name = stem + (_video_extension(row[image_column]) if video else _extension(row[image_column], data))
         captions = [c for column in caption_columns for c in _texts(_nested(row, column))]
         if not captions and fallback:
             captions = _texts(_nested(row, fallback))
@@ -134,15 +140,15 @@ def _texts(value: Any) -> list[str]:
     return [str(v).strip() for v in values if v is not None and str(v).strip()]
 
 
-def _image_bytes(value: Any, dataset: DatasetConfig, number: int) -> bytes:
+def _file_bytes(value: Any, dataset: DatasetConfig, number: int) -> bytes:
     if isinstance(value, dict):
         if value.get("bytes"):
             return value["bytes"]
         if value.get("path") and Path(value["path"]).is_file():
             return Path(value["path"]).read_bytes()
     raise DataError(
-        f"dataset '{dataset.id}': row {number} of {dataset.dataset_name} has no image in its image column; "
-        "remove the row or fix the column"
+        f"dataset '{dataset.id}': row {number} of {dataset.dataset_name} has nothing in its image (video) "
+        "column; remove the row or fix the column"
     )
 
 
@@ -158,6 +164,14 @@ def _extension(value: dict[str, Any], data: bytes) -> str:
             return _FORMATS.get(image.format or "", ".png")
     except OSError:
         return ".png"  # unreadable: discovery reports it as a skipped file
+
+
+def _video_extension(value: dict[str, Any]) -> str:
+    """The video's own extension from its path, else .mp4 (PyAV reads the container from the bytes)."""
+    from difftune.data.discovery import VIDEO_EXTENSIONS
+
+    suffix = Path(str(value.get("path") or "")).suffix.lower()
+    return suffix if suffix in VIDEO_EXTENSIONS else ".mp4"
 
 
 def _write_if_changed(path: Path, data: bytes) -> int:

@@ -231,6 +231,7 @@ DATASET_HELP = {
     "split": "type huggingface: the split to train on.",
     "revision": "type huggingface: the dataset revision (branch, tag or commit).",
     "image_column": "type huggingface: the column of images.",
+    "video_column": "type huggingface, dataset_type video: the column of videos.",
     "caption_column": "type huggingface: the column(s) of captions.",
     "fallback_caption_column": "type huggingface: the caption column used where the others are empty.",
     "huggingface": "type huggingface: the original tool's block of column settings.",
