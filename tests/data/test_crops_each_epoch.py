@@ -81,3 +81,16 @@ def test_vae_cache_clear_each_epoch_false_keeps_the_first_crop(tmp_path):
 def test_face_crops_are_refused_with_what_to_use():
     with pytest.raises(ValueError, match="crop_style face .* is not built; use random, center or corner"):
         DatasetConfig(id="faces", instance_data_dir="x", crop=True, crop_style="face")
+
+
+def test_new_crops_each_epoch_need_the_vae_encoder_that_crepa_can_drop(tmp_path, monkeypatch):
+    from difftune.config import ConfigError, load_config
+    from tests.config.helpers import IMAGES, TEXT, write_config
+
+    monkeypatch.chdir(tmp_path)
+    config = {"model_family": "kandinsky5-video", "crepa_enabled": True, "crepa_drop_vae_encoder": True}
+    cropped = {**IMAGES, "crop": True, "crop_style": "random"}
+    with pytest.raises(ConfigError, match="crepa_drop_vae_encoder removes it"):
+        load_config(write_config(tmp_path, config, [cropped, TEXT]))
+    fixed = {**cropped, "vae_cache_clear_each_epoch": False}
+    assert load_config(write_config(tmp_path, config, [fixed, TEXT])).datasets[0].crop

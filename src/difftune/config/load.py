@@ -504,6 +504,17 @@ def _load_datasets(raw: Any, where: str, train: TrainConfig, warnings: list[str]
         problems += training_checks.image_to_video_problems(
             enabled, where, f"model_flavour '{flavour}'", family.frames_per_latent
         )
+    recropped = [
+        d.id
+        for d in enabled
+        if d.crop and d.crop_style == "random" and d.vae_cache_clear_each_epoch is not False
+    ]
+    if recropped and train.crepa_enabled and train.crepa_drop_vae_encoder:
+        problems.append(
+            f"{where}: dataset(s) {', '.join(recropped)} draw a new random crop each epoch, which the VAE "
+            "encoder encodes, but crepa_drop_vae_encoder removes it; set crop_style center, or "
+            '"vae_cache_clear_each_epoch": false on them, or crepa_drop_vae_encoder false'
+        )
     regularisation = [d.id for d in enabled if d.is_regularisation_data]
     if regularisation and train.model_type == "full":
         problems.append(

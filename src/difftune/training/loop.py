@@ -253,11 +253,13 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
                     accelerator.num_processes,
                     accelerator.process_index,
                 )
-                if text_encoders is not None:  # the captions encoded now, with gradients
-                    batch = text_encoders.encode(batch)
                 target = objective.target(latents, noise, timesteps)
-                if prior is not None:  # regularisation rows: the base model's own prediction (first,
-                    target = prior.target(noisy, timesteps, batch, target)  # so CREPA sees the trained pass)
+                # regularisation rows: the base model's own prediction, from the cached prompts (the base
+                # text encoders'), before the trained pass so that CREPA sees that one
+                if prior is not None:
+                    target = prior.target(noisy, timesteps, batch, target)
+                if text_encoders is not None:  # train_text_encoder: the captions encoded now, with gradients
+                    batch = text_encoders.encode(batch)
                 prediction = family.model_forward(components, denoiser, noisy, timesteps, batch)
             losses = per_sample_loss(
                 prediction,
