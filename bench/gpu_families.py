@@ -128,7 +128,7 @@ def lora_targets(family: str) -> list[str]:
     if family == "sdxl":
         from difftune.families.sdxl import LORA_TARGETS
     else:
-        from difftune.families.kandinsky5_common import LORA_TARGETS
+        from difftune.families.kandinsky5 import LORA_TARGETS
     return list(LORA_TARGETS)
 
 

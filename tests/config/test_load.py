@@ -571,3 +571,21 @@ def test_an_auto_shift_run_resolves_to_a_file_that_loads_back(workdir):
     again = load_config(write_resolved(loaded, workdir / "out"))
     assert again.train == loaded.train and again.train.flow_schedule_auto_shift
     assert again.train.effective_noise_offset == 0.1
+
+
+def test_a_validation_setting_the_pipeline_cannot_take_is_refused_at_load_time(workdir):
+    k5 = {"model_family": "kandinsky5-image", "model_type": "lora"}
+    path = write_config(workdir, {**k5, "validation_guidance_rescale": 0.7})
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert str(path) in message and "'validation_guidance_rescale' is 0.7" in message
+    assert "set it to 0 or remove it" in message
+    # the original tool's Kandinsky 5 examples write 0.0, which every pipeline honours
+    assert load_config(write_config(workdir, {**k5, "validation_guidance_rescale": 0.0})).train
+
+
+def test_an_image_to_image_flavour_without_a_conditioning_dataset_is_refused_at_load_time(workdir):
+    config = {"model_family": "kandinsky5-image", "model_flavour": "i2i-lite-sft", "model_type": "lora"}
+    with pytest.raises(ConfigError, match='needs a dataset with "dataset_type": "conditioning"'):
+        load_config(write_config(workdir, config))

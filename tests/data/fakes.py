@@ -73,7 +73,7 @@ class FakeFamily(Family):
     def pipeline(self, components, denoiser):
         return None
 
-    def generate(self, pipeline, **kwargs):
+    def generate(self, pipeline, request):
         return []
 
     def save_lora(self, output_dir: Path, lora_state_dict):

@@ -133,14 +133,6 @@ def test_bad_links_name_the_dataset_and_the_fix(tmp_path):
         _prepare(tmp_path, datasets)
 
 
-def test_the_family_dataset_check_runs_first(tmp_path):
-    _pairs(tmp_path)
-    config = TrainConfig(model_family="fake", train_batch_size=2)
-    lonely = [_datasets(tmp_path, conditioning_data=None)[0]]
-    with pytest.raises(ValueError, match="needs a dataset with dataset_type conditioning"):
-        _prepare(tmp_path, lonely, family=FakeI2IFamily(config))
-
-
 def test_image_conditioned_prompts_are_cached_per_caption_and_image(tmp_path):
     _pairs(tmp_path, missing=())
     config = TrainConfig(model_family="fake", train_batch_size=2)

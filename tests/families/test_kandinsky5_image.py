@@ -3,6 +3,7 @@ import torch
 
 from difftune.config.schema import DatasetConfig, TrainConfig
 from difftune.families import family_class
+from difftune.families.base import GenerationRequest
 from difftune.families.kandinsky5_image import Kandinsky5ImageFamily
 
 PROMPTS = ["a red cat", "a much longer prompt about a small brown dog sitting in a sunny garden"]
@@ -239,36 +240,19 @@ def test_trained_lora_saves_and_loads_in_stock_pipeline(t2i_folder, tmp_path):
     assert (before - trained).abs().max() > 1e-3
 
 
-def test_generate_uses_the_requested_size(loaded):
+def test_generate_uses_the_requested_size(loaded, t2i_folder):
     family, components = loaded
     pipeline = family.pipeline(components, components.denoiser)
-    images = family.generate(
-        pipeline,
-        prompt="a red cat",
-        negative_prompt="blurry",
-        width=96,
-        height=64,
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(0),
-    )
+    request = GenerationRequest("a red cat", 96, 64, 2, 5.0, torch.Generator().manual_seed(0), "blurry")
+    images = family.generate(pipeline, request)
     assert len(images) == 1 and images[0].size == (96, 64)
-    with pytest.raises(ValueError, match="multiples of 16"):
-        family.generate(
-            pipeline,
-            prompt="x",
-            negative_prompt=None,
-            width=100,
-            height=64,
-            num_inference_steps=1,
-            guidance_scale=1.0,
-            generator=torch.Generator(),
-        )
+    with pytest.raises(ValueError, match="multiples of 16; use 96x64 or 112x64"):
+        make_family(t2i_folder, validation_resolution="100x64").check([])
 
 
-def test_validate_config_warns_on_burnt_guidance(t2i_folder):
-    assert make_family(t2i_folder).validate_config() == []
-    warnings = make_family(t2i_folder, validation_guidance=7.5).validate_config()
+def test_check_warns_on_burnt_guidance(t2i_folder):
+    assert make_family(t2i_folder).check([]) == []
+    warnings = make_family(t2i_folder, validation_guidance=7.5).check([])
     assert len(warnings) == 1 and "validation_guidance 7.5" in warnings[0] and "burnt" in warnings[0]
 
 
@@ -276,11 +260,11 @@ def test_i2i_needs_a_conditioning_dataset():
     family = Kandinsky5ImageFamily(TrainConfig(model_family="kandinsky5-image", model_flavour="i2i-lite-sft"))
     images = DatasetConfig(id="pairs", instance_data_dir="data/targets", conditioning_data="sources")
     with pytest.raises(ValueError, match="conditioning"):
-        family.check_datasets([images])
+        family.check([images])
     sources = DatasetConfig(id="sources", dataset_type="conditioning", instance_data_dir="data/sources")
-    family.check_datasets([images, sources])
+    family.check([images, sources])
     t2i = Kandinsky5ImageFamily(TrainConfig(model_family="kandinsky5-image"))
-    t2i.check_datasets([images])  # text-to-image needs none
+    t2i.check([images])  # text-to-image needs none
 
 
 def test_i2i_model_forward_and_generate(tmp_path):
@@ -312,17 +296,10 @@ def test_i2i_model_forward_and_generate(tmp_path):
             {**batch, "conditioning_latents": torch.zeros(2, 16, 4, 6)},
         )
     assert prediction.shape == latents.shape and (prediction - other).abs().max() > 0
-    images = family.generate(
-        family.pipeline(components, components.denoiser),
-        prompt="make it blue",
-        negative_prompt=None,
-        width=96,
-        height=64,
-        num_inference_steps=2,
-        guidance_scale=1.0,
-        generator=torch.Generator().manual_seed(0),
-        image=source,
+    request = GenerationRequest(
+        "make it blue", 96, 64, 2, 1.0, torch.Generator().manual_seed(0), image=source
     )
+    images = family.generate(family.pipeline(components, components.denoiser), request)
     assert images[0].size == (96, 64)
 
 

@@ -7,6 +7,7 @@ import torch
 
 from difftune.config.schema import TrainConfig
 from difftune.families import family_class
+from difftune.families.base import GenerationRequest
 from difftune.families.objectives import EpsilonObjective
 from difftune.families.sdxl import SDXLFamily
 
@@ -181,22 +182,14 @@ def test_generate_gives_images_of_the_asked_size_in_mixed_dtypes(tiny_sdxl):
     family = SDXLFamily(make_config(tiny_sdxl))
     components = family.load(CPU, torch.bfloat16)  # fp32 VAE beside bf16 UNet and text encoders
     pipeline = family.pipeline(components, components.denoiser)
-    images = family.generate(
-        pipeline,
-        prompt="a red circle",
-        negative_prompt="blurry",
-        width=64,
-        height=128,
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(0),
-    )
+    request = GenerationRequest("a red circle", 64, 128, 2, 5.0, torch.Generator().manual_seed(0), "blurry")
+    images = family.generate(pipeline, request)
     assert len(images) == 1 and images[0].size == (64, 128)
 
 
 def test_validate_config_rejects_off_grid_sizes():
     with pytest.raises(ValueError, match="multiples of 8"):
-        SDXLFamily(TrainConfig(model_family="sdxl", validation_resolution="1020x1024")).validate_config()
+        SDXLFamily(TrainConfig(model_family="sdxl", validation_resolution="1020x1024")).check([])
     assert (
         SDXLFamily(TrainConfig(model_family="sdxl")).model_id() == "stabilityai/stable-diffusion-xl-base-1.0"
     )

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from difftune.config.schema import TrainConfig
+from difftune.families.base import GenerationRequest
 from difftune.families.kandinsky5_image import Kandinsky5ImageFamily
 from difftune.families.sdxl import SDXLFamily
 
@@ -45,16 +46,8 @@ def test_sdxl_validation_gives_the_unet_prompts_of_the_trained_length(tiny_sdxl,
         lambda _module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True
     )
     try:
-        images = family.generate(
-            pipeline,
-            prompt=LONG_PROMPT,
-            negative_prompt="blurry",
-            width=64,
-            height=64,
-            num_inference_steps=2,
-            guidance_scale=5.0,
-            generator=torch.Generator().manual_seed(0),
-        )
+        request = GenerationRequest(LONG_PROMPT, 64, 64, 2, 5.0, torch.Generator().manual_seed(0), "blurry")
+        images = family.generate(pipeline, request)
     finally:
         hook.remove()
     assert images[0].size == (64, 64) and seen and set(seen) == {16}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from difftune.config.schema import TrainConfig
-from difftune.families import kandinsky5_common as k5
+from difftune.families import kandinsky5 as k5
 from difftune.training.crepa import Crepa, drop_vae_encoder, load_vision_encoder, neighbour_weights
 
 LATENT_FRAMES = 3
@@ -100,7 +100,14 @@ def test_vision_encoder_loads_from_a_folder_and_names_are_checked(dino_folder):
 def test_loss_is_finite_trains_the_projector_and_decreases(dino_folder):
     transformer = tiny_transformer()
     transformer.requires_grad_(False)
-    crepa = Crepa(crepa_config(dino_folder), transformer, "cpu", projector_width=64)
+    crepa = Crepa(
+        crepa_config(dino_folder),
+        transformer,
+        k5.find_visual_blocks(transformer),
+        "cpu",
+        frames_per_latent=4,
+        projector_width=64,
+    )
     optimizer = torch.optim.Adam(crepa.trainable_parameters(), lr=3e-3)
     batch, frames = prompt_batch(), clip_frames()
     losses = []
@@ -126,7 +133,14 @@ def test_loss_reaches_the_transformer_adapter_weights(dino_folder):
     transformer.requires_grad_(False)
     block = transformer.visual_transformer_blocks[0].feed_forward.in_layer
     block.weight.requires_grad_(True)
-    crepa = Crepa(crepa_config(dino_folder), transformer, "cpu", projector_width=64)
+    crepa = Crepa(
+        crepa_config(dino_folder),
+        transformer,
+        k5.find_visual_blocks(transformer),
+        "cpu",
+        frames_per_latent=4,
+        projector_width=64,
+    )
     forward(transformer, prompt_batch())
     crepa.loss(clip_frames()).backward()
     assert block.weight.grad is not None and block.weight.grad.abs().sum() > 0
@@ -134,7 +148,14 @@ def test_loss_reaches_the_transformer_adapter_weights(dino_folder):
 
 def test_pixel_frames_are_matched_to_latent_frames(dino_folder):
     transformer = tiny_transformer()
-    crepa = Crepa(crepa_config(dino_folder), transformer, "cpu", projector_width=64)
+    crepa = Crepa(
+        crepa_config(dino_folder),
+        transformer,
+        k5.find_visual_blocks(transformer),
+        "cpu",
+        frames_per_latent=4,
+        projector_width=64,
+    )
     batch, frames = prompt_batch(), clip_frames(frames=9)
     forward(transformer, batch)
     from_clip = crepa.loss(frames)
@@ -148,7 +169,14 @@ def test_pixel_frames_are_matched_to_latent_frames(dino_folder):
 
 def test_rows_split_by_prompt_length_are_put_back_in_order(dino_folder):
     transformer = tiny_transformer()
-    crepa = Crepa(crepa_config(dino_folder), transformer, "cpu", projector_width=64)
+    crepa = Crepa(
+        crepa_config(dino_folder),
+        transformer,
+        k5.find_visual_blocks(transformer),
+        "cpu",
+        frames_per_latent=4,
+        projector_width=64,
+    )
     batch = prompt_batch(lengths=(9, 4))  # row 1 is shorter, so the transformer sees it first
     frames = clip_frames()
     forward(transformer, batch)
@@ -174,7 +202,14 @@ def test_nothing_is_captured_without_gradients_or_after_checkpoint_recompute(din
     transformer = tiny_transformer()
     transformer.enable_gradient_checkpointing()
     transformer.visual_transformer_blocks[1].feed_forward.in_layer.weight.requires_grad_(True)
-    crepa = Crepa(crepa_config(dino_folder), transformer, "cpu", projector_width=64)
+    crepa = Crepa(
+        crepa_config(dino_folder),
+        transformer,
+        k5.find_visual_blocks(transformer),
+        "cpu",
+        frames_per_latent=4,
+        projector_width=64,
+    )
     batch, frames = prompt_batch(), clip_frames()
     with torch.no_grad():
         forward(transformer, batch)
@@ -189,9 +224,23 @@ def test_nothing_is_captured_without_gradients_or_after_checkpoint_recompute(din
 def test_configuration_errors_name_the_key(dino_folder):
     transformer = tiny_transformer()
     with pytest.raises(ValueError, match="crepa_block_index 8 is out of range.*2 blocks"):
-        Crepa(crepa_config(dino_folder, crepa_block_index=8), transformer, "cpu", projector_width=8)
+        Crepa(
+            crepa_config(dino_folder, crepa_block_index=8),
+            transformer,
+            k5.find_visual_blocks(transformer),
+            "cpu",
+            frames_per_latent=4,
+            projector_width=8,
+        )
     with pytest.raises(ValueError, match="crepa_encoder_image_size 60 is not a multiple.*56 or 70"):
-        Crepa(crepa_config(dino_folder, crepa_encoder_image_size=60), transformer, "cpu", projector_width=8)
+        Crepa(
+            crepa_config(dino_folder, crepa_encoder_image_size=60),
+            transformer,
+            k5.find_visual_blocks(transformer),
+            "cpu",
+            frames_per_latent=4,
+            projector_width=8,
+        )
 
 
 def test_drop_vae_encoder_frees_weights_and_keeps_decoding():
@@ -223,8 +272,14 @@ def test_crepa_block_inside_a_tread_route_is_refused_once_negative_indices_resol
     }  # signs differ: unknowable at load
     config = crepa_config(dino_folder, crepa_block_index=-1, tread_config={"routes": [route]})
     with pytest.raises(ConfigError, match=r"'crepa_block_index' is -1, inside tread_config.routes\[0\]"):
-        Crepa(config, transformer, "cpu", projector_width=64)
+        Crepa(
+            config,
+            transformer,
+            k5.find_visual_blocks(transformer),
+            "cpu",
+            frames_per_latent=4,
+            projector_width=64,
+        )
     before = {**route, "start_layer_idx": -(blocks - 1)}  # the route starts after block 0
-    Crepa(
-        crepa_config(dino_folder, crepa_block_index=0, tread_config={"routes": [before]}), transformer, "cpu"
-    )
+    config = crepa_config(dino_folder, crepa_block_index=0, tread_config={"routes": [before]})
+    Crepa(config, transformer, k5.find_visual_blocks(transformer), "cpu", frames_per_latent=4)

@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from difftune.families import kandinsky5_common as k5
+from difftune.families import kandinsky5 as k5
 from difftune.families.base import Components
 from difftune.testing.kandinsky5 import CLIP_DIM, LATENT_CHANNELS, QWEN_DIM, randomise_modulation
 from difftune.training.tread import TreadRoute, TreadRouter, apply_tread
@@ -86,7 +86,9 @@ def record_block_inputs(transformer) -> tuple[dict[int, list[tuple[int, int]]], 
 def test_routed_blocks_see_fewer_tokens_with_matching_rope(frames, ratio):
     transformer = tiny_transformer().train()
     route = {**ROUTE, "selection_ratio": ratio}
-    handle = apply_tread(transformer, {"routes": [route]}, torch.Generator().manual_seed(0))
+    handle = apply_tread(
+        transformer, k5.find_visual_blocks(transformer), {"routes": [route]}, torch.Generator().manual_seed(0)
+    )
     seen, hooks = record_block_inputs(transformer)  # registered after TREAD: sees the routed inputs
     out = run(transformer, latents_bthwc(2, frames), prompt_batch([5, 5]))
     num_tokens = 24 * frames
@@ -112,7 +114,9 @@ def test_eval_and_no_grad_see_all_tokens_and_match_plain_output():
         plain_train = run(transformer, latents, prompt)
     plain_grad = run(transformer, latents, prompt).detach()
 
-    handle = apply_tread(transformer, {"routes": [ROUTE]}, torch.Generator().manual_seed(0))
+    handle = apply_tread(
+        transformer, k5.find_visual_blocks(transformer), {"routes": [ROUTE]}, torch.Generator().manual_seed(0)
+    )
     seen, hooks = record_block_inputs(transformer)
     transformer.eval()
     assert torch.equal(run(transformer, latents, prompt).detach(), plain_eval)  # eval, grads on
@@ -139,7 +143,7 @@ def test_kept_tokens_run_the_routed_blocks_and_the_others_skip_them():
         captured["hidden"], captured["text"], captured["time"], captured["rope"] = args[:4]
 
     first = blocks[2].register_forward_pre_hook(grab_start)  # before TREAD: sees the full sequence
-    handle = apply_tread(transformer, {"routes": [ROUTE]}, generator)
+    handle = apply_tread(transformer, k5.find_visual_blocks(transformer), {"routes": [ROUTE]}, generator)
     last = blocks[4].register_forward_hook(lambda module, args, out: captured.update(out=out))
     state = generator.get_state()
     run(transformer, latents_bthwc(2, 3), prompt_batch([5, 5]))
@@ -169,7 +173,12 @@ def test_draws_are_reproducible_from_the_generator():
     latents, prompt = latents_bthwc(2, 1), prompt_batch([5, 5])
 
     def routed_output(seed: int) -> torch.Tensor:
-        with apply_tread(transformer, {"routes": [ROUTE]}, torch.Generator().manual_seed(seed)):
+        with apply_tread(
+            transformer,
+            k5.find_visual_blocks(transformer),
+            {"routes": [ROUTE]},
+            torch.Generator().manual_seed(seed),
+        ):
             return run(transformer, latents, prompt).detach()
 
     assert torch.equal(routed_output(3), routed_output(3))
@@ -193,6 +202,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
             transformer.enable_gradient_checkpointing()
         handle = apply_tread(
             transformer,
+            k5.find_visual_blocks(transformer),
             {
                 "routes": [
                     {**ROUTE, "start_layer_idx": 1, "end_layer_idx": 2},
@@ -238,7 +248,12 @@ def test_training_with_tread_lowers_the_loss():
     transformer.eval()
     with torch.no_grad():
         before = loss_now().item()
-    handle = apply_tread(transformer, {"routes": [{**ROUTE, "start_layer_idx": 1}]}, generator)
+    handle = apply_tread(
+        transformer,
+        k5.find_visual_blocks(transformer),
+        {"routes": [{**ROUTE, "start_layer_idx": 1}]},
+        generator,
+    )
     seen, hooks = record_block_inputs(transformer)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=2e-3)
     transformer.train()
@@ -265,7 +280,10 @@ def test_tiny_pipeline_transformer_routes_with_negative_indices(tmp_path):
     folder = build_tiny_kandinsky5_image(tmp_path / "k5")
     transformer = Kandinsky5Transformer3DModel.from_pretrained(folder / "transformer").train()
     handle = apply_tread(
-        transformer, {"routes": [{"selection_ratio": 0.25, "start_layer_idx": -1, "end_layer_idx": -1}]}, 0
+        transformer,
+        k5.find_visual_blocks(transformer),
+        {"routes": [{"selection_ratio": 0.25, "start_layer_idx": -1, "end_layer_idx": -1}]},
+        0,
     )
     assert handle.router.routes == [TreadRoute(0.25, 1, 1)]
     seen, hooks = record_block_inputs(transformer)
@@ -303,15 +321,20 @@ def test_negative_indices_count_from_the_end(start, end, expected):
 )
 def test_invalid_routes_name_the_route_and_key(routes, message):
     with pytest.raises(config_errors(), match=message):
-        apply_tread(tiny_transformer(), {"routes": routes}, 0)
+        transformer = tiny_transformer()
+        apply_tread(transformer, k5.find_visual_blocks(transformer), {"routes": routes}, 0)
 
 
 @pytest.mark.parametrize("value", [None, {"routes": []}, {"route": [ROUTE]}])
 def test_malformed_tread_config_names_the_key(value):
     with pytest.raises(config_errors(), match="tread_config"):
-        apply_tread(tiny_transformer(), value, 0)
+        transformer = tiny_transformer()
+        apply_tread(transformer, k5.find_visual_blocks(transformer), value, 0)
 
 
-def test_other_models_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match="tread_config: Linear has no visual_transformer_blocks"):
-        apply_tread(torch.nn.Linear(2, 2), {"routes": [ROUTE]}, 0)
+def test_a_family_without_a_block_stack_refuses_tread_with_the_reason():
+    from difftune.config.schema import TrainConfig
+    from difftune.families.sdxl import SDXLFamily
+
+    with pytest.raises(config_errors(), match="tread_config or crepa_enabled"):
+        SDXLFamily(TrainConfig(model_family="sdxl")).transformer_blocks(torch.nn.Linear(2, 2))

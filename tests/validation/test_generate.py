@@ -6,17 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
+from difftune.config import ConfigError
 from difftune.config.schema import TrainConfig
+from difftune.families import family_class, registry
 from difftune.families.sdxl import SDXLFamily
 from difftune.training.adapters import attach_lora
 from difftune.validation.generate import file_stem, run_validation
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from difftune.testing.sdxl import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
 
 
 def test_every_prompt_at_every_size_and_the_denoiser_unchanged(tiny_sdxl, tmp_path):
@@ -120,3 +115,54 @@ def test_previews_of_each_prompt_and_size_get_their_own_files(tiny_sdxl, tmp_pat
     ]
     assert len(set(previews)) == 4
     assert Image.open(folder / "validation-96x64_002.png").size == (96, 64)
+
+
+# Every validation setting at a value other than its default; the family's pipeline must honour each
+# one, or the family refuses it when the config loads.
+NON_DEFAULT_VALIDATION = {
+    "validation_prompt": "a red circle",
+    "validation_negative_prompt": "a green square",
+    "validation_resolution": "64x64,32x64",
+    "validation_guidance": 3.0,
+    "validation_guidance_rescale": 0.7,
+    "validation_num_inference_steps": 2,
+    "validation_seed": 3,
+    "validation_num_video_frames": 5,
+    "validation_preview": True,
+    "validation_preview_steps": 2,
+    "num_validation_images": 2,
+    "framerate": 8,
+}
+
+
+@pytest.mark.parametrize("name", list(registry.FAMILIES))
+def test_every_validation_setting_is_honoured_or_refused_by_each_family(name, tiny_model, tmp_path):
+    from difftune.data.video import probe_video
+
+    settings = dict(model_family=name, pretrained_model_name_or_path=str(tiny_model(name)), seed=1)
+    family = family_class(name)(TrainConfig(**settings, **NON_DEFAULT_VALIDATION))
+    refused = family.validation_settings_refused()
+    if refused:
+        with pytest.raises(ConfigError) as error:
+            family.check([])
+        assert all(f"'{key}'" in str(error.value) for key in refused)
+    honoured = {key: value for key, value in NON_DEFAULT_VALIDATION.items() if key not in refused}
+    config = TrainConfig(**settings, **honoured)
+    family = family_class(name)(config)
+    assert family.check([]) is not None
+    components = family.load(torch.device("cpu"), torch.float32)
+    events = []
+    paths = run_validation(
+        family, components, components.denoiser, config, 1, tmp_path, lambda kind, data: events.append(data)
+    )
+    assert [p.stem for p in paths] == [
+        f"validation-{size}-{index}" for size in ("64x64", "32x64") for index in (0, 1)
+    ]
+    previews = [e for e in events if "inference_step" in e]
+    assert [e["inference_step"] for e in previews] == [2] * 4  # every 2nd of 2 steps, for each sample
+    if family.is_video:
+        infos = [probe_video(p) for p in paths]
+        assert [(i.width, i.height, i.num_frames) for i in infos] == [(64, 64, 5)] * 2 + [(32, 64, 5)] * 2
+        assert infos[0].fps == pytest.approx(8)
+    else:
+        assert [Image.open(p).size for p in paths] == [(64, 64)] * 2 + [(32, 64)] * 2

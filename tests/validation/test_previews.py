@@ -117,39 +117,6 @@ def test_previews_fire_every_n_inference_steps(tiny_sdxl, tmp_path):
     assert len(set(pixels)) == 4  # each preview shows a different stage of the denoising
 
 
-def test_tiny_autoencoder_is_used_when_given(tiny_sdxl, tmp_path):
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(0)
-    tiny_vae = AutoencoderTiny(
-        encoder_block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        num_encoder_blocks=(1, 1, 1, 1),
-        num_decoder_blocks=(1, 1, 1, 1),
-    )
-
-    def must_not_run(latents):
-        raise AssertionError("the full VAE decode was used although a tiny VAE was given")
-
-    events = []
-    callback = preview_callback(
-        tiny_sdxl, must_not_run, 2, lambda t, d: events.append(d), out_dir=tmp_path, tiny_vae=tiny_vae
-    )
-    tiny_sdxl(
-        prompt="a dog",
-        num_inference_steps=4,
-        height=64,
-        width=64,
-        guidance_scale=1.0,
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",
-        callback_on_step_end=callback,
-    )
-    assert [d["inference_step"] for d in events] == [2, 4]
-    with Image.open(events[0]["path"]) as image:
-        assert image.size == (64, 64)
-
-
 def test_save_preview_takes_the_first_frame_and_maps_the_range(tmp_path):
     video = torch.full((1, 3, 2, 4, 4), -1.0)
     video[:, :, 0] = 1.0  # first frame white, second black

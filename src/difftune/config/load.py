@@ -118,6 +118,7 @@ def load_config(
         raw_datasets = read_document(data_source, what="data_backend_config", warnings=warnings)
         data_where = str(data_source)
     all_datasets = _load_datasets(raw_datasets, data_where, train, warnings)
+    warnings += _family_check(train, all_datasets, source)
     enabled = [d for d in all_datasets if not d.disabled]
     return LoadedConfig(
         train=train,
@@ -284,6 +285,16 @@ def _raise_if_any(problems: list[str]) -> None:
         raise ConfigError(
             f"{len(problems)} problems in the configuration:\n" + "\n".join(f"  - {p}" for p in problems)
         )
+
+
+def _family_check(train: TrainConfig, datasets: list[DatasetConfig], source: Path) -> list[str]:
+    """The family's own checks of the settings and datasets (no weights needed); its warnings."""
+    from difftune.families import get_family
+
+    try:
+        return [f"{source}: {warning}" for warning in get_family(train).check(datasets)]
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from error
 
 
 # -- checks across keys ---------------------------------------------------------------------------

@@ -147,30 +147,17 @@ def wants_first_frame(dataset: DatasetConfig, family: Family) -> bool:
         return False
     if dataset.video is not None and dataset.video.is_i2v is not None:
         return bool(dataset.video.is_i2v)
-    return bool(getattr(family, "is_i2v", False))
+    return family.conditioning == "first_frame"
 
 
 def prompts_use_images(family: Family) -> bool:
     """Whether the family's prompt embeddings include the conditioning image (encode_prompts(images=...))."""
-    return bool(getattr(family, "is_i2i", False))
+    return family.conditioning == "prompt_image"
 
 
 def prompt_key(caption: str, image_key: str) -> str:
     """The text-cache key of a caption encoded together with one conditioning image (its latent cache key)."""
     return f"{caption}{_PROMPT_IMAGE_SEPARATOR}{image_key}"
-
-
-def first_frame_latents(
-    family: Family,
-    components: Components,
-    clips: torch.Tensor,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-) -> torch.Tensor:
-    """(B, C, 1, h, w) latents of the first frame of clips (B, 3, T, H, W), encoded alone as the I2V pipelines do."""
-    encode = getattr(family, "conditioning_latents", None)
-    if encode is not None:
-        return encode(components, clips, generator)
-    return family.encode_pixels(components, clips[:, :, :1], generator)
 
 
 def to_pil(pixels: torch.Tensor):

@@ -72,9 +72,6 @@ def prepare_training_data(
         from difftune.data.generators import with_generated
 
         datasets, pair_captions = with_generated(datasets, events)
-    check_datasets = getattr(family, "check_datasets", None)
-    if check_datasets is not None:
-        check_datasets(datasets)
     train_sets = [d for d in datasets if not d.disabled and d.dataset_type in ("image", "video")]
     for dataset in train_sets:
         if dataset.dataset_type == "video" and not family.is_video:

@@ -22,7 +22,6 @@ from difftune.data.buckets import SamplePlan, recrop
 from difftune.data.captions import pick_caption
 from difftune.data.conditioning import (
     encode_image_prompts,
-    first_frame_latents,
     mask_weights,
     prompt_key,
     to_pil,
@@ -274,7 +273,7 @@ class TrainingData:
             if first:
                 clips = torch.stack([loaded[k][1] for k in first]).to(self.device, dtype)
                 keys = [self._condition_key(loaded[k][0]) for k in first]
-                encoded = first_frame_latents(self.family, self.components, clips, generators(keys))
+                encoded = self.family.encode_condition(self.components, clips, generators(keys))
                 paired.update(zip(first, encoded.float().cpu()))
         return {i: (found.get(k), paired.get(k)) for k, (i, _, _) in enumerate(loaded)}
 

@@ -9,7 +9,7 @@ from difftune.families import registry
 
 if TYPE_CHECKING:
     from difftune.config.schema import TrainConfig
-    from difftune.families.base import Family
+    from difftune.families.base import Emit, Family
 
 
 def family_class(name: str) -> type[Family]:
@@ -18,6 +18,6 @@ def family_class(name: str) -> type[Family]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def get_family(config: TrainConfig) -> Family:
-    """Instantiate the family a config names."""
-    return family_class(config.model_family)(config)
+def get_family(config: TrainConfig, emit: Emit | None = None) -> Family:
+    """Instantiate the family a config names; its warnings go to `emit` (the run's event bus)."""
+    return family_class(config.model_family)(config, emit)

@@ -15,15 +15,28 @@ Tensor layouts at this boundary:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
+from difftune.errors import ConfigError
+
 if TYPE_CHECKING:
-    from difftune.config.schema import TrainConfig
+    from difftune.config.schema import DatasetConfig, TrainConfig
     from difftune.families.registry import FamilySpec
+
+# What a training sample is conditioned on besides its prompt:
+# "prompt_image": a source image, in the prompt embeddings and as batch["conditioning_latents"] (I2I);
+# "first_frame": the clip's first frame encoded alone, as batch["conditioning_latents"] (I2V).
+Conditioning = Literal["none", "prompt_image", "first_frame"]
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+def _nowhere(event_type: str, data: dict[str, Any]) -> None:
+    """The event sink of a family used outside a run (tests, one-off scripts)."""
 
 
 @dataclass
@@ -35,7 +48,28 @@ class Components:
     text_encoders: list[torch.nn.Module]
     tokenizers: list[Any]
     scheduler: Any
-    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validation sample: what `Family.generate` turns into the arguments of its pipeline.
+
+    Sizes in pixels; `num_frames` only for video families (None: validation_num_video_frames);
+    `image` is the PIL conditioning image of image-conditioned flavours; `on_step_end` is a diffusers
+    `callback_on_step_end` (validation previews).
+    """
+
+    prompt: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    generator: torch.Generator
+    negative_prompt: str | None = None
+    guidance_rescale: float = 0.0
+    num_frames: int | None = None
+    image: Any = None
+    on_step_end: Callable[..., dict] | None = None
 
 
 class Objective(ABC):
@@ -80,8 +114,9 @@ class Family(ABC):
 
     spec: ClassVar[FamilySpec]
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, emit: Emit | None = None):
         self.config = config
+        self.emit: Emit = emit or _nowhere  # the run's event bus: warnings go through it
 
     # -- identity (the registry row) ------------------------------------------------------------
     @property
@@ -151,6 +186,20 @@ class Family(ABC):
         assumes the pipeline keeps them in the Family layout."""
         return self.decode_latents(components, latents)
 
+    @property
+    def conditioning(self) -> Conditioning:
+        """What samples are conditioned on besides the prompt (see `Conditioning`); "none" by default."""
+        return "none"
+
+    def encode_condition(
+        self,
+        components: Components,
+        pixels: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """Latents of the conditioning frame of clips (B, 3, T, H, W): the first frame, encoded alone."""
+        return self.encode_pixels(components, pixels[:, :, :1], generator)
+
     # -- training -----------------------------------------------------------------------------
     @abstractmethod
     def objective(self, components: Components) -> Objective: ...
@@ -171,10 +220,24 @@ class Family(ABC):
         """Mask broadcastable to the latents (1 = counted in the loss); None means all of it."""
         return None
 
+    def row_order(self, batch: dict[str, Any]) -> list[int] | None:
+        """Batch rows in the order the denoiser's blocks see them, when it runs the batch in groups
+        (so hidden states captured from a block line up with the rows); None: in batch order."""
+        return None
+
     @abstractmethod
     def lora_targets(self) -> list[str]:
         """Module names (peft target_modules) that a LoRA wraps."""
         ...
+
+    def transformer_blocks(self, denoiser: torch.nn.Module) -> torch.nn.ModuleList:
+        """The denoiser's main stack of blocks, which TREAD routes tokens around and CREPA reads hidden
+        states from (found inside peft / accelerate wrappers too). The default has none: a family
+        whose denoiser has such a stack says which it is."""
+        raise ConfigError(
+            f"{self.name}: its denoiser has no stack of transformer blocks for tread_config or crepa_enabled; "
+            "turn those off for this family"
+        )
 
     # -- output -------------------------------------------------------------------------------
     @abstractmethod
@@ -183,21 +246,16 @@ class Family(ABC):
         ...
 
     @abstractmethod
-    def generate(
-        self,
-        pipeline,
-        *,
-        prompt: str,
-        negative_prompt: str | None,
-        width: int,
-        height: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        generator: torch.Generator,
-        **kwargs,
-    ) -> list:
-        """Generate with the pipeline; a list of PIL images (one video: a list of frames in a list)."""
+    def generate(self, pipeline, request: GenerationRequest) -> list:
+        """Run the pipeline for one request; a list of PIL images (a video: a list of frames in a list)."""
         ...
+
+    def save_sample(self, sample: list, path: Path) -> Path:
+        """Write one generated sample at `path` without its suffix: the first image as .png (the
+        default), or a video family's frames as .mp4. Returns the file written."""
+        path = Path(path).with_suffix(".png")
+        sample[0].save(path)
+        return path
 
     def lora_metadata(self) -> dict[str, Any]:
         """peft LoraConfig arguments saved with the weights, so loaders scale by lora_alpha / r (without
@@ -240,9 +298,51 @@ class Family(ABC):
         model's config without loading weights; None when that is not known before the load."""
         return None
 
-    def validate_config(self) -> list[str]:
-        """Family-specific checks of the config; returns warnings, raises ConfigError for errors."""
+    def check(self, datasets: Sequence[DatasetConfig]) -> list[str]:
+        """Every check of the config and its datasets that needs no weights; runs when the config loads.
+
+        Returns warnings; raises ConfigError naming the key, the value and the fix. The default refuses
+        validation sizes off the family's pixel grid and validation settings its pipeline cannot take
+        (`validation_settings_refused`).
+        """
+        multiple = self.validation_pixel_multiple
+        for width, height in self.config.validation_sizes:
+            if width % multiple or height % multiple:
+                fix = f"{width // multiple * multiple}x{height // multiple * multiple}"
+                raise ConfigError(
+                    f"'validation_resolution' is '{width}x{height}', but {self.name} sizes must be multiples "
+                    f"of {multiple}; use {fix} or {_round_up(width, multiple)}x{_round_up(height, multiple)}"
+                )
+        refused = [
+            f"'{key}' is {getattr(self.config, key)!r}, but {why}"
+            for key, why in self.validation_settings_refused().items()
+        ]
+        if refused:
+            raise ConfigError("; ".join(refused))
         return []
+
+    @property
+    def validation_pixel_multiple(self) -> int:
+        """What validation widths and heights must be multiples of; the registry row's pixel grid."""
+        return self.pixel_multiple
+
+    def validation_settings_refused(self) -> dict[str, str]:
+        """Validation keys set to a value this family's pipeline cannot honour -> why, and what to use.
+
+        The default: video frames for an image family. A family whose pipeline lacks a setting (such as
+        guidance rescale) adds it here.
+        """
+        refused = {}
+        if not self.is_video and self.config.validation_num_video_frames is not None:
+            refused["validation_num_video_frames"] = (
+                f"{self.name} generates images; remove it (it applies to video families)"
+            )
+        return refused
+
+
+def _round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= `value`."""
+    return -(-value // multiple) * multiple
 
 
 def _tree_mtime(path: Path) -> int:

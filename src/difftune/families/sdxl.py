@@ -23,7 +23,7 @@ import torch
 
 from difftune.errors import ConfigError
 from difftune.families import registry
-from difftune.families.base import Components, Family, Objective
+from difftune.families.base import Components, Family, GenerationRequest, Objective
 from difftune.families.objectives import Diff2FlowObjective, EpsilonObjective
 from difftune.families.vae_source import load_vae
 
@@ -48,8 +48,8 @@ class SDXLFamily(Family):
 
     spec = registry.SDXL
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, emit=None):
+        super().__init__(config, emit)
         seed = config.seed if config.seed is not None else 0
         self._latent_generator = torch.Generator().manual_seed(seed)
         self._diff2flow: Diff2FlowObjective | None = None  # set by objective() with diff2flow_enabled
@@ -260,46 +260,38 @@ class SDXLFamily(Family):
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    def generate(
-        self,
-        pipeline,
-        *,
-        prompt: str,
-        negative_prompt: str | None,
-        width: int,
-        height: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        generator: torch.Generator,
-        **kwargs,
-    ) -> list:
-        """PIL images at width x height (multiples of 8).
+    def generate(self, pipeline, request: GenerationRequest) -> list:
+        """PIL images at the asked size (multiples of 8), with guidance rescale as asked.
 
         When the VAE's dtype differs from the latents' (fp32 VAE beside bf16 weights) the pipeline
         stops at latents and they are decoded in the VAE's dtype, as the pipeline itself does
         when it upcasts its VAE.
         """
+        arguments: dict[str, Any] = dict(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or None,
+            width=request.width,
+            height=request.height,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            guidance_rescale=request.guidance_rescale,
+            generator=request.generator,
+        )
+        if request.on_step_end is not None:
+            arguments["callback_on_step_end"] = request.on_step_end
         if self._prompt_tokens(pipeline.tokenizer) < pipeline.tokenizer.model_max_length:
             # the stock pipeline always encodes 77 tokens; give it prompts encoded as in training
-            kwargs.update(self._validation_prompt_embeds(pipeline, prompt, negative_prompt))
-            prompt = negative_prompt = None
-        arguments = dict(
-            prompt=prompt,
-            negative_prompt=negative_prompt or None,
-            width=width,
-            height=height,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            **kwargs,
-        )
+            arguments.update(
+                self._validation_prompt_embeds(pipeline, request.prompt, request.negative_prompt)
+            )
+            arguments["prompt"] = arguments["negative_prompt"] = None
         if pipeline.vae.dtype == pipeline.text_encoder_2.dtype:  # the pipeline's latents take that dtype
             return list(pipeline(**arguments).images)
         latents = pipeline(output_type="latent", **arguments).images
         with torch.no_grad():
             vae = pipeline.vae
             image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        if getattr(pipeline, "watermark", None) is not None:
+        if pipeline.watermark is not None:
             image = pipeline.watermark.apply_watermark(image)
         return list(pipeline.image_processor.postprocess(image, output_type="pil"))
 
@@ -376,11 +368,7 @@ class SDXLFamily(Family):
         )
         return output_dir / "pytorch_lora_weights.safetensors"
 
-    def validate_config(self) -> list[str]:
-        """A validation size off the 8-pixel grid is an error."""
-        for width, height in self.config.validation_sizes:
-            if width % 8 or height % 8:
-                raise ConfigError(
-                    f"validation_resolution {width}x{height}: SDXL sizes must be multiples of 8"
-                )
-        return []
+    @property
+    def validation_pixel_multiple(self) -> int:
+        """The SDXL pipeline takes any multiple of 8 (the VAE factor), finer than the bucket grid."""
+        return 8

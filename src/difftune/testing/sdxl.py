@@ -76,7 +76,7 @@ def tiny_sdxl_vae(seed: int = 0):
     )
 
 
-def _clip_config(**extra):
+def clip_text_config(**extra):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -100,9 +100,9 @@ def tiny_sdxl_text_encoders(seed: int = 0):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    first = CLIPTextModel(_clip_config())
+    first = CLIPTextModel(clip_text_config())
     torch.manual_seed(seed + 1)
-    second = CLIPTextModelWithProjection(_clip_config(projection_dim=POOLED_DIM))
+    second = CLIPTextModelWithProjection(clip_text_config(projection_dim=POOLED_DIM))
     return first.eval(), second.eval()
 
 

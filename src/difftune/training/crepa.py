@@ -10,18 +10,19 @@ the clean frame f itself and of its neighbours k, 1 <= |k - f| <= crepa_adjacent
 
 sim is the cosine similarity of matching tokens averaged over the token grid; the encoder's patch grid
 is resized (bilinear) to the transformer's token grid, both covering the whole frame. Distance 0 is
-per-frame REPA. Latent frame f stands for pixel frame 4f (the last frame its causal VAE step saw).
+per-frame REPA. Latent frame f stands for pixel frame k*f, k the VAE's frames per latent (the last
+frame its causal VAE step saw).
 
 How the training loop uses it (Kandinsky 5 Video):
 
-    crepa = Crepa(config, model, device)                 # before building the optimizer
+    crepa = Crepa(config, model, family.transformer_blocks(model), device, frames_per_latent=4)
     params = trainable_params + crepa.trainable_parameters()
     ...
     prediction = family.model_forward(components, denoiser, noisy, timesteps, batch)   # hook captures
     frames = batch.get("pixels")                         # (B, 3, T, H, W) in [-1, 1], clean clip
     if frames is None:                                   # cached latents: decode the clean latents
         frames = family.decode_latents(components, latents)
-    loss = diffusion_loss + crepa.loss(frames, row_order=family.denoiser_row_order(batch))
+    loss = diffusion_loss + crepa.loss(frames, row_order=family.row_order(batch))
 
 `frames` may also hold one frame per latent frame (T == T'). Save `crepa.state_dict()` with the
 checkpoint for an exact resume; the projector is used only for the loss, not at inference.
@@ -37,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difftune.data.video import TEMPORAL_COMPRESSION
 from difftune.errors import ConfigError
 
 ENCODER_HUB_IDS = {
@@ -48,7 +48,6 @@ ENCODER_HUB_IDS = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BLOCK_LISTS = ("visual_transformer_blocks", "transformer_blocks", "blocks")
 ENCODER_FRAMES_PER_CALL = 16
 
 
@@ -96,23 +95,27 @@ def neighbour_weights(frames: int, distance: int, tau: float) -> torch.Tensor:
 class Crepa:
     """Hooks one transformer block, projects its tokens and scores them against DINOv2 features of the frames.
 
-    `encoder` (a loaded Dinov2Model) skips `load_vision_encoder`; `projector_width` is the MLP's width.
+    `blocks` is the transformer's block stack (`Family.transformer_blocks`); `frames_per_latent` the
+    VAE's temporal compression (the family row's); `encoder` (a loaded Dinov2Model) skips
+    `load_vision_encoder`; `projector_width` is the MLP's width.
     """
 
     def __init__(
         self,
         config,
         transformer: nn.Module,
+        blocks: nn.ModuleList,
         device: torch.device | str,
         *,
+        frames_per_latent: int = 1,
         encoder: nn.Module | None = None,
         projector_width: int = 2048,
     ):
+        self.frames_per_latent = frames_per_latent
         self.weight = float(config.crepa_lambda)
         self.distance = int(config.crepa_adjacent_distance)
         self.tau = float(config.crepa_adjacent_tau)
         self.image_size = int(config.crepa_encoder_image_size)
-        blocks = _block_list(transformer)
         index = int(config.crepa_block_index)
         if not -len(blocks) <= index < len(blocks):
             raise ValueError(
@@ -189,7 +192,7 @@ class Crepa:
 
         frames: the clean clip, (B, 3, T, H, W) in [-1, 1], with T = 4(T' - 1) + 1 pixel frames or
         T = T' (one per latent frame). row_order: the batch row of each captured row, when the
-        transformer was called on groups of rows (Kandinsky 5: `family.denoiser_row_order(batch)`).
+        transformer was called on groups of rows (`family.row_order(batch)`).
         """
         hidden = self._take_hidden(row_order)  # (B, T', h, w, D)
         batch, latent_frames, height, width, _ = hidden.shape
@@ -198,7 +201,8 @@ class Crepa:
                 f"Crepa.loss got frames for {frames.shape[0]} clips but the transformer saw {batch}"
             )
         projected = self.projector(hidden.float())
-        targets = self.encoder_features(_frames_per_latent(frames, latent_frames), (height, width))
+        picked = _frames_per_latent(frames, latent_frames, self.frames_per_latent)
+        targets = self.encoder_features(picked, (height, width))
         projected = F.normalize(projected.flatten(2, 3), dim=-1)  # (B, T', h*w, D)
         targets = F.normalize(targets.flatten(2, 3).to(projected), dim=-1)
         # similarity[b, f, k]: frame f's projected tokens against encoder features of frame k
@@ -255,33 +259,23 @@ class Crepa:
         return stacked.reshape(batch, count, *grid, stacked.shape[-1])
 
 
-def _frames_per_latent(frames: torch.Tensor, latent_frames: int) -> torch.Tensor:
-    """(B, 3, T, H, W) -> (B, T', 3, H, W): pixel frame 4f for latent frame f (or all, when T == T')."""
+def _frames_per_latent(frames: torch.Tensor, latent_frames: int, step: int) -> torch.Tensor:
+    """(B, 3, T, H, W) -> (B, T', 3, H, W): pixel frame step*f for latent frame f (or all, when T == T')."""
     if frames.ndim != 5:
         raise ValueError(f"Crepa.loss expects frames shaped (B, C, T, H, W), got {tuple(frames.shape)}")
     total = frames.shape[2]
     if total == latent_frames:
         picked = frames
-    elif (total - 1) % TEMPORAL_COMPRESSION == 0 and (total - 1) // TEMPORAL_COMPRESSION + 1 == latent_frames:
-        index = torch.arange(latent_frames, device=frames.device) * TEMPORAL_COMPRESSION
+    elif (total - 1) % step == 0 and (total - 1) // step + 1 == latent_frames:
+        index = torch.arange(latent_frames, device=frames.device) * step
         picked = frames.index_select(2, index)
     else:
-        expected = (latent_frames - 1) * TEMPORAL_COMPRESSION + 1
+        expected = (latent_frames - 1) * step + 1
         raise ValueError(
             f"Crepa.loss got {total} frames for {latent_frames} latent frames; pass the clip's "
             f"{expected} pixel frames or {latent_frames} frames, one per latent frame"
         )
     return picked.transpose(1, 2)
-
-
-def _block_list(transformer: nn.Module) -> nn.ModuleList:
-    for name in BLOCK_LISTS:
-        blocks = getattr(transformer, name, None)
-        if isinstance(blocks, nn.ModuleList) and len(blocks):
-            return blocks
-    raise ValueError(
-        f"CREPA cannot find the transformer blocks of {type(transformer).__name__} (looked for {', '.join(BLOCK_LISTS)})"
-    )
 
 
 def _hidden_size(transformer: nn.Module) -> int:

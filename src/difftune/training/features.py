@@ -41,7 +41,8 @@ class TrainingFeatures:
             from difftune.training.tread import apply_tread
 
             # The noise generator drives the routing, so a checkpoint's generator state resumes it exactly.
-            features.tread = apply_tread(model, config.tread_config, generator)
+            blocks = family.transformer_blocks(model)
+            features.tread = apply_tread(model, blocks, config.tread_config, generator)
         if config.use_ema:
             from difftune.training.ema import EMAModel
 

@@ -118,10 +118,8 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         from accelerate.utils import set_seed
 
         set_seed(config.seed)
-    family = get_family(config)
+    family = get_family(config, bus.emit)  # its check() ran when the config was loaded
     check_text_encoder_training(family, config)
-    for warning in family.validate_config():
-        bus.emit("warning", {"message": warning})
     check_dataset_folders(loaded.datasets)  # before the model load, which can take minutes
     resume_path = resolve_resume(  # verified now, so a damaged checkpoint stops before the model load
         output_dir, config.resume_from_checkpoint, config.allow_resume_outside_output_dir, bus.emit
@@ -157,7 +155,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
 
     denoiser = prepare_denoiser(family, components, config, weight_dtype, accelerator.device, bus.emit)
     sharded = shard_if_configured(denoiser, config, accelerator.num_processes, bus.emit)  # FSDP2
-    crepa = build_crepa(config, denoiser, components, accelerator.device)
+    crepa = build_crepa(config, family, denoiser, components, accelerator.device)
     text_encoders = build_text_encoder_training(family, components, config)  # train_text_encoder
     optimizer = build_optimizer(
         list(denoiser.parameters()) + (crepa.trainable_parameters() if crepa else []),

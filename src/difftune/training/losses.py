@@ -78,13 +78,19 @@ def per_sample_loss(
     return (error * mask).sum(dim=dims) / mask.sum(dim=dims).clamp_min(1.0)
 
 
-def build_crepa(config, denoiser: torch.nn.Module, components, device):
+def build_crepa(config, family, denoiser: torch.nn.Module, components, device):
     """The CREPA regulariser when crepa_enabled (its projector trains with the denoiser), else None."""
     if not config.crepa_enabled:
         return None
     from difftune.training.crepa import Crepa, drop_vae_encoder
 
-    crepa = Crepa(config, denoiser, device)
+    crepa = Crepa(
+        config,
+        denoiser,
+        family.transformer_blocks(denoiser),
+        device,
+        frames_per_latent=family.spec.frames_per_latent,
+    )
     if config.crepa_drop_vae_encoder and components.vae is not None:
         drop_vae_encoder(components.vae)
     return crepa
@@ -96,5 +102,4 @@ def crepa_loss(crepa, family, components, batch: dict, latents: torch.Tensor) ->
     if frames is None:
         with torch.no_grad():
             frames = family.decode_latents(components, latents)
-    row_order = family.denoiser_row_order(batch) if hasattr(family, "denoiser_row_order") else None
-    return crepa.loss(frames, row_order=row_order)
+    return crepa.loss(frames, row_order=family.row_order(batch))

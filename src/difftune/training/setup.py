@@ -132,9 +132,7 @@ def prepare_frozen(family: Family, components, config: TrainConfig, device: torc
         precision = getattr(config, f"text_encoder_{index}_precision", "no_change")
         if precision != "no_change":
             quantize_module(encoder, precision, device=device)
-    # a family whose load() already set its VAE's memory options (the 3D video VAE) is left alone
-    configured = getattr(family, "configures_vae", False)
-    notes = configure_vae(components.vae, config) if components.vae is not None and not configured else []
+    notes = configure_vae(components.vae, config) if components.vae is not None else []
     if (config.offload_during_startup or config.enable_model_cpu_offload) and device.type != "cpu":
         # each frozen part is moved to the device only while it runs, so no two are resident together
         for module in [*components.text_encoders, components.vae]:

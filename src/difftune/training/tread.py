@@ -30,7 +30,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 from difftune.errors import ConfigError
 
 ROUTE_KEYS = ("selection_ratio", "start_layer_idx", "end_layer_idx")
-BLOCK_LIST_NAME = "visual_transformer_blocks"
 # Positions (and names) of the visual block forward's arguments.
 _HIDDEN, _TIME, _ROPE, _SPARSE = (0, "visual_embed"), (2, "time_embed"), (3, "rope"), (4, "sparse_params")
 
@@ -273,27 +272,19 @@ class TreadHandle:
         self.remove()
 
 
-def find_visual_blocks(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
-    """The module holding `visual_transformer_blocks` (inside peft/accelerate wrappers too) and that list."""
-    for module in model.modules():
-        blocks = getattr(module, BLOCK_LIST_NAME, None)
-        if isinstance(blocks, torch.nn.ModuleList):
-            return module, blocks
-    raise ValueError(
-        f"tread_config: {type(model).__name__} has no {BLOCK_LIST_NAME}; TREAD routing is built for the "
-        "Kandinsky 5 transformer, remove tread_config for this model family"
-    )
-
-
 def apply_tread(
-    transformer: torch.nn.Module, tread_config: Mapping[str, Any], generator: int | torch.Generator = 0
+    transformer: torch.nn.Module,
+    blocks: torch.nn.ModuleList,
+    tread_config: Mapping[str, Any],
+    generator: int | torch.Generator = 0,
 ) -> TreadHandle:
-    """Route tokens around the configured visual blocks while `transformer` trains; returns the handle.
+    """Route tokens around the configured blocks of `transformer` while it trains; returns the handle.
 
-    `tread_config` is the config value {"routes": [{"selection_ratio", "start_layer_idx",
-    "end_layer_idx"}, ...]}; `generator` (or an int seed) makes the token draws reproducible.
+    `blocks` is the transformer's block stack (`Family.transformer_blocks`); `tread_config` is the
+    config value {"routes": [{"selection_ratio", "start_layer_idx", "end_layer_idx"}, ...]};
+    `generator` (or an int seed) makes the token draws reproducible.
     """
-    owner, blocks = find_visual_blocks(transformer)
+    owner = next(m for m in transformer.modules() if any(child is blocks for child in m.children()))
     router = TreadRouter(parse_routes(tread_config), len(blocks), generator)
     hooks, route_hooks = [], []
     for index, route in enumerate(router.routes):

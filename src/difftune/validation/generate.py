@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from difftune.config.schema import TrainConfig
-from difftune.families.base import Components, Family
+from difftune.families.base import Components, Family, GenerationRequest
 from difftune.validation.prompts import validation_prompts
 
 
@@ -33,18 +33,6 @@ def _module_states(
     return states
 
 
-def _save(images: list, folder: Path, stem: str, family: Family, config: TrainConfig) -> Path:
-    """One PNG (images) or MP4 (video families, a list of frames) for one generated sample."""
-    if family.is_video:
-        from difftune.data.video import write_video
-
-        frames = images[0] if images and isinstance(images[0], list) else images
-        return write_video(folder / f"{stem}.mp4", frames, fps=config.framerate)
-    path = folder / f"{stem}.png"
-    images[0].save(path)
-    return path
-
-
 def _previews(family, components, pipeline, config, events, folder: Path, step: int, stem: str):
     """The preview callback of one sample: its files are named after the sample's own file."""
     from difftune.validation.previews import preview_callback
@@ -56,7 +44,6 @@ def _previews(family, components, pipeline, config, events, folder: Path, step: 
         events,
         out_dir=folder / "previews",
         step=step,
-        tiny_vae=components.extras.get("tiny_vae"),
         name=stem,
     )
 
@@ -94,13 +81,6 @@ def run_validation(
     folder = Path(output_dir) / "validation" / str(step)
     folder.mkdir(parents=True, exist_ok=True)
     seed = config.validation_seed if config.validation_seed is not None else (config.seed or 0)
-    extra = (
-        {"guidance_rescale": config.validation_guidance_rescale} if config.validation_guidance_rescale else {}
-    )
-    if family.is_video and config.validation_num_video_frames:
-        extra["num_frames"] = config.validation_num_video_frames
-    if conditioning_image is not None:
-        extra["image"] = conditioning_image
     states = _module_states(components, denoiser)
     cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     paths: list[Path] = []
@@ -117,24 +97,27 @@ def run_validation(
                         if config.num_validation_images > 1:
                             stem += f"-{index}"
                         stem += suffix
+                        on_step_end = None
                         if config.validation_preview and write:  # previews/<stem>_<inference step>.png
-                            extra["callback_on_step_end"] = _previews(
+                            on_step_end = _previews(
                                 family, components, pipeline, config, events, folder, step, stem
                             )
-                        generator = torch.Generator().manual_seed(seed + index)
-                        images = family.generate(
-                            pipeline,
+                        request = GenerationRequest(
                             prompt=prompt,
                             negative_prompt=config.validation_negative_prompt,
                             width=width,
                             height=height,
                             num_inference_steps=config.validation_num_inference_steps,
                             guidance_scale=config.validation_guidance,
-                            generator=generator,
-                            **extra,
+                            guidance_rescale=config.validation_guidance_rescale,
+                            generator=torch.Generator().manual_seed(seed + index),
+                            num_frames=config.validation_num_video_frames,
+                            image=conditioning_image,
+                            on_step_end=on_step_end,
                         )
+                        sample = family.generate(pipeline, request)
                         if write:
-                            paths.append(_save(images, folder, stem, family, config))
+                            paths.append(family.save_sample(sample, folder / stem))
     finally:
         for module, training, device in states:
             module.train(training)

@@ -2,8 +2,7 @@
 
 The callback plugs into a diffusers pipeline call as `callback_on_step_end`. With
 `validation_num_inference_steps` 20 and `validation_preview_steps` 5, previews come at inference
-steps 5, 10, 15 and 20. A Tiny AutoEncoder (diffusers `AutoencoderTiny`, e.g. TAESD for SDXL) decodes
-in a fraction of the VAE's time; a family offers one as `components.extras["tiny_vae"]`.
+steps 5, 10, 15 and 20.
 """
 
 from __future__ import annotations
@@ -26,14 +25,12 @@ def preview_callback(
     *,
     out_dir: str | Path,
     step: int = 0,
-    tiny_vae: torch.nn.Module | None = None,
     name: str = "preview",
 ) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
     """A `callback_on_step_end` that saves out_dir/NAME_NNN.png every `every_n_steps` and emits it.
 
     `decode_fn(latents)` gets the pipeline's latents as they are (the denoiser's space and layout) and
-    returns pixels in [-1, 1], (B, C, H, W) or (B, C, T, H, W) (the first frame is shown). With
-    `tiny_vae`, latents go to `tiny_vae.decode` instead. Emits `validation_preview` with
+    returns pixels in [-1, 1], (B, C, H, W) or (B, C, T, H, W) (the first frame is shown). Emits `validation_preview` with
     {step (training), preview_index (1, 2, ...), inference_step, path}.
     """
     if every_n_steps < 1:
@@ -56,10 +53,7 @@ def preview_callback(
             return callback_kwargs
         latents = callback_kwargs["latents"]
         with torch.no_grad():
-            if tiny_vae is not None:
-                pixels = tiny_vae.decode(latents.to(tiny_vae.dtype)).sample
-            else:
-                pixels = decode_fn(latents)
+            pixels = decode_fn(latents)
         previews_made += 1
         path = out_dir / f"{name}_{inference_step:03d}.png"
         save_preview(pixels, path)

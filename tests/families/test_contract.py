@@ -1,0 +1,132 @@
+"""What every family promises, checked on its tiny model: each registry row, and a fourth family added
+the way a new one is (tests/families/extra_family.py: one module, one row, one tiny model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difftune.config import ConfigError
+from difftune.config.schema import TrainConfig
+from difftune.families import get_family, registry
+from difftune.families.base import GenerationRequest
+from difftune.training.adapters import attach_lora, lora_state_dict
+from difftune.training.losses import per_sample_loss
+from tests.families import extra_family
+
+FAMILIES = [*registry.FAMILIES, extra_family.SPEC.name]
+CPU = torch.device("cpu")
+SIZE = 64
+PROMPTS = ["a red circle", "a blue square on a white background"]
+
+
+@pytest.fixture(params=FAMILIES)
+def family_name(request, monkeypatch):
+    monkeypatch.setitem(registry.FAMILIES, extra_family.SPEC.name, extra_family.SPEC)
+    return request.param
+
+
+def make_family(name: str, tiny_model, **settings):
+    values = {"lora_rank": 4, "seed": 0, "validation_resolution": f"{SIZE}x{SIZE}", **settings}
+    config = TrainConfig(model_family=name, pretrained_model_name_or_path=str(tiny_model(name)), **values)
+    return get_family(config)
+
+
+def pixels_for(family, count: int = 2) -> torch.Tensor:
+    """Random pixels in [-1, 1]: (B, 3, H, W), or (B, 3, T, H, W) with two latent frames for video."""
+    generator = torch.Generator().manual_seed(0)
+    frames = (family.spec.frames_per_latent + 1,) if family.is_video else ()
+    return torch.rand(count, 3, *frames, SIZE, SIZE, generator=generator) * 2 - 1
+
+
+def batch_for(family, components) -> dict:
+    """What the data pipeline gives a step: collated prompts, latents and each sample's sizes."""
+    batch = family.collate_prompts(family.encode_prompts(components, PROMPTS))
+    batch["latents"] = family.encode_pixels(components, pixels_for(family))
+    sizes = torch.tensor([[SIZE, SIZE]] * len(PROMPTS))
+    batch.update(original_sizes=sizes, crop_coords=torch.zeros_like(sizes), target_sizes=sizes)
+    return batch
+
+
+def loss_of(family, components, objective, batch, noise, timesteps) -> torch.Tensor:
+    latents = batch["latents"]
+    noisy = objective.add_noise(latents, noise, timesteps)
+    prediction = family.model_forward(components, components.denoiser, noisy, timesteps, batch)
+    target = objective.target(latents, noise, timesteps)
+    return per_sample_loss(prediction, target, family.loss_mask(batch, latents)).mean()
+
+
+def test_tiny_model_loads_with_frozen_encoders(family_name, tiny_model):
+    family = make_family(family_name, tiny_model)
+    components = family.load(CPU, torch.float32)
+    frozen = [components.vae, *components.text_encoders]
+    assert all(not p.requires_grad for module in frozen for p in module.parameters())
+    assert sum(p.numel() for p in components.denoiser.parameters()) < 5_000_000
+
+
+def test_prompt_pixel_and_prediction_shapes(family_name, tiny_model):
+    family = make_family(family_name, tiny_model)
+    components = family.load(CPU, torch.float32)
+    embeds = family.encode_prompts(components, PROMPTS)
+    assert len(embeds) == len(PROMPTS) and all(embed.keys() == embeds[0].keys() for embed in embeds)
+    pixels = pixels_for(family)
+    latents = family.encode_pixels(components, pixels)
+    assert latents.shape[0] == 2 and latents.shape[-2:] == (SIZE // 8, SIZE // 8)
+    assert family.decode_latents(components, latents).shape == pixels.shape
+    batch = batch_for(family, components)
+    timesteps = family.objective(components).sample_timesteps(2, torch.Generator().manual_seed(0), CPU)
+    with torch.no_grad():
+        prediction = family.model_forward(components, components.denoiser, batch["latents"], timesteps, batch)
+    assert prediction.shape == batch["latents"].shape
+
+
+def test_one_lora_step_lowers_the_loss_and_the_saved_adapter_loads_in_the_stock_pipeline(
+    family_name, tiny_model, tmp_path
+):
+    family = make_family(family_name, tiny_model)
+    components = family.load(CPU, torch.float32)
+    attach_lora(components.denoiser, family, family.config)
+    objective = family.objective(components)
+    batch = batch_for(family, components)
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.randn(batch["latents"].shape, generator=generator)
+    timesteps = objective.sample_timesteps(2, generator, CPU)
+    trainable = [p for p in components.denoiser.parameters() if p.requires_grad]
+    before = loss_of(family, components, objective, batch, noise, timesteps)
+    before.backward()
+    # A gradient step sized to lower the loss by ~1% to first order; the second-order term is far smaller.
+    squared = sum(float((p.grad**2).sum()) for p in trainable)
+    with torch.no_grad():
+        for p in trainable:
+            p -= 0.01 * float(before.detach()) / squared * p.grad
+        after = loss_of(family, components, objective, batch, noise, timesteps)
+    assert float(after) < float(before.detach())
+
+    family.save_lora(tmp_path, lora_state_dict(components.denoiser))
+    stock = family.load(CPU, torch.float32)
+    family.pipeline(stock, stock.denoiser).load_lora_weights(tmp_path)
+    with torch.no_grad():
+        noisy = objective.add_noise(batch["latents"], noise, timesteps)
+        trained = family.model_forward(components, components.denoiser, noisy, timesteps, batch)
+        loaded = family.model_forward(stock, stock.denoiser, noisy, timesteps, batch)
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_returns_the_asked_size(family_name, tiny_model, tmp_path):
+    family = make_family(family_name, tiny_model)
+    components = family.load(CPU, torch.float32)
+    pipeline = family.pipeline(components, components.denoiser)
+    frames = family.spec.frames_per_latent + 1 if family.is_video else None
+    request = GenerationRequest("a red circle", SIZE, SIZE // 2, 1, 2.0, torch.Generator(), num_frames=frames)
+    sample = family.generate(pipeline, request)
+    first = sample[0][0] if family.is_video else sample[0]
+    assert first.size == (SIZE, SIZE // 2)
+    assert family.save_sample(sample, tmp_path / "sample").is_file()
+
+
+def test_check_refuses_a_validation_size_off_the_pixel_grid(family_name, tiny_model):
+    family = make_family(family_name, tiny_model)
+    off = 2 * family.validation_pixel_multiple + 1
+    with pytest.raises(ConfigError, match=f"'{off}x{SIZE}'.*multiples of {family.validation_pixel_multiple}"):
+        make_family(family_name, tiny_model, validation_resolution=f"{off}x{SIZE}").check([])
+    assert isinstance(family.check([]), list)
