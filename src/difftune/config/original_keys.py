@@ -310,7 +310,7 @@ TRAIN_KEYS: dict[str, Status] = {
     "freeze_encoder_after": refused(_TEXT_ENCODER),
     "freeze_encoder_before": refused(_TEXT_ENCODER),
     "freeze_encoder_strategy": refused(_TEXT_ENCODER),
-    "save_text_encoder": refused(_TEXT_ENCODER),
+    "save_text_encoder": refused(_TEXT_ENCODER, True, "true"),  # train_text_encoder always saves them
     # objective: noise, timesteps, loss
     "snr_gamma": BUILT,
     "snr_weight": refused("use snr_gamma; remove it", 1),
