@@ -19,7 +19,8 @@ from difftune.data.conditioning import linked_ids
 from difftune.data.errors import DataError
 
 if TYPE_CHECKING:
-    from difftune.config.schema import ConditioningGenerator, DatasetConfig
+    from difftune.config.dataset_blocks import ConditioningGenerator
+    from difftune.config.schema import DatasetConfig
 
 Events = Callable[[str, dict[str, Any]], None]
 GENERATED_ROOT = Path("cache/conditioning")
