@@ -89,3 +89,27 @@ def make_image_dataset(
         lines = "\n".join(json.dumps(record) for record in records) + "\n"
         (folder / "metadata.jsonl").write_text(lines, encoding="utf-8")
     return sorted(paths)
+
+
+def make_solid_colour_dataset(
+    folder: Path,
+    colour: tuple[int, int, int],
+    n: int = 4,
+    size: tuple[int, int] = (64, 64),
+    caption: str = "a plain picture",
+) -> list[Path]:
+    """Write `n` PNG images of one RGB `colour`, each with `caption` in image.txt beside it.
+
+    Two such datasets with one caption differ only in colour. Returns the paths, sorted.
+    """
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(n):
+        path = folder / f"image_{index:03d}.png"
+        Image.new("RGB", size, colour).save(path)
+        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+        paths.append(path)
+    return paths

@@ -124,8 +124,10 @@ def tiny_flux_vae(seed: int = 0):
     """A Flux-style `AutoencoderKL`: 16 latent channels, 8x downsampling, Flux's scaling and shift factors."""
     from diffusers import AutoencoderKL
 
+    from difftune.testing.vae import make_colour_vae
+
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -133,13 +135,14 @@ def tiny_flux_vae(seed: int = 0):
         block_out_channels=(8, 8, 16, 16),
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=4,
+        norm_num_groups=1,  # one group: see difftune.testing.vae
         sample_size=64,
         scaling_factor=0.3611,
         shift_factor=0.1159,
         use_quant_conv=False,
         use_post_quant_conv=False,
-    ).eval()
+    )
+    return make_colour_vae(vae, seed).eval()
 
 
 def build_tiny_kandinsky5_image(path: str | Path, seed: int = 0, i2i: bool = False) -> Path:

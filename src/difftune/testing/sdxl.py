@@ -61,8 +61,10 @@ def tiny_sdxl_vae(seed: int = 0):
     """`AutoencoderKL` with 4 latent channels, 8x downsampling (4 levels) and SDXL's scaling factor."""
     from diffusers import AutoencoderKL
 
+    from difftune.testing.vae import make_colour_vae
+
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -70,10 +72,11 @@ def tiny_sdxl_vae(seed: int = 0):
         block_out_channels=(8, 8, 16, 16),
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=4,
+        norm_num_groups=1,  # one group: see difftune.testing.vae
         sample_size=64,
         scaling_factor=VAE_SCALING_FACTOR,
     )
+    return make_colour_vae(vae, seed)
 
 
 def clip_text_config(**extra):
