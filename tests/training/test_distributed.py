@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from difftune.config.schema import TrainConfig
 from difftune.data.errors import DatasetTooSmall
 from difftune.data.sampler import BucketBatchSampler, SampleGroup
-from difftune.families.objectives import FlowMatchingObjective
+from difftune.families.flow_matching import FlowMatchingObjective
 from difftune.training.distributed import (
     RowShardSampler,
     apply_fsdp2,

@@ -6,7 +6,8 @@ from diffusers import EulerDiscreteScheduler
 
 from difftune.config import load_config
 from difftune.config.schema import TrainConfig
-from difftune.families.objectives import Diff2FlowObjective, EpsilonObjective, FlowMatchingObjective
+from difftune.families.flow_matching import FlowMatchingObjective
+from difftune.families.objectives import Diff2FlowObjective, EpsilonObjective
 from difftune.testing.sdxl import SDXL_SCHEDULER_CONFIG
 from difftune.training.scheduled_sampling import draw_offsets, rollout_inputs, rollout_probability
 from tests.e2e.conftest import write_run

@@ -96,33 +96,6 @@ class EpsilonObjective(Objective):
         return clipped
 
 
-class FlowMatchingObjective(flow_matching.FlowMatchingObjective):
-    """Rectified flow (x_t = (1 - sigma) x0 + sigma noise, target noise - x0); timesteps are sigmas.
-
-    Sigmas are logit-normal (sigmoid(N(0, 1) * sigmoid_scale)) or uniform, then shifted with
-    s * sigma / (1 + (s - 1) * sigma). `timestep_for_model` gives what the denoiser is called with:
-    the Kandinsky 5 pipelines pass their FlowMatchEulerDiscreteScheduler timesteps, sigma * 1000.
-    """
-
-    def __init__(
-        self,
-        shift: float = 1.0,
-        uniform: bool = False,
-        sigmoid_scale: float = 1.0,
-        num_train_timesteps: int = 1000,
-        **options,
-    ):
-        super().__init__(shift=shift, uniform=uniform, sigmoid_scale=sigmoid_scale, **options)
-        self.num_train_timesteps = int(num_train_timesteps)
-
-    def timestep_for_model(self, sigmas: torch.Tensor) -> torch.Tensor:
-        """Sigmas (B,) in [0, 1] -> the denoiser's timestep input (B,), sigma * num_train_timesteps."""
-        return sigmas * self.num_train_timesteps
-
-
-shift_sigmas = flow_matching.shift_sigmas
-
-
 class Diff2FlowObjective(Objective):
     """Flow matching on a diffusion (DDPM-style) model, after "Diff2Flow: Training Flow Matching Models
     via Diffusion Model Alignment" (Schusterbauer et al. 2025).
