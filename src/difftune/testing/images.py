@@ -113,3 +113,28 @@ def make_solid_colour_dataset(
         path.with_suffix(".txt").write_text(caption, encoding="utf-8")
         paths.append(path)
     return paths
+
+
+def make_theme_dataset(
+    folder: Path,
+    n: int = 12,
+    shape: str = "circle",
+    colour: str = "red",
+    background: str = "blue",
+    size: tuple[int, int] = (64, 64),
+    seed: int = 0,
+) -> list[Path]:
+    """Write `n` PNG images of one theme (a `colour` `shape` on a `background`, placed and sized at random),
+    each with its caption in image.txt, so that a short run can learn what they share. Returns the paths.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    caption = f"a {colour} {shape} on a {background} background"
+    paths = []
+    for index in range(n):
+        path = folder / f"image_{index:03d}.png"
+        _draw(shape, COLOURS[colour], COLOURS[background], size, rng).save(path)
+        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+        paths.append(path)
+    return paths
