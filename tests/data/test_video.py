@@ -28,9 +28,12 @@ from difftune.data.video import (
     video_bucket,
     write_video,
 )
+from difftune.families.registry import KANDINSKY5_VIDEO
 from difftune.testing.videos import make_video, make_video_dataset, painted_frame_indices, render_frames
 
 CONTAINERS = [".mp4", ".webm", ".mkv", ".mov"]
+# the video family's temporal compression, read from its registry row
+STEP = KANDINSKY5_VIDEO.frames_per_latent
 
 
 def _nearest_earlier_on_tie(position: float) -> int:
@@ -78,16 +81,26 @@ def test_unreadable_file_names_the_path(tmp_path: Path) -> None:
 
 
 def test_valid_frame_counts_follow_the_vae_rule() -> None:
-    assert [n for n in range(0, 30) if valid_frame_count(n)] == [1, 5, 9, 13, 17, 21, 25, 29]
-    assert nearest_valid_frame_counts(60) == (57, 61)
-    assert nearest_valid_frame_counts(61) == (61, 61)
-    assert nearest_valid_frame_counts(50) == (49, 53)
+    assert [n for n in range(0, 30) if valid_frame_count(n, STEP)] == [1, 5, 9, 13, 17, 21, 25, 29]
+    assert nearest_valid_frame_counts(60, STEP) == (57, 61)
+    assert nearest_valid_frame_counts(61, STEP) == (61, 61)
+    assert nearest_valid_frame_counts(50, STEP) == (49, 53)
+
+
+def test_frame_rule_follows_the_family_step_not_a_fixed_four() -> None:
+    # a VAE compressing time 8x takes 1, 9, 17 ... frames
+    assert [n for n in range(0, 20) if valid_frame_count(n, 8)] == [1, 9, 17]
+    assert nearest_valid_frame_counts(12, 8) == (9, 17)
+    with pytest.raises(ValueError, match=r"compresses time 8x.*use 9 or 17"):
+        check_frame_count(12, "video.num_frames", 8)
+    config = VideoConfig(num_frames=9, bucket_strategy="resolution_frames")
+    assert video_bucket(_info(30, fps=30.0), config, (64, 48), 8) == ("64x48@25", 25)
 
 
 def test_check_frame_count_names_key_value_and_nearest_counts() -> None:
-    check_frame_count(61, "video.num_frames")
+    check_frame_count(61, "video.num_frames", STEP)
     with pytest.raises(ValueError) as caught:
-        check_frame_count(60, "validation_num_video_frames")
+        check_frame_count(60, "validation_num_video_frames", STEP)
     message = str(caught.value)
     assert "validation_num_video_frames=60" in message
     assert "57 or 61" in message
@@ -143,7 +156,7 @@ def test_min_frames_is_measured_after_resampling_and_drops_short_videos() -> Non
     # 40 frames at 30 fps last 1.33 s: 32 frames at 24 fps, one short of 33
     assert usable_frames(infos["short.mp4"], 24) == 32
     assert frames_needed(infos["short.mp4"], config) == 42
-    kept, dropped = filter_videos(infos, config)
+    kept, dropped = filter_videos(infos, config, STEP)
     assert set(kept) == {Path("long.mp4"), Path("slow.mp4")}
     assert [(d.path, d.frames) for d in dropped] == [(Path("short.mp4"), 32)]
     assert "32 frames at 24 fps" in dropped[0].reason and "min_frames=33" in dropped[0].reason
@@ -151,7 +164,7 @@ def test_min_frames_is_measured_after_resampling_and_drops_short_videos() -> Non
 
 def test_min_frames_defaults_to_num_frames_and_max_frames_drops_long_videos() -> None:
     config = VideoConfig(num_frames=25, max_frames=41)
-    kept, dropped = filter_videos({"a.mp4": _info(24), "b.mp4": _info(25), "c.mp4": _info(42)}, config)
+    kept, dropped = filter_videos({"a.mp4": _info(24), "b.mp4": _info(25), "c.mp4": _info(42)}, config, STEP)
     assert list(kept) == [Path("b.mp4")]
     reasons = {d.path.name: d.reason for d in dropped}
     assert "num_frames=25" in reasons["a.mp4"] and "24 frames" in reasons["a.mp4"]
@@ -163,25 +176,25 @@ def test_min_frames_defaults_to_num_frames_and_max_frames_drops_long_videos() ->
 
 def test_aspect_ratio_buckets_by_spatial_size_and_trains_num_frames() -> None:
     config = VideoConfig(num_frames=21, bucket_strategy="aspect_ratio")
-    bucket = video_bucket(_info(90), config, (64, 48))
+    bucket = video_bucket(_info(90), config, (64, 48), STEP)
     assert bucket.key == (64, 48) and bucket.num_frames == 21
     with pytest.raises(ValueError, match="video.num_frames=20"):
-        video_bucket(_info(90), VideoConfig(num_frames=20), (64, 48))
+        video_bucket(_info(90), VideoConfig(num_frames=20), (64, 48), STEP)
 
 
 def test_resolution_frames_buckets_by_size_and_usable_length() -> None:
     config = VideoConfig(num_frames=17, bucket_strategy="resolution_frames", frame_rate=24)
     # 90 frames at 30 fps -> 72 at 24 fps -> valid 69
-    assert video_bucket(_info(90), config, (64, 48)) == ("64x48@69", 69)
+    assert video_bucket(_info(90), config, (64, 48), STEP) == ("64x48@69", 69)
     with_interval = config.model_copy(update={"frame_interval": 10})
     # 72 -> multiple of 10: 70 -> valid 69; 40 frames at 30 fps -> 32 -> 30 -> 29
-    assert video_bucket(_info(90), with_interval, (64, 48)).key == "64x48@69"
-    assert video_bucket(_info(40), with_interval, (48, 64)) == ("48x64@29", 29)
+    assert video_bucket(_info(90), with_interval, (64, 48), STEP).key == "64x48@69"
+    assert video_bucket(_info(40), with_interval, (48, 64), STEP) == ("48x64@29", 29)
     too_coarse = VideoConfig(num_frames=5, bucket_strategy="resolution_frames", frame_interval=50)
-    kept, dropped = filter_videos({"a.mp4": _info(40)}, too_coarse)
+    kept, dropped = filter_videos({"a.mp4": _info(40)}, too_coarse, STEP)
     assert not kept and "frame_interval=50" in dropped[0].reason
     capped = config.model_copy(update={"max_frames": 50})
-    assert video_bucket(_info(60, fps=24.0), capped, (64, 64)) == ("64x64@49", 49)
+    assert video_bucket(_info(60, fps=24.0), capped, (64, 64), STEP) == ("64x64@49", 49)
 
 
 # --- resizing, first frame --------------------------------------------------------------------

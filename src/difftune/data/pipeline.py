@@ -258,7 +258,9 @@ def _add_dataset(
     )
     found = discover(dataset, cache_dir)
     if dataset.dataset_type == "video":
-        planned = plan_video_samples(found.samples, dataset, family.pixel_multiple, seed)
+        planned = plan_video_samples(
+            found.samples, dataset, family.pixel_multiple, family.spec.frames_per_latent, seed
+        )
         kept, keys, rejected = planned.plans, planned.bucket_keys, planned.skipped
     else:
         kept, rejected = plan_samples(found.samples, dataset, family.pixel_multiple, seed)

@@ -1,7 +1,7 @@
-"""Video files for the Kandinsky 5 Video family: probing, frame rules, decoding, buckets, writing.
+"""Video files for video families: probing, frame rules, decoding, buckets, writing.
 
 Layouts: decoded clips are (C, T, H, W) float tensors in [-1, 1], RGB. Frame counts follow the video
-VAE's 4x temporal compression: a clip of T frames needs (T - 1) % 4 == 0. Lengths used for filtering
+VAE's temporal compression (the family's `frames_per_latent`, k): a clip of T frames needs (T - 1) % k == 0. Lengths used for filtering
 and buckets are counted AFTER resampling to `video.frame_rate` (the source's own rate when unset).
 """
 
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TEMPORAL_COMPRESSION = 4
 # Tolerance for comparing timestamps and frame counts computed from float rates.
 _EPS = 1e-6
 
@@ -121,34 +120,34 @@ def _reason(error: BaseException) -> str:
 # the frame-count rule of the video VAE
 
 
-def valid_frame_count(n: int) -> bool:
-    """True when a clip of n frames fits the VAE's 4x temporal compression: (n - 1) % 4 == 0."""
-    return n >= 1 and (n - 1) % TEMPORAL_COMPRESSION == 0
+def valid_frame_count(n: int, frames_per_latent: int) -> bool:
+    """True when a clip of n frames fits the VAE's temporal compression: (n - 1) % frames_per_latent == 0."""
+    return n >= 1 and (n - 1) % frames_per_latent == 0
 
 
-def nearest_valid_frame_counts(n: int) -> tuple[int, int]:
+def nearest_valid_frame_counts(n: int, frames_per_latent: int) -> tuple[int, int]:
     """The largest valid count <= n and the smallest valid count >= n (both n when n is valid)."""
     if n <= 1:
         return 1, 1
-    below = n - (n - 1) % TEMPORAL_COMPRESSION
-    above = below if below == n else below + TEMPORAL_COMPRESSION
+    below = n - (n - 1) % frames_per_latent
+    above = below if below == n else below + frames_per_latent
     return below, above
 
 
-def check_frame_count(n: int, key: str) -> None:
-    """Raise ValueError naming `key` when n breaks the rule (frames - 1) % 4 == 0."""
-    if valid_frame_count(n):
+def check_frame_count(n: int, key: str, frames_per_latent: int) -> None:
+    """Raise ValueError naming `key` when n breaks the rule (frames - 1) % frames_per_latent == 0."""
+    if valid_frame_count(n, frames_per_latent):
         return
-    below, above = nearest_valid_frame_counts(n)
+    below, above = nearest_valid_frame_counts(n, frames_per_latent)
     choices = f"{above}" if below == above else f"{below} or {above}"
     raise ValueError(
-        f"{key}={n} is not a valid frame count: the video VAE compresses time 4x, so "
-        f"(frames - 1) % 4 == 0 must hold; use {choices}"
+        f"{key}={n} is not a valid frame count: the video VAE compresses time {frames_per_latent}x, so "
+        f"(frames - 1) % {frames_per_latent} == 0 must hold; use {choices}"
     )
 
 
-def _round_down_to_valid(n: int) -> int:
-    return nearest_valid_frame_counts(n)[0] if n >= 1 else 0
+def _round_down_to_valid(n: int, frames_per_latent: int) -> int:
+    return nearest_valid_frame_counts(n, frames_per_latent)[0] if n >= 1 else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +179,7 @@ def frames_needed(info: VideoInfo, video_cfg: VideoConfig) -> int:
     return int(math.ceil(needed * info.fps / rate - _EPS))
 
 
-def length_problem(info: VideoInfo, video_cfg: VideoConfig) -> str | None:
+def length_problem(info: VideoInfo, video_cfg: VideoConfig, frames_per_latent: int) -> str | None:
     """Why this video cannot train under video_cfg (too short, too long), or None when it can."""
     frames = usable_frames(info, video_cfg.frame_rate)
     at_rate = _rate_words(info, video_cfg.frame_rate)
@@ -193,19 +192,22 @@ def length_problem(info: VideoInfo, video_cfg: VideoConfig) -> str | None:
         )
     if video_cfg.max_frames is not None and frames > video_cfg.max_frames:
         return f"{frames} frames{at_rate}, longer than max_frames={video_cfg.max_frames}"
-    if video_cfg.bucket_strategy == "resolution_frames" and training_frame_count(info, video_cfg) < 1:
+    if (
+        video_cfg.bucket_strategy == "resolution_frames"
+        and training_frame_count(info, video_cfg, frames_per_latent) < 1
+    ):
         return f"{frames} frames{at_rate}, fewer than frame_interval={video_cfg.frame_interval}"
     return None
 
 
 def filter_videos(
-    infos: Mapping[str | Path, VideoInfo], video_cfg: VideoConfig
+    infos: Mapping[str | Path, VideoInfo], video_cfg: VideoConfig, frames_per_latent: int
 ) -> tuple[dict[Path, VideoInfo], list[DroppedVideo]]:
     """Split videos into those that can train and those dropped (with their length and the reason)."""
     kept: dict[Path, VideoInfo] = {}
     dropped: list[DroppedVideo] = []
     for path, info in infos.items():
-        problem = length_problem(info, video_cfg)
+        problem = length_problem(info, video_cfg, frames_per_latent)
         if problem is None:
             kept[Path(path)] = info
         else:
@@ -223,11 +225,11 @@ def _rate_words(info: VideoInfo, frame_rate: float | None) -> str:
 # buckets
 
 
-def training_frame_count(info: VideoInfo, video_cfg: VideoConfig) -> int:
+def training_frame_count(info: VideoInfo, video_cfg: VideoConfig, frames_per_latent: int) -> int:
     """Frames each sample of this video trains with (0 when it cannot give a valid clip).
 
     aspect_ratio: num_frames. resolution_frames: the usable count capped by max_frames, rounded down
-    to a multiple of frame_interval, then down to a valid (F - 1) % 4 == 0 count.
+    to a multiple of frame_interval, then down to a valid (F - 1) % frames_per_latent == 0 count.
     """
     if video_cfg.bucket_strategy == "aspect_ratio":
         return video_cfg.num_frames
@@ -236,19 +238,21 @@ def training_frame_count(info: VideoInfo, video_cfg: VideoConfig) -> int:
         frames = min(frames, video_cfg.max_frames)
     if video_cfg.frame_interval:
         frames -= frames % video_cfg.frame_interval
-    return _round_down_to_valid(frames)
+    return _round_down_to_valid(frames, frames_per_latent)
 
 
-def video_bucket(info: VideoInfo, video_cfg: VideoConfig, spatial_bucket: tuple[int, int]) -> VideoBucket:
+def video_bucket(
+    info: VideoInfo, video_cfg: VideoConfig, spatial_bucket: tuple[int, int], frames_per_latent: int
+) -> VideoBucket:
     """Bucket key and training frame count of a video whose frames resize to spatial_bucket (w, h).
 
     aspect_ratio: key is spatial_bucket itself; resolution_frames: key is "WxH@F".
     """
     width, height = spatial_bucket
     if video_cfg.bucket_strategy == "aspect_ratio":
-        check_frame_count(video_cfg.num_frames, "video.num_frames")
+        check_frame_count(video_cfg.num_frames, "video.num_frames", frames_per_latent)
         return VideoBucket((width, height), video_cfg.num_frames)
-    frames = training_frame_count(info, video_cfg)
+    frames = training_frame_count(info, video_cfg, frames_per_latent)
     if frames < 1:
         raise ValueError(
             f"a video of {usable_frames(info, video_cfg.frame_rate)} usable frames gives no valid clip "

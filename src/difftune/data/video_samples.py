@@ -65,7 +65,11 @@ def is_video_file(path: str | Path) -> bool:
 
 
 def plan_video_samples(
-    samples: Sequence[SampleInfo], dataset: DatasetConfig, pixel_multiple: int, seed: int
+    samples: Sequence[SampleInfo],
+    dataset: DatasetConfig,
+    pixel_multiple: int,
+    frames_per_latent: int,
+    seed: int,
 ) -> VideoPlans:
     """Drop videos outside min_frames/max_frames, plan the rest, and give each its bucket key.
 
@@ -74,7 +78,7 @@ def plan_video_samples(
     """
     video_cfg = video_config_of(dataset)
     infos = {sample.path: _video_info(sample) for sample in samples}
-    kept, dropped = filter_videos(infos, video_cfg)
+    kept, dropped = filter_videos(infos, video_cfg, frames_per_latent)
     result = VideoPlans(skipped=[(d.path, d.reason) for d in dropped])
     for sample in samples:
         if sample.path not in kept:
@@ -85,7 +89,7 @@ def plan_video_samples(
             result.skipped.append((sample.path, rejected.reason))
             continue
         try:
-            bucket = video_bucket(kept[sample.path], video_cfg, plan.bucket)
+            bucket = video_bucket(kept[sample.path], video_cfg, plan.bucket, frames_per_latent)
         except ValueError as error:
             raise DataError(f"dataset '{dataset.id}': {error}") from error
         result.plans.append(replace(plan, num_frames=bucket.num_frames, fps=video_cfg.frame_rate))
