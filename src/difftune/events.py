@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,29 @@ class EventBus:
             close = getattr(subscriber, "close", None)
             if close:
                 close()
+
+
+_warning_sinks: list[Subscriber] = []
+
+
+def warn(message: str, **data: Any) -> None:
+    """A warning from deep code: a `warning` event on the bus of the run under way (`warnings_to`), so
+    events.jsonl, the web UI, webhooks and the console see it; a `[warning]` line on stderr when no run
+    is listening (a library call outside `difftune train`)."""
+    if _warning_sinks:
+        _warning_sinks[-1]("warning", {"message": message, **data})
+    else:
+        print(f"[warning] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def warnings_to(emit: Subscriber) -> Iterator[None]:
+    """Route `warn` to `emit` (a bus's emit) while the block runs."""
+    _warning_sinks.append(emit)
+    try:
+        yield
+    finally:
+        _warning_sinks.remove(emit)
 
 
 class JsonlLog:

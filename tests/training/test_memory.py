@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from difftune.events import warnings_to
 from difftune.testing.sdxl import tiny_sdxl_unet
 from difftune.training import memory, memory_quant
 from difftune.training.adapters import lora_state_dict
@@ -84,6 +86,11 @@ def quantised_lora_unet(precision: str, dtype=torch.float32):
     return unet
 
 
+def warning_messages(events: list) -> str:
+    """The messages of the `warning` events in `events` (what `warnings_to(...append)` collected)."""
+    return "\n".join(data["message"] for kind, data in events if kind == "warning")
+
+
 # -- quantisation ---------------------------------------------------------------------------------
 
 
@@ -151,8 +158,10 @@ def test_fp8_without_hardware_support_warns_and_uses_int8(monkeypatch):
 
     monkeypatch.setattr(memory_quant, "_warned", set())
     unet = tiny_sdxl_unet()
-    with pytest.warns(UserWarning, match="no fp8 support.*int8-quanto instead"):
+    got = []
+    with warnings_to(lambda *event: got.append(event)):
         memory.quantize_module(unet, "fp8-quanto", device="cpu")
+    assert re.search("no fp8 support.*int8-quanto instead", warning_messages(got))
     assert unet.down_blocks[1].attentions[0].proj_in.weight_qtype == qint8
 
 
@@ -207,8 +216,10 @@ def test_use_stream_on_cpu_warns_and_is_off(monkeypatch):
     config = memory_config(
         enable_group_offload=True, group_offload_use_stream=True, group_offload_type="leaf_level"
     )
-    with pytest.warns(UserWarning, match="group_offload_use_stream needs a CUDA device"):
+    got = []
+    with warnings_to(lambda *event: got.append(event)):
         memory.apply_offload(unet, config, "cpu")
+    assert "group_offload_use_stream needs a CUDA device" in warning_messages(got)
     hook = _get_top_level_group_offload_hook(unet)
     assert hook is not None and hook.group.stream is None
     assert "conv_in" in memory.group_offload_hooks(unet)  # leaf level hooks every layer
@@ -297,8 +308,10 @@ def test_interval_checkpoints_every_nth_block():
 def test_missing_attention_backend_warns_and_keeps_sdpa(name, monkeypatch):
     monkeypatch.setattr(memory_quant, "_warned", set())
     unet = tiny_sdxl_unet()
-    with pytest.warns(UserWarning, match=f"attention_mechanism '{name}'.*keeping sdpa"):
+    got = []
+    with warnings_to(lambda *event: got.append(event)):
         assert memory.set_attention_backend(unet, name) == "sdpa"
+    assert re.search(f"attention_mechanism '{name}'.*keeping sdpa", warning_messages(got))
     assert memory.set_attention_backend(unet, "sdpa") == "sdpa"
     with pytest.raises(ValueError, match="attention_mechanism 'triton'"):
         memory.set_attention_backend(unet, "triton")

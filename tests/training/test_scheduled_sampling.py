@@ -6,6 +6,7 @@ from diffusers import EulerDiscreteScheduler
 
 from difftune.config import load_config
 from difftune.config.schema import TrainConfig
+from difftune.events import warnings_to
 from difftune.families.flow_matching import FlowMatchingObjective
 from difftune.families.objectives import Diff2FlowObjective, EpsilonObjective
 from difftune.testing.sdxl import SDXL_SCHEDULER_CONFIG
@@ -124,8 +125,10 @@ def test_a_unipc_setting_warns_that_steps_are_first_order():
     import difftune.training.scheduled_sampling as module
 
     module._warned_unipc = False
-    with pytest.warns(UserWarning, match="first-order"):
+    got = []
+    with warnings_to(lambda *event: got.append(event)):
         rollout("epsilon", perfect=True, cfg=config(scheduled_sampling_sampler="unipc"))
+    assert [kind for kind, _ in got] == ["warning"] and "first-order" in got[0][1]["message"]
 
 
 @pytest.fixture(scope="module")

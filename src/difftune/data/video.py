@@ -7,7 +7,6 @@ and buckets are counted AFTER resampling to `video.frame_rate` (the source's own
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from difftune import events
+
 if TYPE_CHECKING:
     from PIL import Image
 
     from difftune.config.schema import VideoConfig
-
-logger = logging.getLogger(__name__)
 
 # Tolerance for comparing timestamps and frame counts computed from float rates.
 _EPS = 1e-6
@@ -436,8 +435,8 @@ def pick_encoder(path: str | Path) -> str:
     if fallback in av.codecs_available:
         if preferred not in _warned_fallback:
             _warned_fallback.add(preferred)
-            logger.warning(
-                "encoder %s is not available in this PyAV build; writing %s instead", preferred, fallback
+            events.warn(
+                f"encoder {preferred} is not available in this PyAV build; writing {fallback} instead"
             )
         return fallback
     raise ValueError(f"cannot write video {path}: neither {preferred} nor {fallback} is available to PyAV")

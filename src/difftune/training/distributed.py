@@ -14,13 +14,13 @@ so a checkpoint written under FSDP2 resumes under FSDP2 and the LoRA file loads 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from difftune import events
 from difftune.config.schema import TrainConfig
 from difftune.data.sampler import BucketBatchSampler, check_enough_samples
 from difftune.training.checkpoints import TrainerState, load_checkpoint, trainable_state
@@ -282,10 +282,7 @@ def save_full_model(model: torch.nn.Module, full_state: dict[str, torch.Tensor],
     if hasattr(model, "save_config"):
         model.save_config(folder)
     else:
-        warnings.warn(
-            f"{type(model).__name__} has no save_config; only its weights are written to {folder}",
-            stacklevel=2,
-        )
+        events.warn(f"{type(model).__name__} has no save_config; only its weights are written to {folder}")
     save_file(
         {k: v.contiguous() for k, v in full_state.items()},
         str(folder / "diffusion_pytorch_model.safetensors"),

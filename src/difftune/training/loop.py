@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from difftune.config import LoadedConfig, write_resolved
-from difftune.events import EventBus
+from difftune.events import EventBus, warnings_to
 from difftune.families import get_family
 from difftune.training.checkpoints import (
     CheckpointDiskFull,
@@ -93,7 +93,8 @@ def train(
     accelerator = build_accelerator(config)
     bus = bus or default_bus(config, output_dir, accelerator.is_main_process)
     try:
-        return _run(loaded, accelerator, bus, stop_after_steps)
+        with warnings_to(bus.emit):  # deep code's `events.warn` reaches this run's bus
+            return _run(loaded, accelerator, bus, stop_after_steps)
     except Exception as exc:  # webhooks and the web UI learn why the run stopped
         bus.emit("error", {"message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
         bus.close()

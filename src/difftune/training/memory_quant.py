@@ -9,10 +9,11 @@ the unquantised model, so a saved adapter loads on a full-precision base.
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from difftune import events
 
 QUANTO_WEIGHTS = {
     "int8": "qint8",
@@ -44,10 +45,10 @@ _warned: set[str] = set()
 
 
 def warn_once(key: str, message: str) -> None:
-    """warnings.warn the first time `key` is seen in this process."""
+    """A warning event (`events.warn`) the first time `key` is seen in this process."""
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, stacklevel=3)
+        events.warn(message)
 
 
 def fp8_supported(device: torch.device | str | None) -> bool:

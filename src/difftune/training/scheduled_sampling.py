@@ -16,12 +16,12 @@ in the global batch), as sharded (FSDP2) models need.
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 
+from difftune import events
 from difftune.config.schema import TrainConfig
 from difftune.families.base import Components, Family, Objective
 from difftune.families.flow_matching import FlowMatchingObjective
@@ -109,10 +109,9 @@ def _check_sampler(config: TrainConfig) -> None:
     global _warned_unipc
     if config.scheduled_sampling_sampler == "unipc" and not _warned_unipc:
         _warned_unipc = True
-        warnings.warn(
+        events.warn(
             "scheduled_sampling_sampler unipc: rollouts take first-order steps (DDIM for "
-            "diffusion models, Euler for flow models); set it to euler to silence this",
-            stacklevel=3,
+            "diffusion models, Euler for flow models); set it to euler to silence this"
         )
 
 
