@@ -36,3 +36,18 @@ def test_another_seed_gives_another_latent_space():
 
     a, b = tiny_sdxl_vae(seed=0), tiny_sdxl_vae(seed=1)
     assert not torch.equal(a.encoder.conv_out.weight, b.encoder.conv_out.weight)
+
+
+@torch.no_grad()
+def test_a_video_comes_back_in_its_colours_frame_by_frame():
+    from difftune.testing.kandinsky5_video import tiny_hunyuan_video_vae
+
+    vae = tiny_hunyuan_video_vae(seed=0)
+    blocks = torch.rand(1, 3, 5, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    video = blocks.repeat_interleave(8, 3).repeat_interleave(8, 4)  # 5 frames of 8x8-pixel blocks
+    latents = vae.encode(video).latent_dist.mode() * vae.config.scaling_factor
+    decoded = vae.decode(latents / vae.config.scaling_factor).sample
+    assert latents.shape == (1, 16, 2, 8, 8)
+    # latent frame 0 is frame 0; latent frame 1 stands for frames 1-4 and holds frame 4 (causal time)
+    expected = torch.cat([video[:, :, :1], video[:, :, 4:5].expand(-1, -1, 4, -1, -1)], dim=2)
+    assert torch.allclose(decoded, expected, atol=0.01)

@@ -97,10 +97,11 @@ def make_solid_colour_dataset(
     n: int = 4,
     size: tuple[int, int] = (64, 64),
     caption: str = "a plain picture",
+    frames: int | None = None,
 ) -> list[Path]:
-    """Write `n` PNG images of one RGB `colour`, each with `caption` in image.txt beside it.
-
-    Two such datasets with one caption differ only in colour. Returns the paths, sorted.
+    """Write `n` PNG images of one RGB `colour` (with `frames`: mp4 clips of that many frames), each with
+    `caption` in a .txt beside it. Two such datasets with one caption differ only in colour.
+    Returns the paths, sorted.
     """
     from PIL import Image
 
@@ -108,8 +109,14 @@ def make_solid_colour_dataset(
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(n):
-        path = folder / f"image_{index:03d}.png"
-        Image.new("RGB", size, colour).save(path)
+        image = Image.new("RGB", size, colour)
+        if frames is None:
+            path = folder / f"image_{index:03d}.png"
+            image.save(path)
+        else:
+            from difftune.data.video import write_video
+
+            path = write_video(folder / f"clip_{index:03d}.mp4", [image] * frames, fps=8)
         path.with_suffix(".txt").write_text(caption, encoding="utf-8")
         paths.append(path)
     return paths

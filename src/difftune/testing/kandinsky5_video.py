@@ -30,19 +30,22 @@ def tiny_hunyuan_video_vae(seed: int = 0):
     """An `AutoencoderKLHunyuanVideo` with 4x temporal and 8x spatial compression and 16 latent channels."""
     from diffusers import AutoencoderKLHunyuanVideo
 
+    from difftune.testing.vae import make_colour_vae
+
     torch.manual_seed(seed)
-    return AutoencoderKLHunyuanVideo(
+    vae = AutoencoderKLHunyuanVideo(
         in_channels=3,
         out_channels=3,
         latent_channels=LATENT_CHANNELS,
         block_out_channels=(8, 8, 16, 16),
         layers_per_block=1,
-        norm_num_groups=4,
+        norm_num_groups=1,  # one group: see difftune.testing.vae
         scaling_factor=HUNYUAN_VAE_SCALING_FACTOR,
         spatial_compression_ratio=8,
         temporal_compression_ratio=4,
         mid_block_add_attention=True,
-    ).eval()
+    )
+    return make_colour_vae(vae, seed).eval()
 
 
 def build_tiny_kandinsky5_video(path: str | Path, seed: int = 0, i2v: bool = False) -> Path:

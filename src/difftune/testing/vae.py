@@ -1,4 +1,8 @@
-"""Weights that make a tiny `AutoencoderKL` reproduce colours: each latent pixel holds its 8x8 block's colour.
+"""Weights that make a tiny VAE reproduce colours: each latent pixel holds its 8x8 block's colour.
+
+For `AutoencoderKL` (images) and `AutoencoderKLHunyuanVideo` (videos, causal 3D convolutions whose
+time padding repeats the first frame: the first latent frame holds the first frame, each later one
+the last of the four frames it stands for, and the decoder repeats it over them).
 
 A random tiny VAE turns any latent into noise and any image into a latent that barely depends on
 its colour, so nothing trained through it can be seen. Here every block is set by hand instead:
@@ -22,11 +26,25 @@ REFERENCE = 20.0  # the constant channels' value: the GroupNorm's scale error is
 POSTERIOR_STD = 0.02  # of the scaled latent
 
 
-def _centre_tap(conv: torch.nn.Conv2d, matrix: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """A 1x1 or 3x3 conv that maps channels by `matrix` (out, in) at each pixel, no spatial mixing."""
+def _conv(module: torch.nn.Module) -> torch.nn.Module:
+    """The torch conv of a plain conv or of a causal 3D conv wrapper."""
+    from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import HunyuanVideoCausalConv3d
+
+    return module.conv if isinstance(module, HunyuanVideoCausalConv3d) else module
+
+
+def _tap(weight: torch.Tensor) -> tuple:
+    """The kernel position of 'this pixel (and this frame)': the spatial centre; in time the last tap,
+    which a causal conv's front padding puts at the current frame."""
+    centre = weight.shape[-1] // 2
+    return (centre, centre) if weight.ndim == 4 else (weight.shape[2] - 1, centre, centre)
+
+
+def _centre_tap(module: torch.nn.Module, matrix: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """A conv that maps channels by `matrix` (out, in) at each pixel, no spatial or temporal mixing."""
+    conv = _conv(module)
     weight = torch.zeros_like(conv.weight)
-    centre = conv.weight.shape[-1] // 2
-    weight[:, :, centre, centre] = matrix
+    weight[(slice(None), slice(None), *_tap(weight))] = matrix
     conv.weight.data = weight
     if conv.bias is not None:
         conv.bias.data = torch.zeros_like(conv.bias) if bias is None else bias.clone()
@@ -39,14 +57,15 @@ def _identity(out_channels: int, in_channels: int) -> torch.Tensor:
 def _zero_branches(module: torch.nn.Module) -> None:
     """Residual blocks and attentions pass their input through unchanged (the branch outputs zero)."""
     from diffusers.models.attention_processor import Attention
+    from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import HunyuanVideoResnetBlockCausal3D
     from diffusers.models.resnet import ResnetBlock2D
 
     for block in module.modules():
-        if isinstance(block, ResnetBlock2D):
-            block.conv2.weight.data.zero_()
-            block.conv2.bias.data.zero_()
+        if isinstance(block, (ResnetBlock2D, HunyuanVideoResnetBlockCausal3D)):
+            _conv(block.conv2).weight.data.zero_()
+            _conv(block.conv2).bias.data.zero_()
             if block.conv_shortcut is not None:
-                _centre_tap(block.conv_shortcut, _identity(*block.conv_shortcut.weight.shape[:2]))
+                _centre_tap(block.conv_shortcut, _identity(*_conv(block.conv_shortcut).weight.shape[:2]))
         elif isinstance(block, Attention):
             block.to_out[0].weight.data.zero_()
             block.to_out[0].bias.data.zero_()
@@ -93,7 +112,8 @@ def colour_mixing(latent_channels: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def make_colour_vae(vae, seed: int = 0):
-    """Set the weights of a tiny `AutoencoderKL` (norm_num_groups=1, first block >= 8 channels) in place.
+    """Set the weights of a tiny `AutoencoderKL` or `AutoencoderKLHunyuanVideo` in place
+    (norm_num_groups=1, first block >= 8 channels).
 
     See the module docstring; returns `vae`. Weights that the path does not use stay random.
     """
@@ -103,32 +123,38 @@ def make_colour_vae(vae, seed: int = 0):
     mixing = colour_mixing(latent_channels, seed)
     _zero_branches(vae)
 
-    first = encoder.conv_in.weight.shape[0]
+    first = _conv(encoder.conv_in).weight.shape[0]
     _centre_tap(encoder.conv_in, _carried(first), _reference_bias(first))
     for block in encoder.down_blocks:
         for down in block.downsamplers or []:
-            weight = torch.zeros_like(down.conv.weight)
+            conv = _conv(down.conv)
+            weight = torch.zeros_like(conv.weight)
+            # the 2x2 average: a 2D input is padded right/bottom (taps 0, 1), a causal 3D one on all sides
+            start = 0 if weight.ndim == 4 else 1
+            window = (slice(start, start + 2), slice(start, start + 2))
+            if weight.ndim == 5:
+                window = (weight.shape[2] - 1, *window)
             for channel in range(weight.shape[0]):
-                weight[channel, channel, :2, :2] = 0.25  # the 2x2 average (the input is padded right/bottom)
-            down.conv.weight.data = weight
-            down.conv.bias.data.zero_()
+                weight[(channel, channel, *window)] = 0.25
+            conv.weight.data = weight
+            conv.bias.data.zero_()
     last = encoder.conv_norm_out.num_channels
     _norm_out(encoder.conv_norm_out)
     moments = torch.zeros(2 * latent_channels, last)
     moments[:latent_channels] = mixing @ _uncarried(last) / scale
     log_variance = torch.full((latent_channels,), 2.0 * math.log(POSTERIOR_STD / scale))
     _centre_tap(encoder.conv_out, moments, torch.cat([torch.zeros(latent_channels), log_variance]))
-    if vae.quant_conv is not None:
+    if vae.quant_conv is not None:  # plain 1x1 convs
         _centre_tap(vae.quant_conv, _identity(2 * latent_channels, 2 * latent_channels))
 
     if vae.post_quant_conv is not None:
         _centre_tap(vae.post_quant_conv, _identity(latent_channels, latent_channels))
-    width = decoder.conv_in.weight.shape[0]
+    width = _conv(decoder.conv_in).weight.shape[0]
     unmix = torch.linalg.pinv(mixing) * scale  # (3, latent_channels): latents -> rgb
     _centre_tap(decoder.conv_in, _carried(width) @ unmix, _reference_bias(width))
     for block in decoder.up_blocks:
         for up in block.upsamplers or []:
-            _centre_tap(up.conv, _identity(*up.conv.weight.shape[:2]))
+            _centre_tap(up.conv, _identity(*_conv(up.conv).weight.shape[:2]))
     _norm_out(decoder.conv_norm_out)
     _centre_tap(decoder.conv_out, _uncarried(decoder.conv_norm_out.num_channels))
     return vae
