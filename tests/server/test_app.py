@@ -135,7 +135,7 @@ def test_bad_config_is_422_naming_the_key_and_not_written(make_client, workdir):
     missing = client.put("/api/config", json={"learning_rate": 1e-4}).json()["detail"]
     assert missing[0]["key"] == "model_family" and "required" in missing[0]["message"]
     bounds = client.put("/api/config", json={"model_family": "sdxl", "train_batch_size": 0}).json()["detail"]
-    assert bounds[0]["key"] == "train_batch_size" and "greater than or equal to 1" in bounds[0]["message"]
+    assert bounds[0]["key"] == "train_batch_size" and "must be at least 1" in bounds[0]["message"]
     assert client.put("/api/config", content=b"{not json").status_code == 400
     assert (workdir / "config" / "config.json").read_text() == before
 

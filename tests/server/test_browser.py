@@ -97,8 +97,9 @@ def test_configure_train_and_watch_in_browser(server, workdir, monkeypatch):
             form.locator('[data-key="learning_rate"]').fill("-1")
             page.click("#config-save")
             page.wait_for_selector("#config-errors li")
-            assert "config/config.json: learning_rate: Input should be greater than 0" in page.inner_text(
-                "#config-errors"
+            assert (
+                "config/config.json: learning_rate: 'learning_rate' is -1, but it must be greater than 0"
+                in page.inner_text("#config-errors")
             )
             assert page.locator(".field.invalid [data-key=learning_rate]").count() == 1
             assert not (workdir / "config" / "config.json").exists()

@@ -122,7 +122,7 @@ def test_resume_from_outside_output_dir_refused(make_client, workdir, resume_fro
     )
     assert refused.status_code == 422
     error = refused.json()["detail"][0]
-    assert error["key"] == "resume_from_checkpoint" and "outside output_dir 'out'" in error["message"]
+    assert error["key"] == "resume_from_checkpoint" and "outside output_dir" in error["message"]
     assert (workdir / "config" / "config.json").read_text() == before
     # the loader's explicit flag for it is for `difftune train` by hand, not for the web UI
     flagged = {"model_family": "sdxl", "output_dir": "out", "resume_from_checkpoint": resume_from}

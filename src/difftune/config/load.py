@@ -64,12 +64,62 @@ def load_config(
             f'{source}: must hold one JSON object of settings ({{"key": value, ...}}), '
             f"found {validate.describe_kind(document)}"
         )
+    settings = check_train_settings(document, str(source), overrides, data_config_path, warnings)
+    _raise_if_any(settings.problems)
+    train, inline_datasets = settings.train, settings.inline_datasets
+    assert train is not None
+
+    if inline_datasets is not None and data_config_path is None:
+        data_source, raw_datasets, data_where = None, inline_datasets, f"{source} ({INLINE_DATASETS_KEY})"
+    else:
+        data_source = Path(train.data_backend_config)
+        raw_datasets = read_document(data_source, what="data_backend_config", warnings=warnings)
+        data_where = str(data_source)
+    all_datasets = _load_datasets(raw_datasets, data_where, train, warnings)
+    warnings += _family_check(train, all_datasets, source)
+    enabled = [d for d in all_datasets if not d.disabled]
+    return LoadedConfig(
+        train=train,
+        datasets=enabled,
+        all_datasets=all_datasets,
+        warnings=warnings,
+        source=source,
+        text_embeds_dataset=_pick_text_embeds(enabled, data_where, warnings),
+        data_backend_source=data_source,
+    )
+
+
+@dataclass
+class TrainSettings:
+    """The train settings of one config document as `load_config` reads them, before any dataset."""
+
+    train: TrainConfig | None  # None when `problems` is not empty
+    given: set[str]  # the schema keys the document (or an override) sets, original-tool keys translated
+    inline_datasets: Any
+    warnings: list[str]
+    problems: list[str]  # each names the source, the key, the value and the fix
+
+
+def check_train_settings(
+    document: dict[str, Any],
+    source: str,
+    overrides: dict[str, Any] | None = None,
+    data_config_path: str | Path | None = None,
+    warnings: list[str] | None = None,
+    read_lycoris_file: bool = True,
+) -> TrainSettings:
+    """Read the train settings of a config document (`source` names it in messages); never raises.
+
+    `load_config` and the web form both take this path, so they accept and refuse the same keys.
+    `read_lycoris_file` False leaves the lycoris_config file to the caller (the form writes a missing one).
+    """
+    warnings = [] if warnings is None else warnings
     problems: list[str] = []
     train_keys = set(TrainConfig.model_fields)
     known = train_keys | keys.ORIGINAL_TRAIN_KEYS | {INLINE_DATASETS_KEY}
 
     values, origin = {}, {}
-    for where, raw in ((str(source), document), (_CLI, overrides or {})):
+    for where, raw in ((source, document), (_CLI, overrides or {})):
         for key, value in validate.canonical_keys(raw, keys.TRAIN_ALIASES, known, where, problems).items():
             values[key], origin[key] = value, where
     inline_datasets = values.pop(INLINE_DATASETS_KEY, None)
@@ -91,44 +141,27 @@ def load_config(
     if str(values.get("flow_schedule_auto_shift", "")).strip().lower() == "true":
         training_checks.auto_shift_over_static(values, origin, problems)
     family = _check_family(values, origin, problems)
+    given = set(values) & set(TrainConfig.model_fields)  # what the document says, translated
     if family is not None:
         for key, default in family.defaults.items():
             values.setdefault(key, default)
     train = validate.validate_model(
         TrainConfig,
         values,
-        lambda key: origin.get(key, str(source)),
+        lambda key: origin.get(key, source),
         problems,
         skip=frozenset({"model_family"}),
     )
     if train is not None and family is not None:
         problems.extend(_cross_key_problems(train, family, origin))
-        warnings.extend(_unused_validation_settings(train, origin, source))
+        warnings.extend(_unused_validation_settings(train, origin, Path(source)))
         train = resolve_memory_settings(train, origin, warnings, problems)
         problems.extend(_package_problems(train, origin))
-    if train is not None and train.model_type == "lycoris":
+    if train is not None and train.model_type == "lycoris" and read_lycoris_file:
         problems.extend(_lycoris_problems(train, warnings))
-    _raise_if_any(problems)
-    assert train is not None and family is not None
-
-    if inline_datasets is not None and data_config_path is None:
-        data_source, raw_datasets, data_where = None, inline_datasets, f"{source} ({INLINE_DATASETS_KEY})"
-    else:
-        data_source = Path(train.data_backend_config)
-        raw_datasets = read_document(data_source, what="data_backend_config", warnings=warnings)
-        data_where = str(data_source)
-    all_datasets = _load_datasets(raw_datasets, data_where, train, warnings)
-    warnings += _family_check(train, all_datasets, source)
-    enabled = [d for d in all_datasets if not d.disabled]
-    return LoadedConfig(
-        train=train,
-        datasets=enabled,
-        all_datasets=all_datasets,
-        warnings=warnings,
-        source=source,
-        text_embeds_dataset=_pick_text_embeds(enabled, data_where, warnings),
-        data_backend_source=data_source,
-    )
+    if problems or family is None:
+        train = None
+    return TrainSettings(train, given, inline_datasets, warnings, problems)
 
 
 def write_resolved(loaded: LoadedConfig, output_dir: str | Path) -> Path:

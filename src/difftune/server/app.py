@@ -46,7 +46,13 @@ from difftune.server.configfiles import (
     save_config_file,
 )
 from difftune.server.files import list_folder, resolve_inside, thumbnail_png, user_file_response
-from difftune.server.forms import normalize_keys, schema_groups, validate_datasets, validate_train
+from difftune.server.forms import (
+    check_train,
+    normalize_keys,
+    schema_groups,
+    validate_datasets,
+    validate_train,
+)
 from difftune.server.jobs import JobBusy, JobRunner, TrainCommand, default_train_command
 from difftune.server.progress import LossSeries, finite, validation_gallery
 from difftune.server.stream import EventHub
@@ -166,7 +172,7 @@ def create_app(
     @app.put("/api/config")
     async def put_config(request: Request) -> Response:
         body = parse_body(await request.body(), CONFIG_FILE)
-        config, errors = validate_train(body)
+        config, errors, warnings = check_train(body)  # the loader of `difftune train`
         errors = non_finite(body) or errors or resume_outside_output_dir(config, workdir)
         errors = errors or lycoris_settings(config, workdir)
         errors = errors or await run_in_threadpool(
@@ -174,7 +180,7 @@ def create_app(
         )
         if errors:
             return _unprocessable(CONFIG_FILE, errors)
-        return JSONResponse({"file": CONFIG_FILE.as_posix(), "config": config})
+        return JSONResponse({"file": CONFIG_FILE.as_posix(), "config": config, "warnings": warnings})
 
     @app.get("/api/datasets")
     def get_datasets() -> dict[str, Any]:

@@ -1,12 +1,15 @@
 """The config schema as form fields (grouped for the web UI), and validation of what a form sends.
 
-Validation goes through the same pydantic schema as `difftune train`, so an error names the same key
-and gives the same reason; errors come back as a list of {"key", "value", "message"}.
+A config.json body is checked by the loader of `difftune train` itself (`check_train_settings`), so the
+form accepts and refuses exactly what a run does (the original tool's keys with their warnings,
+`lora_type`, `--key` spellings, string values) with the same messages; errors come back as a list of
+{"key", "value", "message"}.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -16,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from difftune.config.keys import TRAIN_ALIASES
+from difftune.config.load import check_train_settings
 from difftune.config.schema import CaptionShuffle, DatasetConfig, TrainConfig, VideoConfig
 from difftune.config.validate import canonical_keys
 from difftune.families import registry
@@ -172,16 +176,39 @@ def _errors(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> l
     return found
 
 
-def validate_train(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Check a config.json body; returns (the keys given, converted to their types; errors)."""
+def check_train(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+    """Check a config.json body as `difftune train` does; returns (the settings it gives, typed; errors;
+    the loader's warnings). Original-tool keys come back translated (lora_type -> model_type)."""
     if not isinstance(raw, dict):
-        return {}, [{"key": "", "value": None, "message": "config.json must be a JSON object of key: value"}]
-    normalized = normalize_keys(raw)
-    try:
-        config = TrainConfig.model_validate(normalized)
-    except ValidationError as exc:
-        return {}, _errors(exc, TrainConfig)
-    return config.model_dump(include=set(normalized), mode="json"), []
+        return (
+            {},
+            [{"key": "", "value": None, "message": "config.json must be a JSON object of key: value"}],
+            [],
+        )
+    settings = check_train_settings(raw, _SOURCE, read_lycoris_file=False)
+    if settings.train is None:
+        given = {**{str(k).lstrip("-"): v for k, v in raw.items()}, **normalize_keys(raw)}
+        return {}, [_problem(message, given) for message in settings.problems], settings.warnings
+    config = settings.train.model_dump(include=settings.given, mode="json")
+    return config, [], [w.removeprefix(f"{_SOURCE}: ") for w in settings.warnings]
+
+
+def validate_train(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`check_train` without the warnings (what the validate-first save calls)."""
+    config, errors, _ = check_train(raw)
+    return config, errors
+
+
+_SOURCE = "config.json"
+_QUOTED = re.compile(r"'([^']+)'")
+
+
+def _problem(message: str, given: dict[str, Any]) -> dict[str, Any]:
+    """A loader message as a form error: the first quoted key it names, that key's value, the message."""
+    names = set(given) | set(TrainConfig.model_fields)
+    key = next((name for name in _QUOTED.findall(message) if name in names), "")
+    text = re.sub(r"^(config\.json|config|command line): ", "", message)
+    return {"key": key, "value": given.get(key), "message": text}
 
 
 def validate_datasets(raw: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
