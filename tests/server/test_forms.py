@@ -2,7 +2,7 @@ import pytest
 
 from difftune.config import load_config
 from difftune.errors import ConfigError
-from difftune.server.forms import check_train, normalize_keys, validate_train
+from difftune.server.forms import check_train, normalize_keys, validate_datasets, validate_train
 from tests.config.test_quickstarts import K5_IMAGE_BASE
 
 
@@ -58,3 +58,31 @@ def test_a_refused_original_key_is_refused_with_the_loaders_message(tmp_path):
     assert [e["key"] for e in errors] == ["variant"] and errors[0]["value"] == "fp16"
     assert errors[0]["message"] == _loader_message(tmp_path, document)
     assert "remove it" in errors[0]["message"]
+
+
+def test_datasets_take_the_loaders_key_path(tmp_path):
+    import json
+
+    from difftune.config.original_keys import DATASET_KEYS
+
+    entry = {
+        "id": "cats",
+        "type": "local",
+        "instance_data_dir": "data",
+        "--disable": True,
+        "resolution": "64",
+    }
+    entries, errors = validate_datasets([entry])
+    assert errors == [] and entries[0]["disabled"] is True and entries[0]["resolution"] == 64
+
+    refused = {"id": "cats", "type": "local", "instance_data_dir": "data", "max_num_samples": 5}
+    _, errors = validate_datasets([refused])
+    assert [e["key"] for e in errors] == ["0.max_num_samples"] and errors[0]["value"] == 5
+    assert DATASET_KEYS["max_num_samples"].instead in errors[0]["message"]
+    (tmp_path / "data.json").write_text(json.dumps([refused]))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_family": "sdxl", "data_backend_config": str(tmp_path / "data.json")})
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "config.json")
+    assert str(caught.value).endswith(errors[0]["message"])  # the loader's own words

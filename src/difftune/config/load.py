@@ -469,6 +469,37 @@ def _lycoris_problems(train: TrainConfig, warnings: list[str]) -> list[str]:
 
 
 # -- datasets -------------------------------------------------------------------------------------
+def dataset_entry_values(
+    entry: dict[str, Any], label: str, problems: list[str], warnings: list[str]
+) -> dict[str, Any]:
+    """One dataset entry's keys as the schema spells them: `--key` and aliases (`disable`) mapped, the
+    original tool's keys refused or dropped with a warning, the video block likewise. The loader and
+    the web form both take this path."""
+    known = set(DatasetConfig.model_fields) | keys.ORIGINAL_DATASET_KEYS
+    known_video = set(VideoConfig.model_fields) | keys.ORIGINAL_VIDEO_KEYS
+    values = validate.canonical_keys(entry, keys.DATASET_ALIASES, known, label, problems)
+    values = validate.drop_unknown(
+        values, DatasetConfig, original_keys.DATASET_KEYS, keys.DATASET_ALIASES, label, problems, warnings
+    )
+    if isinstance(values.get("video"), dict):
+        video = validate.canonical_keys(values["video"], keys.VIDEO_ALIASES, known_video, label, problems)
+        video = validate.drop_unknown(
+            video,
+            VideoConfig,
+            original_keys.VIDEO_KEYS,
+            keys.VIDEO_ALIASES,
+            label,
+            problems,
+            warnings,
+            "video.",
+        )
+        values["video"] = validate.prepare_values(video, VideoConfig)
+    strategy = values.get("caption_strategy")
+    if isinstance(strategy, str):
+        values["caption_strategy"] = keys.CAPTION_STRATEGY_ALIASES.get(strategy, strategy)
+    return values
+
+
 def _load_datasets(raw: Any, where: str, train: TrainConfig, warnings: list[str]) -> list[DatasetConfig]:
     """Every entry of a multidatabackend list, checked; raises ConfigError listing all problems.
 
@@ -482,8 +513,6 @@ def _load_datasets(raw: Any, where: str, train: TrainConfig, warnings: list[str]
             f'{where}: must hold a JSON list of datasets ([{{"id": ...}}, ...]), found {validate.describe_kind(raw)}'
         )
     problems: list[str] = []
-    known = set(DatasetConfig.model_fields) | keys.ORIGINAL_DATASET_KEYS
-    known_video = set(VideoConfig.model_fields) | keys.ORIGINAL_VIDEO_KEYS
     datasets = []
     for index, entry in enumerate(raw):
         if not isinstance(entry, dict):
@@ -493,26 +522,7 @@ def _load_datasets(raw: Any, where: str, train: TrainConfig, warnings: list[str]
             continue
         name = entry.get("id")
         label = f"{where}, dataset '{name}' (index {index})" if name else f"{where}, dataset at index {index}"
-        values = validate.canonical_keys(entry, keys.DATASET_ALIASES, known, label, problems)
-        values = validate.drop_unknown(
-            values, DatasetConfig, original_keys.DATASET_KEYS, keys.DATASET_ALIASES, label, problems, warnings
-        )
-        if isinstance(values.get("video"), dict):
-            video = validate.canonical_keys(values["video"], keys.VIDEO_ALIASES, known_video, label, problems)
-            video = validate.drop_unknown(
-                video,
-                VideoConfig,
-                original_keys.VIDEO_KEYS,
-                keys.VIDEO_ALIASES,
-                label,
-                problems,
-                warnings,
-                "video.",
-            )
-            values["video"] = validate.prepare_values(video, VideoConfig)
-        strategy = values.get("caption_strategy")
-        if isinstance(strategy, str):
-            values["caption_strategy"] = keys.CAPTION_STRATEGY_ALIASES.get(strategy, strategy)
+        values = dataset_entry_values(entry, label, problems, warnings)
         values = dataset_defaults.with_defaults(values, train)
         dataset = validate.validate_model(
             DatasetConfig,

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from difftune.config.keys import TRAIN_ALIASES
-from difftune.config.load import check_train_settings
+from difftune.config.load import check_train_settings, dataset_entry_values
 from difftune.config.schema import CaptionShuffle, DatasetConfig, TrainConfig, VideoConfig
 from difftune.config.validate import canonical_keys
 from difftune.families import registry
@@ -205,7 +205,7 @@ _QUOTED = re.compile(r"'([^']+)'")
 
 def _problem(message: str, given: dict[str, Any]) -> dict[str, Any]:
     """A loader message as a form error: the first quoted key it names, that key's value, the message."""
-    names = set(given) | set(TrainConfig.model_fields)
+    names = set(given) | set(TrainConfig.model_fields) | set(DatasetConfig.model_fields)
     key = next((name for name in _QUOTED.findall(message) if name in names), "")
     text = re.sub(r"^(config\.json|config|command line): ", "", message)
     return {"key": key, "value": given.get(key), "message": text}
@@ -222,7 +222,14 @@ def validate_datasets(raw: Any) -> tuple[list[dict[str, Any]], list[dict[str, An
         if not isinstance(item, dict):
             errors.append({"key": f"{index}", "value": item, "message": "each dataset must be a JSON object"})
             continue
-        given = {str(k).lstrip("-"): v for k, v in item.items()}
+        label, problems = f"dataset at index {index}", []
+        given = dataset_entry_values(item, label, problems, [])  # the loader's key path
+        if problems:
+            raw_keys = {str(k).lstrip("-"): v for k, v in item.items()}
+            for message in problems:
+                error = _problem(message.removeprefix(f"{label}: "), {**raw_keys, **given})
+                errors.append({**error, "key": f"{index}.{error['key']}" if error["key"] else f"{index}"})
+            continue
         if given.get("id") is not None and given["id"] in seen:
             errors.append(
                 {
