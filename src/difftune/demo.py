@@ -28,9 +28,15 @@ def build_demo_model(family: str, folder: Path) -> Path:
     return getattr(importlib.import_module(module_name), function_name)(folder)
 
 
+def demo_frames(family: str) -> int | None:
+    """Frames per clip for a video family (two latent frames), None for an image family."""
+    spec = registry.spec(family)
+    return spec.frames_per_latent + 1 if spec.is_video else None
+
+
 def demo_data_dir(workdir: Path, family: str) -> Path:
-    """Generated videos for a video family, generated images for the others."""
-    return workdir / "datasets" / ("demo-videos" if registry.spec(family).is_video else "demo-images")
+    """Generated clips for a video family, generated images for the others (see `make_theme_dataset`)."""
+    return workdir / "datasets" / ("theme-videos" if registry.spec(family).is_video else "theme-images")
 
 
 def before_after(config_path: Path, trained: Path, example: Path | None, out_path: Path) -> Path:
@@ -104,7 +110,7 @@ def write_demo_config(
         "repeats": 2,
     }
     if is_video:
-        frames = spec.frames_per_latent + 1  # two latent frames
+        frames = demo_frames(family)
         dataset["video"] = {"num_frames": frames, "min_frames": frames, "frame_rate": 8}
     backends = [
         dataset,
@@ -200,12 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             build_demo_model(args.family, model_dir)
         data_dir = demo_data_dir(workdir, args.family)
         if not data_dir.exists():
-            if registry.spec(args.family).is_video:
-                from difftune.testing.videos import make_video_dataset
-
-                make_video_dataset(data_dir, n=6)
-            else:
-                make_theme_dataset(data_dir, n=12)
+            make_theme_dataset(data_dir, n=12, frames=demo_frames(args.family))
         config_path = write_demo_config(workdir, args.family, model_dir, args.steps, args.model_type)
         result = train(load_config(config_path))
         example = None if registry.spec(args.family).is_video else sorted(data_dir.glob("*.png"))[0]

@@ -130,9 +130,11 @@ def make_theme_dataset(
     background: str = "blue",
     size: tuple[int, int] = (64, 64),
     seed: int = 0,
+    frames: int | None = None,
 ) -> list[Path]:
     """Write `n` PNG images of one theme (a `colour` `shape` on a `background`, placed and sized at random),
-    each with its caption in image.txt, so that a short run can learn what they share. Returns the paths.
+    each with its caption in a .txt beside it, so that a short run can learn what they share. With
+    `frames`, each is an mp4 clip of that many frames of one such picture. Returns the paths.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,8 +142,14 @@ def make_theme_dataset(
     caption = f"a {colour} {shape} on a {background} background"
     paths = []
     for index in range(n):
-        path = folder / f"image_{index:03d}.png"
-        _draw(shape, COLOURS[colour], COLOURS[background], size, rng).save(path)
+        image = _draw(shape, COLOURS[colour], COLOURS[background], size, rng)
+        if frames is None:
+            path = folder / f"image_{index:03d}.png"
+            image.save(path)
+        else:
+            from difftune.data.video import write_video
+
+            path = write_video(folder / f"clip_{index:03d}.mp4", [image] * frames, fps=8)
         path.with_suffix(".txt").write_text(caption, encoding="utf-8")
         paths.append(path)
     return paths
