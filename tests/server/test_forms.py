@@ -86,3 +86,18 @@ def test_datasets_take_the_loaders_key_path(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(tmp_path / "config.json")
     assert str(caught.value).endswith(errors[0]["message"])  # the loader's own words
+
+
+def test_a_bad_dataset_value_gets_the_loaders_message_and_its_key(tmp_path):
+    import json
+
+    bad = {"id": "clips", "instance_data_dir": "d", "dataset_type": "video", "video": {"num_frames": "x"}}
+    _, errors = validate_datasets([bad])
+    assert [e["key"] for e in errors] == ["0.video.num_frames"]
+    (tmp_path / "data.json").write_text(json.dumps([bad]))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_family": "kandinsky5-video", "data_backend_config": str(tmp_path / "data.json")})
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "config.json")
+    assert str(caught.value).endswith(errors[0]["message"])

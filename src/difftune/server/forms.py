@@ -8,20 +8,19 @@ form accepts and refuses exactly what a run does (the original tool's keys with 
 
 from __future__ import annotations
 
-import difflib
 import re
 import types
 import typing
 from typing import Any, Literal
 
 import annotated_types
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from difftune.config.keys import TRAIN_ALIASES
 from difftune.config.load import check_train_settings, dataset_entry_values
 from difftune.config.schema import CaptionShuffle, DatasetConfig, TrainConfig, VideoConfig
-from difftune.config.validate import canonical_keys
+from difftune.config.validate import canonical_keys, prepare_values, validate_model
 from difftune.families import registry
 from difftune.server.fieldhelp import CAPTION_SHUFFLE_HELP, DATASET_HELP, TRAIN_HELP, VIDEO_HELP
 
@@ -151,31 +150,6 @@ def normalize_keys(raw: dict[str, Any]) -> dict[str, Any]:
     return canonical_keys(raw, TRAIN_ALIASES, frozenset(TrainConfig.model_fields), "form", [])
 
 
-def _message(error: dict[str, Any], model: type[BaseModel]) -> str:
-    key = str(error["loc"][-1]) if error["loc"] else ""
-    if error["type"] == "extra_forbidden":
-        near = difflib.get_close_matches(key, model.model_fields, n=1)
-        hint = f"; did you mean '{near[0]}'?" if near else "; remove it"
-        return f"unknown key '{key}'{hint}"
-    if error["type"] == "missing":
-        return f"'{key}' is required"
-    return error["msg"].removeprefix("Value error, ")
-
-
-def _errors(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[dict[str, Any]]:
-    found = []
-    for error in exc.errors(include_url=False):
-        key = ".".join(str(part) for part in error["loc"])
-        found.append(
-            {
-                "key": prefix + key if key else prefix.rstrip("."),
-                "value": error.get("input"),
-                "message": _message(error, model),
-            }
-        )
-    return found
-
-
 def check_train(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
     """Check a config.json body as `difftune train` does; returns (the settings it gives, typed; errors;
     the loader's warnings). Original-tool keys come back translated (lora_type -> model_type)."""
@@ -204,11 +178,12 @@ _QUOTED = re.compile(r"'([^']+)'")
 
 
 def _problem(message: str, given: dict[str, Any]) -> dict[str, Any]:
-    """A loader message as a form error: the first quoted key it names, that key's value, the message."""
+    """A loader message as a form error: the first quoted key it names (`video.num_frames` for a nested
+    one), that key's value, the message."""
     names = set(given) | set(TrainConfig.model_fields) | set(DatasetConfig.model_fields)
-    key = next((name for name in _QUOTED.findall(message) if name in names), "")
+    key = next((name for name in _QUOTED.findall(message) if name.split(".")[0] in names), "")
     text = re.sub(r"^(config\.json|config|command line): ", "", message)
-    return {"key": key, "value": given.get(key), "message": text}
+    return {"key": key, "value": given.get(key) if "." not in key else None, "message": text}
 
 
 def validate_datasets(raw: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -224,11 +199,9 @@ def validate_datasets(raw: Any) -> tuple[list[dict[str, Any]], list[dict[str, An
             continue
         label, problems = f"dataset at index {index}", []
         given = dataset_entry_values(item, label, problems, [])  # the loader's key path
+        raw_keys = {**{str(k).lstrip("-"): v for k, v in item.items()}, **given}
         if problems:
-            raw_keys = {str(k).lstrip("-"): v for k, v in item.items()}
-            for message in problems:
-                error = _problem(message.removeprefix(f"{label}: "), {**raw_keys, **given})
-                errors.append({**error, "key": f"{index}.{error['key']}" if error["key"] else f"{index}"})
+            errors += _entry_errors(problems, label, index, raw_keys)
             continue
         if given.get("id") is not None and given["id"] in seen:
             errors.append(
@@ -239,10 +212,19 @@ def validate_datasets(raw: Any) -> tuple[list[dict[str, Any]], list[dict[str, An
                 }
             )
         seen.add(given.get("id"))
-        try:
-            entry = DatasetConfig.model_validate(given)
-        except ValidationError as exc:
-            errors += _errors(exc, DatasetConfig, prefix=f"{index}.")
+        entry = validate_model(
+            DatasetConfig, prepare_values(given, DatasetConfig), lambda _key, label=label: label, problems
+        )
+        if entry is None:  # the loader's messages
+            errors += _entry_errors(problems, label, index, raw_keys)
             continue
         entries.append(entry.model_dump(include=set(given), mode="json", exclude_none=False))
     return entries, errors
+
+
+def _entry_errors(problems: list[str], label: str, index: int, given: dict[str, Any]) -> list[dict[str, Any]]:
+    found = []
+    for message in problems:
+        error = _problem(message.removeprefix(f"{label}: "), given)
+        found.append({**error, "key": f"{index}.{error['key']}" if error["key"] else f"{index}"})
+    return found
