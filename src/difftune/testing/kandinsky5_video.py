@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from difftune.families.registry import KANDINSKY5_VIDEO
 from difftune.testing.kandinsky5 import (
     LATENT_CHANNELS,
     tiny_clip_text_model,
@@ -42,7 +43,7 @@ def tiny_hunyuan_video_vae(seed: int = 0):
         norm_num_groups=1,  # one group: see difftune.testing.vae
         scaling_factor=HUNYUAN_VAE_SCALING_FACTOR,
         spatial_compression_ratio=8,
-        temporal_compression_ratio=4,
+        temporal_compression_ratio=KANDINSKY5_VIDEO.frames_per_latent,  # what the family row says
         mid_block_add_attention=True,
     )
     return make_colour_vae(vae, seed).eval()
