@@ -323,20 +323,15 @@ class BareLoop:
         """One optimizer step on a batch; returns the loss."""
         import torch
 
-        from difftune.training.losses import per_sample_loss
+        from difftune.training.losses import diffusion_loss
 
         latents = batch["latents"].to(self.device)
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
         timesteps = self.objective.sample_timesteps(latents.shape[0], self.generator, self.device)
         noisy = self.objective.add_noise(latents, noise, timesteps)
         prediction = self.family.model_forward(self.components, self.denoiser, noisy, timesteps, batch)
-        losses = per_sample_loss(
-            prediction,
-            self.objective.target(latents, noise, timesteps),
-            self.family.loss_mask(batch, latents),
-        )
-        weights = self.objective.loss_weights(timesteps)
-        loss = (losses * weights).mean() if weights is not None else losses.mean()
+        target = self.objective.target(latents, noise, timesteps)
+        loss = diffusion_loss(self.family, self.objective, batch, latents, prediction, target, timesteps)
         loss.backward()
         if self.config.max_grad_norm > 0:  # as difftune clips (grad_clip_method)
             clip = torch.nn.utils.clip_grad_norm_

@@ -6,7 +6,7 @@ from diffusers import EulerDiscreteScheduler
 
 from difftune.families.flow_matching import FlowMatchingObjective
 from difftune.families.objectives import EpsilonObjective
-from difftune.training.losses import LossKind, per_sample_loss
+from difftune.training.losses import LossKind, diffusion_loss, per_sample_loss
 
 SDXL_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -54,3 +54,40 @@ def test_huber_c_schedules():
     assert snr[0] > snr[1] > snr[2] > 0.1  # clean timesteps tolerate larger errors quadratically
     constant = LossKind("huber", 0.3, "constant").c(objective, timesteps)
     assert constant.tolist() == pytest.approx([0.3] * 3)
+
+
+class FirstHalfMasked:
+    """A family whose own loss mask counts only the left half of the latent grid."""
+
+    def loss_mask(self, batch, latents):
+        mask = torch.zeros(1, 1, *latents.shape[2:])
+        mask[..., : latents.shape[-1] // 2] = 1.0
+        return mask
+
+
+def test_diffusion_loss_applies_both_masks_the_sample_weights_and_min_snr_once():
+    objective = EpsilonObjective(EulerDiscreteScheduler(**SDXL_BETAS), snr_gamma=5.0)
+    timesteps = torch.tensor([50, 500, 950])
+    prediction, target = batch()
+    latents = torch.zeros_like(prediction)
+    data_mask = torch.ones(3, 1, 8, 8)
+    data_mask[:, :, :4] = 0.0  # the batch's masked-loss mask drops the top half
+    sample_weights = torch.tensor([1.0, 0.5, 2.0])  # prior_loss_weight on some rows
+    kind = LossKind("huber", 0.1, "snr")
+
+    loss = diffusion_loss(
+        FirstHalfMasked(),
+        objective,
+        {"loss_mask": data_mask},
+        latents,
+        prediction,
+        target,
+        timesteps,
+        kind,
+        sample_weights,
+    )
+
+    counted = kind.elementwise(prediction - target, objective, timesteps)[:, :, 4:, :4]  # bottom left
+    expected = counted.mean(dim=(1, 2, 3)) * sample_weights * objective.loss_weights(timesteps)
+    torch.testing.assert_close(loss, expected.mean())
+    assert loss.ndim == 0

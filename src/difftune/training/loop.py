@@ -36,7 +36,7 @@ from difftune.training.distributed import (
     shard_if_configured,
 )
 from difftune.training.features import TrainingFeatures
-from difftune.training.losses import LossKind, build_crepa, crepa_loss, loss_mask, per_sample_loss
+from difftune.training.losses import LossKind, build_crepa, crepa_loss, diffusion_loss
 from difftune.training.noise import TimestepBias, input_perturbation_scale
 from difftune.training.optim import (
     averaged_weights,
@@ -260,18 +260,17 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
                 if text_encoders is not None:  # train_text_encoder: the captions encoded now, with gradients
                     batch = text_encoders.encode(batch)
                 prediction = family.model_forward(components, denoiser, noisy, timesteps, batch)
-            losses = per_sample_loss(
+            loss = diffusion_loss(
+                family,
+                objective,
+                batch,
+                latents,
                 prediction,
                 target,
-                loss_mask(family, batch, latents),
-                loss_kind,
-                objective,
                 timesteps,
+                loss_kind,
+                prior.weights(batch, prediction.device) if prior is not None else None,
             )
-            if prior is not None and (prior_weights := prior.weights(batch, losses.device)) is not None:
-                losses = losses * prior_weights
-            weights = objective.loss_weights(timesteps)
-            loss = (losses * weights).mean() if weights is not None else losses.mean()
             if crepa is not None:
                 loss = loss + crepa_loss(crepa, family, components, batch, latents)
             accelerator.backward(loss)

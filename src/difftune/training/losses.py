@@ -1,4 +1,4 @@
-"""The training loss, shared by the recipe and the eval loss."""
+"""The training loss, shared by the recipe, the eval loss and the benchmarks' bare loop."""
 
 from __future__ import annotations
 
@@ -76,6 +76,32 @@ def per_sample_loss(
         return error.mean(dim=dims)
     mask = mask.to(error.dtype).expand_as(error)
     return (error * mask).sum(dim=dims) / mask.sum(dim=dims).clamp_min(1.0)
+
+
+def diffusion_loss(
+    family,
+    objective,
+    batch: dict,
+    latents: torch.Tensor,
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    kind: LossKind | None = None,
+    sample_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The mean loss of a batch, a scalar in fp32.
+
+    Per sample: `kind`'s loss (squared error when None) over what `loss_mask` counts (the family's mask
+    times the batch's masked-loss mask), times `sample_weights` (B,) (prior preservation) when given;
+    then the objective's timestep weights (e.g. min-SNR) and the mean over the batch.
+    """
+    losses = per_sample_loss(
+        prediction, target, loss_mask(family, batch, latents), kind, objective, timesteps
+    )
+    if sample_weights is not None:
+        losses = losses * sample_weights
+    weights = objective.loss_weights(timesteps)
+    return (losses * weights).mean() if weights is not None else losses.mean()
 
 
 def build_crepa(config, family, denoiser: torch.nn.Module, components, device):
