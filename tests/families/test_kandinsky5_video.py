@@ -254,7 +254,7 @@ def test_i2v_conditions_on_the_first_frame_and_masks_it(i2v_folder, video_pixels
     torch.testing.assert_close(prediction[0], direct[0].permute(3, 0, 1, 2))
 
     # The masked first frame contributes nothing to the gradient.
-    from difftune.training.loop import per_sample_loss
+    from difftune.training.losses import per_sample_loss
 
     mask = family.loss_mask(batch, latents)
     assert mask.shape == (2, 1, 3, 1, 1) and mask[:, :, 0].sum() == 0 and mask[:, :, 1:].min() == 1
