@@ -13,6 +13,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -196,6 +197,19 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     features = TrainingFeatures.build(
         family, components, data, config, model, accelerator.device, noise_generator, state
     )
+    validation = Validation(
+        family,
+        components,
+        model,
+        config,
+        bus,
+        conditioning_image,
+        features,
+        optimizer,
+        prompts,
+        runs_here=accelerator.is_main_process or sharded,  # every shard joins the sampler's forward passes
+        write=accelerator.is_main_process,
+    )
 
     # -- steps --------------------------------------------------------------------------------
     result = TrainResult(output_dir=output_dir, global_step=state.global_step)
@@ -333,28 +347,8 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
                             "skip_checkpoint_on_disk_full: true"
                         ) from None
                     bus.emit("warning", {"message": f"{error}; training goes on without this checkpoint"})
-        if (
-            config.validation_steps
-            and not config.validation_disable
-            and prompts
-            and state.global_step % config.validation_steps == 0
-            and state.global_step < total_steps
-            and (accelerator.is_main_process or sharded)  # every shard runs the sampler's forward passes
-        ):
-            with averaged_weights(optimizer, config):
-                paths = validate(
-                    family,
-                    components,
-                    model,
-                    config,
-                    state.global_step,
-                    bus,
-                    conditioning_image,
-                    features,
-                    write=accelerator.is_main_process,
-                )
-            result.validation_paths += paths
-            features.after_validation(model, paths, prompts, state.global_step, bus.emit)
+        if state.global_step < total_steps:  # the last step's validation is the final one
+            result.validation_paths += maybe_validate(validation, state.global_step)
         features.maybe_evaluate(model, state.global_step, bus.emit)
         if stop_after_steps is not None and state.global_step >= stop_after_steps:
             result.interrupted = True
@@ -373,21 +367,8 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         if text_encoders is not None:
             text_encoders.save(result.lora_path)
         bus.emit("saved", {"step": state.global_step, "path": str(result.lora_path or result.model_path)})
-    final_validation = prompts and not config.validation_disable and not result.interrupted
-    if final_validation and (accelerator.is_main_process or sharded):
-        paths = validate(
-            family,
-            components,
-            model,
-            config,
-            state.global_step,
-            bus,
-            conditioning_image,
-            features,
-            write=accelerator.is_main_process,
-        )
-        result.validation_paths += paths
-        features.after_validation(model, paths, prompts, state.global_step, bus.emit)
+    if not result.interrupted:
+        result.validation_paths += maybe_validate(validation, state.global_step, final=True)
     if accelerator.is_main_process and not result.interrupted:
         from difftune.training.plot import plot_loss
 
@@ -417,34 +398,64 @@ def adapter_strength(model, config):
     return lycoris_strength(model, config.validation_lycoris_strength)
 
 
-def validate(
-    family,
-    components,
-    model,
-    config,
-    step: int,
-    bus: EventBus,
-    conditioning_image,
-    features,
-    write: bool = True,
-) -> list[Path]:
-    """Validation images of every pass ema_validation asks for (the trained weights, the EMA average);
-    `write` False on the other processes of a sharded denoiser, which only join the forward passes."""
+@dataclass
+class Validation:
+    """What validation needs, gathered once in set-up. `runs_here` is False on the processes that sit
+    validation out; `write` False on the other processes of a sharded denoiser, which only join the
+    forward passes."""
+
+    family: Any
+    components: Any
+    model: torch.nn.Module
+    config: Any
+    bus: EventBus
+    conditioning_image: Any
+    features: TrainingFeatures
+    optimizer: Any
+    prompts: list[tuple[str, str]]
+    runs_here: bool
+    write: bool
+
+
+def maybe_validate(validation: Validation, step: int, final: bool = False) -> list[Path]:
+    """Validation images when due: every validation_steps (with a schedule-free optimizer's averaged
+    weights in the model), or once at the end (`final`), with the weights the run was saved
+    with. Then the features see the images (CLIP score, eval loss). Returns the files written."""
+    config = validation.config
+    if not validation.prompts or config.validation_disable or not validation.runs_here:
+        return []
+    if final:
+        weights = contextlib.nullcontext()
+    elif config.validation_steps and step % config.validation_steps == 0:
+        weights = averaged_weights(validation.optimizer, config)
+    else:
+        return []
+    with weights:
+        paths = _validation_images(validation, step)
+    validation.features.after_validation(
+        validation.model, paths, validation.prompts, step, validation.bus.emit
+    )
+    return paths
+
+
+def _validation_images(validation: Validation, step: int) -> list[Path]:
+    """Validation images of every pass ema_validation asks for (the trained weights, the EMA average)."""
     from difftune.validation.generate import run_validation
 
+    v = validation
     paths: list[Path] = []
-    for suffix, weights in features.validation_weights(model):
-        with weights, adapter_strength(model, config):
+    for suffix, weights in v.features.validation_weights(v.model):
+        with weights, adapter_strength(v.model, v.config):
             paths += run_validation(
-                family,
-                components,
-                model,
-                config,
+                v.family,
+                v.components,
+                v.model,
+                v.config,
                 step,
-                Path(config.output_dir),
-                bus.emit,
-                conditioning_image,
+                Path(v.config.output_dir),
+                v.bus.emit,
+                v.conditioning_image,
                 suffix=suffix,
-                write=write,
+                write=v.write,
             )
     return paths
