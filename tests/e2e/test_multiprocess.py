@@ -72,14 +72,17 @@ def one_process(tmp_path_factory, tiny_sdxl, images):
     return train(load_config(write_run(workdir, tiny_sdxl, images, train_batch_size=2, **COMMON)))
 
 
+ZERO_START = ("lora_B", "lora_up", "hada_w2_a")
+
+
 def assert_same_weights(a: dict, b: dict) -> None:
     """Equal up to 1e-4 of the largest trained update, 100 times the gradients' reduction-order error.
 
-    LoRA's B matrices start at zero, so each holds nothing but its updates; the largest of them is the
-    scale of what training changed.
+    LoRA's B matrices (LoCon's up and LoHa's second w2 factor in LyCORIS files) start at zero, so each
+    holds nothing but its updates; the largest of them is the scale of what training changed.
     """
     assert a.keys() == b.keys() and a
-    update = max(float(a[key].abs().max()) for key in a if "lora_B" in key)
+    update = max(float(a[key].abs().max()) for key in a if any(part in key for part in ZERO_START))
     assert update > 0
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4 * update)
