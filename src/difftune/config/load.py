@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from difftune.config import dataset_defaults, keys, optimizers, original_keys, training_checks, validate
+from difftune.config.documents import read_document
 from difftune.config.memory import resolve_memory_settings
 from difftune.config.schema import DatasetConfig, TrainConfig, VideoConfig
 from difftune.errors import ConfigError
@@ -28,8 +29,6 @@ RESOLVED_FILE_NAME = "config.resolved.json"
 # A config file may hold its datasets inline under this key (config.resolved.json does).
 INLINE_DATASETS_KEY = "datasets"
 _CLI = "command line"
-# Deeper than any settings file needs; far deeper JSON is hostile and would exhaust Python's recursion.
-MAX_JSON_DEPTH = 32
 
 
 @dataclass
@@ -212,90 +211,6 @@ def _default_config_path() -> Path:
         if candidate.exists():
             return candidate
     return DEFAULT_CONFIG_PATHS[0]
-
-
-def read_document(path: Path, what: str = "config", warnings: list[str] | None = None) -> Any:
-    """Parse a JSON or TOML file; syntax errors name the file, line and column.
-
-    A key given twice in one JSON object is added to `warnings` (JSON keeps the last value silently).
-    """
-    if not path.is_file():
-        raise ConfigError(
-            f"{path}: {what} file not found (relative paths are read from the working directory "
-            f"{Path.cwd()}); create it (`difftune configure` writes one) or point to it"
-            + (" with --config PATH" if what == "config" else f" with the '{what}' key")
-        )
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path}: not a text file ({exc.reason} at byte {exc.start}); the {what} file must be UTF-8 JSON"
-        ) from None
-    if path.suffix.lower() == ".toml":
-        document = _parse_toml(path, text)
-    else:
-        document = _parse_json(path, text, warnings if warnings is not None else [])
-    if _deeper_than(document, MAX_JSON_DEPTH):
-        raise ConfigError(
-            f"{path}: nested more than {MAX_JSON_DEPTH} levels deep; settings files need only a few "
-            f"levels. Check that this is the {what} file"
-        )
-    return document
-
-
-def _parse_json(path: Path, text: str, warnings: list[str]) -> Any:
-    repeated: dict[str, int] = {}
-
-    def keep_last(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                repeated[key] = repeated.get(key, 1) + 1
-            result[key] = value
-        return result
-
-    try:
-        document = json.loads(text, object_pairs_hook=keep_last)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{path}, line {exc.lineno}, column {exc.colno}: not valid JSON: {exc.msg} "
-            "(a trailing comma, a missing comma or quote, or a comment is the usual cause)"
-        ) from exc
-    except RecursionError:
-        raise ConfigError(
-            f"{path}: nested too deeply to read; settings files need only a few levels (at most "
-            f"{MAX_JSON_DEPTH})"
-        ) from None
-    for key, count in repeated.items():
-        warnings.append(
-            f"{path}: the key '{key}' is given {count} times in one object; only the last value is used, "
-            "so remove the others"
-        )
-    return document
-
-
-def _deeper_than(document: Any, limit: int) -> bool:
-    """Whether objects and lists nest more than `limit` levels (no recursion: the input may be hostile)."""
-    stack = [(document, 1)]
-    while stack:
-        value, level = stack.pop()
-        if isinstance(value, (dict, list)):
-            if level > limit:
-                return True
-            children = value.values() if isinstance(value, dict) else value
-            stack.extend((child, level + 1) for child in children)
-    return False
-
-
-def _parse_toml(path: Path, text: str) -> Any:
-    try:
-        import tomllib
-    except ModuleNotFoundError as exc:  # Python 3.10
-        raise ConfigError(f"{path}: reading TOML needs Python 3.11 or newer; use a JSON config") from exc
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
 
 def _apply_lora_type(values: dict[str, Any], origin: dict[str, str], problems: list[str]) -> None:

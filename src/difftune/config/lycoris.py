@@ -114,7 +114,7 @@ _HINTS = {
 
 def read_lycoris_config(path: str | Path) -> LycorisSettings:
     """Parse and check a lycoris_config file; a ConfigError names the file, the key and the fix."""
-    from difftune.config.load import read_document
+    from difftune.config.documents import read_document
 
     path = Path(path)
     document = read_document(path, what="lycoris_config")
