@@ -40,7 +40,9 @@ class Run:
         }
         return DatasetConfig(**{**settings, **kwargs})
 
-    def prepare(self, family=None, dataset=None, extra_prompts=("a validation prompt",), **train):
+    def prepare(
+        self, family=None, dataset=None, extra_prompts=("a validation prompt",), processes=(1, 0), **train
+    ):
         config = TrainConfig(
             model_family="fake", **{"train_batch_size": 2, "seed": 1, "vae_batch_size": 2, **train}
         )
@@ -53,6 +55,8 @@ class Run:
             fake_components(),
             "cpu",
             lambda kind, payload: self.events.append((kind, payload)),
+            num_processes=processes[0],
+            process_index=processes[1],
             extra_prompts=list(extra_prompts),
         )
         return data, family
@@ -253,6 +257,24 @@ def test_dataset_oversubscription_raises_repeats_of_a_dataset_too_small_for_one_
             gradient_accumulation_steps=4,
             allow_dataset_oversubscription=True,
         )
+
+
+def test_each_process_samples_its_rows_of_the_global_batches_of_one_process(tmp_path):
+    _make_images(tmp_path / "data")
+    run = Run(tmp_path)
+    one, _ = run.prepare(train_batch_size=2)
+    rows = [run.prepare(train_batch_size=1, processes=(2, p))[0].sampler for p in (0, 1)]
+    assert [a + b for a, b in zip(*(r.epoch_batches(0) for r in rows))] == one.sampler.epoch_batches(0)
+    assert rows[0].batches_per_epoch == rows[1].batches_per_epoch == one.sampler.batches_per_epoch == 3
+
+
+def test_too_few_samples_for_a_global_batch_stop_before_any_latent_is_cached(tmp_path):
+    _make_images(tmp_path / "data", n=3)
+    run = Run(tmp_path)
+    with pytest.raises(DatasetTooSmall, match="full batches of 4 .* 2 process"):
+        run.prepare(train_batch_size=2, processes=(2, 1))
+    assert run.latent_files() == set()
+    run.prepare(train_batch_size=2)  # one process fills its batches of 2
 
 
 def test_a_full_disk_while_caching_latents_says_how_much_is_needed_and_leaves_no_partial_file(

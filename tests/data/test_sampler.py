@@ -83,13 +83,20 @@ def test_probability_weights_which_dataset_comes_first():
     assert sorted(i for b in BucketBatchSampler(never, 1, seed=0) for i in b) == [0, 1]
 
 
-def test_processes_split_the_same_global_order():
-    single = BucketBatchSampler(_groups(), 2, seed=9).epoch_batches(0)  # 5 + 3 + 8 = 16 batches
-    assert len(single) == 16
-    parts = [BucketBatchSampler(_groups(), 2, seed=9, num_processes=5, process_index=p) for p in range(5)]
-    assert all(p.batches_per_epoch == 3 for p in parts)
-    for p, part in enumerate(parts):
-        assert part.epoch_batches(0) == single[p:15:5]
+def test_processes_take_their_rows_of_the_global_batches_and_resume_at_the_same_position():
+    whole = BucketBatchSampler(_groups(), 4, seed=9)
+    parts = [BucketBatchSampler(_groups(), 4, seed=9, rows=slice(2 * p, 2 * p + 2)) for p in (0, 1)]
+    for epoch in (0, 1):
+        rows = [part.epoch_batches(epoch) for part in parts]
+        assert [a + b for a, b in zip(*rows)] == whole.epoch_batches(epoch)
+    assert all(part.batches_per_epoch == whole.batches_per_epoch == 7 for part in parts)
+    stream = parts[1].iter_forever()
+    next(stream)
+    # the position is the global one, saved under the keys checkpoints hold
+    assert parts[1].state_dict() == {"epoch": 0, "batch_index": 1, "seed": 9}
+    resumed = BucketBatchSampler(_groups(), 4, seed=9, rows=slice(2, 4))
+    resumed.load_state_dict(parts[1].state_dict())
+    assert next(resumed.iter_forever()) == next(stream)
 
 
 def test_dataset_too_small_says_usable_needed_and_short():
@@ -97,11 +104,12 @@ def test_dataset_too_small_says_usable_needed_and_short():
         SampleGroup("tiny", {(64, 64): [0, 1, 2], (96, 64): [3, 4]}),
         SampleGroup("other", {(64, 64): [5]}),
     ]
+    check_enough_samples(groups, batch_size=2, gradient_accumulation_steps=2, num_processes=1)
+    # two processes train on global batches of 4 from one bucket: no bucket holds 4
     with pytest.raises(DatasetTooSmall) as caught:
         check_enough_samples(groups, batch_size=2, gradient_accumulation_steps=2, num_processes=2)
     message = str(caught.value)
-    assert "'tiny', 'other'" in message and "give 4 usable samples" in message
-    assert "needs 8 (train_batch_size 2 x gradient_accumulation_steps 2 x 2 process(es)): 4 short" in message
-    check_enough_samples(groups, batch_size=2, gradient_accumulation_steps=2, num_processes=1)
+    assert "'tiny', 'other'" in message and "give 0 usable samples" in message and "batches of 4" in message
+    assert "needs 8 (train_batch_size 2 x gradient_accumulation_steps 2 x 2 process(es)): 8 short" in message
     with pytest.raises(DatasetTooSmall):
         next(BucketBatchSampler([SampleGroup("x", {(1, 1): [0]})], 2, seed=0).iter_forever())

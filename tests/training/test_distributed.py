@@ -8,44 +8,13 @@ import torch
 import torch.multiprocessing as mp
 
 from difftune.config.schema import TrainConfig
-from difftune.data.errors import DatasetTooSmall
-from difftune.data.sampler import BucketBatchSampler, SampleGroup
 from difftune.families.flow_matching import FlowMatchingObjective
 from difftune.training.distributed import (
-    RowShardSampler,
     apply_fsdp2,
     block_lists,
     draw_noise_and_timesteps,
-    shard_global_batches,
     shard_if_configured,
 )
-
-GROUPS = [SampleGroup("a", {(64, 64): list(range(8)), (64, 96): list(range(8, 14))}, repeats=1)]
-
-
-def test_processes_take_their_rows_of_the_one_process_batches():
-    single = BucketBatchSampler(GROUPS, 4, seed=3)
-    shards = [RowShardSampler(GROUPS, 2, 3, num_processes=2, process_index=rank) for rank in (0, 1)]
-    for epoch in (0, 1):
-        global_batches = single.epoch_batches(epoch)
-        parts = [s.epoch_batches(epoch) for s in shards]
-        assert [a + b for a, b in zip(*parts)] == global_batches
-    assert all(s.batches_per_epoch == single.batches_per_epoch for s in shards)
-    # resumable like the sampler it extends: same position, same next rows
-    iterator = iter(shards[1])
-    next(iterator)
-    resumed = RowShardSampler(GROUPS, 2, 3, num_processes=2, process_index=1)
-    resumed.load_state_dict(shards[1].state_dict())
-    assert next(iter(resumed)) == next(iterator)
-
-
-def test_one_process_keeps_its_sampler_and_too_few_samples_for_a_global_batch_fail():
-    sampler = BucketBatchSampler(GROUPS, 2, seed=0)
-    assert shard_global_batches(sampler, 1, 0) is sampler
-    assert isinstance(shard_global_batches(sampler, 2, 1), RowShardSampler)
-    small = [SampleGroup("tiny", {(64, 64): [0, 1], (64, 96): [2]})]
-    with pytest.raises(DatasetTooSmall, match="tiny"):
-        shard_global_batches(BucketBatchSampler(small, 1, seed=0), 3, 0)
 
 
 def test_noise_and_timesteps_are_the_rows_of_the_global_draw():

@@ -56,11 +56,15 @@ def prepare_training_data(
 ) -> TrainingData:
     """Discover, caption and bucket every enabled training dataset; fill the caches; build the sampler.
 
+    With num_processes > 1 the sampler walks global batches of num_processes * train_batch_size
+    samples and hands out this process's train_batch_size rows of each (see data/sampler.py).
     extra_prompts (validation prompts, the negative prompt) are cached with the captions, and so is ""
     (not for families whose prompts include the conditioning image: those are cached per image).
-    Raises DatasetTooSmall when the samples cannot fill one optimizer step.
+    Raises DatasetTooSmall when the samples cannot fill one optimizer step of global batches.
     """
     seed = train.seed if train.seed is not None else 0
+    batch_size = train.train_batch_size
+    rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
     if any(d.type == "huggingface" and not d.disabled for d in datasets):
         from difftune.data.huggingface import as_local
 
@@ -87,7 +91,7 @@ def prepare_training_data(
 
     prompt_images = prompts_use_images(family)
     data = TrainingData(
-        sampler=BucketBatchSampler([], train.train_batch_size, seed, num_processes, process_index),
+        sampler=BucketBatchSampler([], batch_size * num_processes, seed, rows),
         plans=[],
         captions=[],
         skipped=[],
@@ -117,14 +121,14 @@ def prepare_training_data(
     gas = train.gradient_accumulation_steps
     repeats = {d.id: d.repeats for d in train_sets}
     if train.allow_dataset_oversubscription:
-        needed = train.train_batch_size * gas * num_processes
+        needed = batch_size * gas * num_processes
         all_groups = _groups(train_sets, data.plans, data.bucket_keys, set(), repeats)
         repeats.update(_oversubscribed_repeats(all_groups, train_sets, needed, events))
 
     def groups(excluded: set[int]) -> list[SampleGroup]:
         return _groups(train_sets, data.plans, data.bucket_keys, excluded, repeats)
 
-    check_enough_samples(groups(set()), train.train_batch_size, gas, num_processes)
+    check_enough_samples(groups(set()), batch_size, gas, num_processes)
     data.cache_groups = cache_groups(data.plans, data.bucket_keys, train.vae_batch_size)
     if not (train.vae_cache_ondemand or train.vae_cache_disable):
         _fill_latent_cache(data, train_sets)
@@ -141,11 +145,8 @@ def prepare_training_data(
         prompts += [c for i in captioned for c in data.captions[i]]
         encode_text(family, components, data.text_cache, data.text_cache.missing(prompts), events)
     # files found unreadable while caching are left out
-    check_enough_samples(groups(data._unreadable), train.train_batch_size, gas, num_processes)
-
-    data.sampler = BucketBatchSampler(
-        groups(data._unreadable), train.train_batch_size, seed, num_processes, process_index
-    )
+    check_enough_samples(groups(data._unreadable), batch_size, gas, num_processes)
+    data.sampler = BucketBatchSampler(groups(data._unreadable), batch_size * num_processes, seed, rows)
     eval_sets = [
         d
         for d in datasets

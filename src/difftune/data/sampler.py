@@ -5,7 +5,8 @@ into full batches (an incomplete last batch is dropped), then datasets take turn
 coming from a dataset drawn with weight `probability` among those with batches left. The epoch ends
 when every dataset is used up, so probability shapes the mix, not how much of a dataset is seen.
 Position is (epoch, batch_index), which is all a checkpoint needs to resume exactly.
-With several processes, process p takes batches p, p + n, p + 2n, ... of the same global order.
+With n processes and train_batch_size B, every process walks the same order of global batches of n * B
+samples and takes its own B rows of each (`rows`), so position and epoch length are the same on all.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class SampleGroup:
 
 
 def usable_batches(groups: Sequence[SampleGroup], batch_size: int) -> int:
-    """Full single-bucket batches in one epoch over all groups (before the split across processes)."""
+    """Full single-bucket batches in one epoch over all groups."""
     return sum(group.usable_samples(batch_size) // batch_size for group in groups)
 
 
@@ -49,19 +50,23 @@ def check_enough_samples(
     gradient_accumulation_steps: int = 1,
     num_processes: int = 1,
 ) -> None:
-    """Raise DatasetTooSmall unless one epoch fills at least one optimizer step on every process."""
-    needed = batch_size * gradient_accumulation_steps * num_processes
-    usable = sum(group.usable_samples(batch_size) for group in groups)
+    """Raise DatasetTooSmall unless one epoch fills one optimizer step of global batches.
+
+    A global batch is batch_size * num_processes samples of one bucket (see the module docstring).
+    """
+    global_batch = batch_size * num_processes
+    needed = global_batch * gradient_accumulation_steps
+    usable = sum(group.usable_samples(global_batch) for group in groups)
     if usable >= needed:
         return
     names = ", ".join(f"'{g.dataset_id}'" for g in groups) or "(none)"
     details = "; ".join(
         f"'{g.dataset_id}': {g.total_samples()} samples in {len(g.buckets)} bucket(s), "
-        f"{g.usable_samples(batch_size)} usable"
+        f"{g.usable_samples(global_batch)} usable"
         for g in groups
     )
     raise DatasetTooSmall(
-        f"dataset(s) {names} give {usable} usable samples per epoch (full batches of {batch_size} from one "
+        f"dataset(s) {names} give {usable} usable samples per epoch (full batches of {global_batch} from one "
         f"bucket; {details}), but one optimizer step needs {needed} (train_batch_size {batch_size} x "
         f"gradient_accumulation_steps {gradient_accumulation_steps} x {num_processes} process(es)): "
         f"{needed - usable} short. Add images, raise repeats, lower train_batch_size or "
@@ -77,38 +82,31 @@ class BucketBatchSampler:
         groups: Sequence[SampleGroup],
         batch_size: int,
         seed: int,
-        num_processes: int = 1,
-        process_index: int = 0,
+        rows: slice = slice(None),
     ) -> None:
-        if not 0 <= process_index < num_processes:
-            raise ValueError(f"process_index {process_index} is outside 0..{num_processes - 1}")
+        """batch_size: samples of a global batch (every process's rows); rows: this process's share."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.groups = list(groups)
         self.batch_size = batch_size
         self.seed = seed
-        self.num_processes = num_processes
-        self.process_index = process_index
+        self.rows = rows
         self.epoch = 0
-        self.batch_index = 0  # batches of this epoch already handed out by this process
+        self.batch_index = 0  # batches of this epoch already handed out
         self.last_position: tuple[int, int] | None = None  # (epoch, batch_index) of the last batch yielded
         self._cached_epoch: tuple[int, list[list[int]]] | None = None
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches this process gets per epoch (the same on every process)."""
-        return usable_batches(self.groups, self.batch_size) // self.num_processes
+        return usable_batches(self.groups, self.batch_size)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This process's batches of an epoch, in order."""
+        """This process's rows of every batch of an epoch, in order."""
         if self._cached_epoch is None or self._cached_epoch[0] != epoch:
-            ordered = self._global_order(epoch)
-            kept = len(ordered) // self.num_processes * self.num_processes
-            mine = ordered[self.process_index : kept : self.num_processes]
-            self._cached_epoch = (epoch, mine)
+            self._cached_epoch = (epoch, [batch[self.rows] for batch in self._global_order(epoch)])
         return self._cached_epoch[1]
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -125,7 +123,7 @@ class BucketBatchSampler:
     def iter_forever(self) -> Iterator[list[int]]:
         """Epoch after epoch, without end."""
         if self.batches_per_epoch == 0:
-            check_enough_samples(self.groups, self.batch_size, 1, self.num_processes)
+            check_enough_samples(self.groups, self.batch_size)
         while True:
             yield from self
 

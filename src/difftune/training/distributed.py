@@ -1,10 +1,10 @@
 """Training on several processes: the global batch split by rows, and FSDP2 sharding of the denoiser.
 
 A run on n processes with train_batch_size B trains on global batches of n * B samples: every process
-walks the same sampler over batches of n * B (one bucket each) and takes its own B rows, and it draws
-the noise and timesteps of the whole global batch and keeps its rows. The gradients DDP (or FSDP2)
-averages are then those of one process training with train_batch_size n * B, so the final weights
-match it up to float rounding.
+walks the same sampler over batches of n * B (one bucket each) and takes its own B rows (the sampler's
+`rows`, see data/sampler.py), and it draws the noise and timesteps of the whole global batch and keeps
+its rows (`global_rows` below). The gradients DDP (or FSDP2) averages are then those of one process
+training with train_batch_size n * B, so the final weights match it up to float rounding.
 
 FSDP2 (fsdp_enable, fsdp_version 2) shards every block of the denoiser's top-level block lists (the
 UNet's down/up blocks, the Kandinsky 5 text and visual transformer blocks) and then the root with
@@ -22,43 +22,11 @@ import torch
 
 from difftune import events
 from difftune.config.schema import TrainConfig
-from difftune.data.sampler import BucketBatchSampler, check_enough_samples
 from difftune.training.checkpoints import TrainerState, load_checkpoint, trainable_state
 from difftune.training.noise import TimestepBias, draws_offset
 
 
 # -- the global batch --------------------------------------------------------------------------
-class RowShardSampler(BucketBatchSampler):
-    """A sampler over global batches (n * B samples of one bucket) that hands out this process's B rows.
-
-    Position, resume state and epoch length are those of the global sampler, the same on every process.
-    """
-
-    def __init__(self, groups, batch_size: int, seed: int, num_processes: int = 1, process_index: int = 0):
-        if not 0 <= process_index < num_processes:
-            raise ValueError(f"process_index {process_index} is outside 0..{num_processes - 1}")
-        super().__init__(groups, batch_size * num_processes, seed)
-        self.rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
-        self.process_batch_size = batch_size
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This process's rows of every global batch of an epoch, in order."""
-        return [batch[self.rows] for batch in super().epoch_batches(epoch)]
-
-
-def shard_global_batches(
-    sampler: BucketBatchSampler, num_processes: int, process_index: int, gradient_accumulation_steps: int = 1
-) -> BucketBatchSampler:
-    """Replace a per-process sampler by one over global batches split by rows (unchanged for one process).
-
-    Raises DatasetTooSmall when the buckets cannot fill one global batch of n * train_batch_size.
-    """
-    if num_processes == 1:
-        return sampler
-    check_enough_samples(sampler.groups, sampler.batch_size * num_processes, gradient_accumulation_steps)
-    return RowShardSampler(sampler.groups, sampler.batch_size, sampler.seed, num_processes, process_index)
-
-
 def global_rows(
     draw: Callable[[int], torch.Tensor], batch_size: int, num_processes: int = 1, process_index: int = 0
 ) -> torch.Tensor:

@@ -33,7 +33,6 @@ from difftune.training.distributed import (
     full_trainable_state,
     load_sharded_checkpoint,
     perturb_inputs,
-    shard_global_batches,
     shard_if_configured,
 )
 from difftune.training.features import TrainingFeatures
@@ -151,9 +150,6 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
             extra_prompts=extra_prompts,
         )
     conditioning_image = validation_conditioning_image(loaded.all_datasets)  # generated ones exist now
-    data.sampler = shard_global_batches(
-        data.sampler, accelerator.num_processes, accelerator.process_index, config.gradient_accumulation_steps
-    )
 
     denoiser = prepare_denoiser(family, components, config, weight_dtype, accelerator.device, bus.emit)
     sharded = shard_if_configured(denoiser, config, accelerator.num_processes, bus.emit)  # FSDP2
