@@ -190,21 +190,24 @@ def test_i2v_lora_trains_with_first_frame_conditioning(tmp_path, tiny_k5_i2v, vi
     assert "i2v" in json.dumps(resolved)
 
 
-def test_t2v_with_crepa_trains_its_projector_through_the_run(tmp_path, tiny_k5_video, video_folder):
+def _tiny_dino(folder: Path) -> Path:
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
-    dino = tmp_path / "dinov2-tiny"
-    Dinov2Model(
-        Dinov2Config(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            patch_size=14,
-            image_size=56,
-        )
-    ).save_pretrained(dino)
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=56,
+    )
+    Dinov2Model(config).save_pretrained(folder)
+    return folder
+
+
+def test_t2v_with_crepa_trains_its_projector_through_the_run(tmp_path, tiny_k5_video, video_folder):
+    dino = _tiny_dino(tmp_path / "dinov2-tiny")
     settings = {**K5_RUN, "checkpointing_steps": 3}
     config = write_run(
         tmp_path,
@@ -236,6 +239,34 @@ def test_t2v_with_crepa_trains_its_projector_through_the_run(tmp_path, tiny_k5_v
     saved = load_state(tmp_path / "out" / "checkpoint-3", "trainer_state")
     projector = saved["extra"]["crepa"]
     assert projector and any(torch.is_tensor(v) and v.abs().sum() > 0 for v in _tensors(projector))
+
+
+@pytest.mark.slow
+def test_t2v_with_crepa_resumed_ends_with_the_weights_and_losses_of_an_uninterrupted_run(
+    tmp_path, tiny_k5_video, video_folder
+):
+    settings = dict(
+        K5_RUN,
+        model_family="kandinsky5-video",
+        dataset=video_dataset(video_folder),
+        validation_disable=True,
+        checkpointing_steps=2,
+        crepa_enabled=True,
+        crepa_block_index=1,
+        crepa_model=str(_tiny_dino(tmp_path / "dinov2-tiny")),
+        crepa_encoder_image_size=56,
+    )
+    whole = train(load_config(write_run(tmp_path / "whole", tiny_k5_video, video_folder, **settings)))
+    split = write_run(tmp_path / "split", tiny_k5_video, video_folder, **settings)
+    assert train(load_config(split), stop_after_steps=2).interrupted
+    resumed = train(load_config(split, {"resume_from_checkpoint": "latest"}))
+    assert resumed.global_step == whole.global_step == 3
+    # CREPA's term is in the loss: with a fresh projector or fresh Adam moments the last step would differ
+    assert whole.losses[2:] == pytest.approx(resumed.losses, abs=1e-6)
+    a, b = load_file(str(whole.lora_path)), load_file(str(resumed.lora_path))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
 def _tensors(state):

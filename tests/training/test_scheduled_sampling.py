@@ -10,7 +10,8 @@ from difftune.events import warnings_to
 from difftune.families.flow_matching import FlowMatchingObjective
 from difftune.families.objectives import Diff2FlowObjective, EpsilonObjective
 from difftune.testing.sdxl import SDXL_SCHEDULER_CONFIG
-from difftune.training.scheduled_sampling import draw_offsets, rollout_inputs, rollout_probability
+from difftune.training.features import TrainingFeatures
+from difftune.training.scheduled_sampling import ScheduledSampler
 from tests.e2e.conftest import write_run
 
 
@@ -64,8 +65,8 @@ def rollout(name, perfect, cfg, step=0, seed=0):
     kind = "epsilon" if name == "epsilon" else "velocity"
     family = OracleFamily(latents, noise, kind, perfect)
     t = timesteps_for(name, objective)
-    generator = torch.Generator().manual_seed(seed)
-    noisy = rollout_inputs(family, None, None, objective, latents, noise, t, {}, cfg, step, generator)
+    sampler = ScheduledSampler(family, None, objective, cfg, generator=torch.Generator().manual_seed(seed))
+    noisy = sampler(None, latents, noise, t, {}, step)
     return noisy, objective.add_noise(latents, noise, t), family.calls
 
 
@@ -87,35 +88,57 @@ def test_probability_zero_is_add_noise_and_draws_nothing(name):
     generator = torch.Generator().manual_seed(3)
     before = generator.get_state()
     family = OracleFamily(latents, noise, "epsilon", perfect=False)
-    noisy = rollout_inputs(
-        family,
-        None,
-        None,
-        objective,
-        latents,
-        noise,
-        t,
-        {},
-        config(scheduled_sampling_probability=0.0),
-        5,
-        generator,
-    )
+    cfg = config(scheduled_sampling_probability=0.0)
+    features = TrainingFeatures.build(family, None, objective, cfg, None, "cpu", generator)
+    assert features.scheduled_sampler is None
+    noisy = features.noisy_inputs(None, latents, noise, t, {}, 5)
     assert torch.equal(noisy, objective.add_noise(latents, noise, t))
     assert torch.equal(generator.get_state(), before) and family.calls == 0
 
 
+def test_rollouts_draw_the_choice_then_the_offset_of_each_global_row_and_nothing_else():
+    """The draw order a run's noise generator (and so an exact resume) depends on: p-draws for every row of
+    the global batch, then offsets in [1, max_step_offset]; then the model steps the longest rollout."""
+    cfg = config(scheduled_sampling_probability=0.5, scheduled_sampling_max_step_offset=3)
+    objective = OBJECTIVES["flow"]()
+    latents, noise = data(batch_size=2)
+    family = OracleFamily(latents, noise, "velocity")
+    generator = torch.Generator().manual_seed(4)
+    sampler = ScheduledSampler(family, None, objective, cfg, 2, 1, generator)
+    sampler(None, latents, noise, timesteps_for("flow", objective, 2), {}, 0)
+
+    replay = torch.Generator().manual_seed(4)
+    chosen = torch.rand(4, generator=replay) < 0.5
+    offsets = torch.randint(1, 4, (4,), generator=replay) * chosen
+    assert torch.equal(generator.get_state(), replay.get_state())
+    assert family.calls == int(offsets.max())
+    assert torch.equal(
+        ScheduledSampler(None, None, objective, cfg, 2, 1, torch.Generator().manual_seed(4)).draw_offsets(
+            2, 0
+        )[0],
+        offsets[2:],
+    )
+
+
 def test_probability_ramps_up_over_the_ramp_steps():
     cfg = config(scheduled_sampling_probability=0.8, scheduled_sampling_ramp_steps=10)
-    assert [rollout_probability(cfg, s) for s in (0, 5, 10, 50)] == pytest.approx([0.0, 0.4, 0.8, 0.8])
-    assert rollout_probability(config(scheduled_sampling_probability=0.3), 0) == pytest.approx(0.3)
+    ramped = ScheduledSampler(None, None, OBJECTIVES["flow"](), cfg)
+    assert [ramped.probability(s) for s in (0, 5, 10, 50)] == pytest.approx([0.0, 0.4, 0.8, 0.8])
+    steady = ScheduledSampler(None, None, OBJECTIVES["flow"](), config(scheduled_sampling_probability=0.3))
+    assert steady.probability(0) == pytest.approx(0.3)
     _, _, calls = rollout("epsilon", perfect=False, cfg=cfg, step=0)
     assert calls == 0  # p is still 0 at step 0
 
 
 def test_processes_draw_their_rows_of_the_global_batch():
     cfg = config(scheduled_sampling_probability=0.5, scheduled_sampling_max_step_offset=6)
-    whole, longest = draw_offsets(cfg, 0, 4, torch.Generator().manual_seed(9))
-    parts = [draw_offsets(cfg, 0, 2, torch.Generator().manual_seed(9), 2, rank) for rank in (0, 1)]
+
+    def sampler(num_processes=1, rank=0):
+        generator = torch.Generator().manual_seed(9)
+        return ScheduledSampler(None, None, OBJECTIVES["flow"](), cfg, num_processes, rank, generator)
+
+    whole, longest = sampler().draw_offsets(4, 0)
+    parts = [sampler(2, rank).draw_offsets(2, 0) for rank in (0, 1)]
     assert torch.equal(torch.cat([p[0] for p in parts]), whole)
     assert {p[1] for p in parts} == {longest} and longest == int(whole.max())
     assert set(whole.tolist()) <= set(range(7))

@@ -1,4 +1,21 @@
-"""Optional parts of a run (TREAD, EMA, eval loss, CLIP score, Hub upload) as small calls the recipe makes."""
+"""Optional parts of a run (input perturbation, scheduled sampling, CREPA, TREAD, EMA, eval loss, CLIP
+score, Hub upload) as one object the recipe calls at named points.
+
+Built in two phases, because the optimizer needs CREPA's projector and EMA needs the model as
+accelerate prepared it:
+
+- `TrainingFeatures.build(...)`, before the optimizer: input perturbation, scheduled sampling and
+  CREPA (its hooks go on the denoiser; `trainable_parameters()` gives its projector to the optimizer).
+- `attach(model, data)`, after accelerate's prepare and the checkpoint's weights: TREAD, EMA (which
+  starts from the weights it averages) and the evaluator.
+
+Then `load_state_dict(state.extra)` restores what a checkpoint holds of them ("ema", "crepa"), and
+`state_dict()` is what the next checkpoint stores.
+
+The step calls `noisy_inputs` (the denoiser's input: add_noise of the perturbed noise, or the
+rollout), `extra_loss` (CREPA's term) and `after_optimizer_step` (EMA); the run calls
+`validation_weights`, `after_validation`, `maybe_evaluate`, `finish` and `close`.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +36,14 @@ Emit = Callable[[str, dict[str, Any]], None]
 class TrainingFeatures:
     config: TrainConfig
     family: Any
+    components: Any = None
+    objective: Any = None
+    device: Any = "cpu"
+    generator: torch.Generator | None = None  # the run's noise generator, saved with every checkpoint
+    num_processes: int = 1
+    process_index: int = 0
+    scheduled_sampler: Any = None
+    crepa: Any = None
     tread: Any = None
     ema: Any = None
     evaluator: Any = None
@@ -28,33 +53,101 @@ class TrainingFeatures:
         cls,
         family,
         components,
-        data,
+        objective,
         config: TrainConfig,
-        model: torch.nn.Module,
+        denoiser: torch.nn.Module | None,
         device,
         generator: torch.Generator,
-        state,
+        num_processes: int = 1,
+        process_index: int = 0,
     ) -> TrainingFeatures:
-        """Set up what the config turns on; restores EMA state from a resumed checkpoint."""
-        features = cls(config=config, family=family)
+        """The features the optimizer must know of, set up before it: scheduled sampling and CREPA.
+
+        `denoiser` is the trained model before accelerate's prepare (CREPA hooks one of its blocks);
+        `generator` draws the perturbation and the rollouts, for the rows `process_index` holds of a
+        global batch of `num_processes` processes.
+        """
+        features = cls(
+            config=config,
+            family=family,
+            components=components,
+            objective=objective,
+            device=device,
+            generator=generator,
+            num_processes=num_processes,
+            process_index=process_index,
+        )
+        from difftune.training.scheduled_sampling import ScheduledSampler, rollout_enabled
+
+        if rollout_enabled(config):
+            features.scheduled_sampler = ScheduledSampler(
+                family, components, objective, config, num_processes, process_index, generator
+            )
+        if config.crepa_enabled:
+            from difftune.training.crepa import Crepa, drop_vae_encoder
+
+            blocks = family.transformer_blocks(denoiser)
+            frames = family.spec.frames_per_latent
+            features.crepa = Crepa(config, denoiser, blocks, device, frames_per_latent=frames)
+            if config.crepa_drop_vae_encoder and components.vae is not None:
+                drop_vae_encoder(components.vae)
+        return features
+
+    def attach(self, model: torch.nn.Module, data) -> None:
+        """The features of the prepared model (with a resumed run's weights): TREAD, EMA, the evaluator."""
+        config = self.config
         if config.tread_config:
             from difftune.training.tread import apply_tread
 
             # The noise generator drives the routing, so a checkpoint's generator state resumes it exactly.
-            blocks = family.transformer_blocks(model)
-            features.tread = apply_tread(model, blocks, config.tread_config, generator)
+            blocks = self.family.transformer_blocks(model)
+            self.tread = apply_tread(model, blocks, config.tread_config, self.generator)
         if config.use_ema:
             from difftune.training.ema import EMAModel
 
-            features.ema = EMAModel(model, config.ema_decay, config.ema_device)
-            if state.extra.get("ema"):
-                features.ema.load_state_dict(state.extra["ema"])
+            self.ema = EMAModel(model, config.ema_decay, config.ema_device)
         # an eval dataset turns the eval loss on (at every validation unless eval_steps_interval says)
         if config.eval_steps_interval or config.evaluation_type != "none" or data.held_out_batches:
             from difftune.training.evaluation import Evaluator
 
-            features.evaluator = Evaluator(family, components, data, config, device)
-        return features
+            self.evaluator = Evaluator(self.family, self.components, data, config, self.device)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the features train beside the denoiser (CREPA's projector): give it to the optimizer."""
+        return self.crepa.trainable_parameters() if self.crepa is not None else []
+
+    def noisy_inputs(
+        self,
+        model: torch.nn.Module,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        batch: dict[str, Any],
+        step: int,
+    ) -> torch.Tensor:
+        """The denoiser's input (B, ...) at optimizer step `step`: add_noise of `noise` plus the input
+        perturbation, or with scheduled sampling some rows rolled out by `model` (the unwrapped
+        denoiser, called without gradients). The target keeps the unperturbed noise."""
+        from difftune.training.distributed import perturb_inputs
+        from difftune.training.noise import input_perturbation_scale
+
+        config = self.config
+        scale = input_perturbation_scale(config.input_perturbation, config.input_perturbation_steps, step)
+        noise = perturb_inputs(noise, scale, self.generator, self.num_processes, self.process_index)
+        if self.scheduled_sampler is None:
+            return self.objective.add_noise(latents, noise, timesteps)
+        return self.scheduled_sampler(model, latents, noise, timesteps, batch, step)
+
+    def extra_loss(self, batch: dict[str, Any], latents: torch.Tensor) -> torch.Tensor | float:
+        """What the features add to the diffusion loss after the forward pass: CREPA's term (0.0 without
+        CREPA), from the batch's clean frames or the clean latents decoded."""
+        if self.crepa is None:
+            return 0.0
+        frames = batch.get("pixels")
+        if frames is None:
+            with torch.no_grad():
+                frames = self.family.decode_latents(self.components, latents)
+        return self.crepa.loss(frames, row_order=self.family.row_order(batch))
 
     def after_optimizer_step(self, model: torch.nn.Module, step: int) -> None:
         """After optimizer step `step` (counted from 1): the EMA update, every ema_update_interval steps."""
@@ -62,8 +155,21 @@ class TrainingFeatures:
             self.ema.update(model)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint stores for these features."""
-        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+        """What a checkpoint stores for these features: "ema" (the average), "crepa" (the projector)."""
+        state: dict[str, Any] = {}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.crepa is not None:
+            state["crepa"] = self.crepa.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from a checkpoint's extra state; a feature the checkpoint lacks (turned on since)
+        keeps its fresh start."""
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        if self.crepa is not None and state.get("crepa"):
+            self.crepa.load_state_dict(state["crepa"])
 
     def validation_weights(self, model: torch.nn.Module) -> list[tuple[str, Any]]:
         """(file-name suffix, weights context) of each validation pass, as ema_validation says: the trained
@@ -113,5 +219,8 @@ class TrainingFeatures:
             emit("log", {"message": f"uploaded to the Hub: {repo}"})
 
     def close(self) -> None:
+        """Take the features' hooks off the denoiser."""
         if self.tread is not None:
             self.tread.remove()
+        if self.crepa is not None:
+            self.crepa.remove()

@@ -32,12 +32,11 @@ from difftune.training.distributed import (
     draw_noise_and_timesteps,
     full_trainable_state,
     load_sharded_checkpoint,
-    perturb_inputs,
     shard_if_configured,
 )
 from difftune.training.features import TrainingFeatures
-from difftune.training.losses import LossKind, build_crepa, crepa_loss, diffusion_loss
-from difftune.training.noise import TimestepBias, input_perturbation_scale
+from difftune.training.losses import LossKind, diffusion_loss
+from difftune.training.noise import TimestepBias
 from difftune.training.optim import (
     averaged_weights,
     build_lr_scheduler,
@@ -49,7 +48,6 @@ from difftune.training.optim import (
     use_training_weights,
 )
 from difftune.training.prior import build_prior
-from difftune.training.scheduled_sampling import rollout_inputs
 from difftune.training.setup import (
     build_accelerator,
     check_adapter_targets,
@@ -153,12 +151,22 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
 
     denoiser = prepare_denoiser(family, components, config, weight_dtype, accelerator.device, bus.emit)
     sharded = shard_if_configured(denoiser, config, accelerator.num_processes, bus.emit)  # FSDP2
-    crepa = build_crepa(config, family, denoiser, components, accelerator.device)
+    objective = family.objective(components)
+    noise_generator = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
+    features = TrainingFeatures.build(  # scheduled sampling, CREPA: what the optimizer must know of
+        family,
+        components,
+        objective,
+        config,
+        denoiser,
+        accelerator.device,
+        noise_generator,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
     text_encoders = build_text_encoder_training(family, components, config)  # train_text_encoder
     optimizer = build_optimizer(
-        list(denoiser.parameters()) + (crepa.trainable_parameters() if crepa else []),
-        config,
-        accelerator.num_processes,
+        list(denoiser.parameters()) + features.trainable_parameters(), config, accelerator.num_processes
     )
     if text_encoders is not None:
         text_encoders.add_to(
@@ -170,11 +178,9 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     denoiser, optimizer = prepare_for_accelerator(accelerator, denoiser, optimizer, config, sharded)
     use_training_weights(optimizer, config)
     model = accelerator.unwrap_model(denoiser)
-    objective = family.objective(components)
     timestep_bias, loss_kind = TimestepBias.from_config(config), LossKind.from_config(config)
 
     # -- resume -------------------------------------------------------------------------------
-    noise_generator = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
     state = TrainerState()
     if resume_path is not None:
         state = (load_sharded_checkpoint if sharded else load_checkpoint)(
@@ -182,17 +188,14 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         )
         noise_generator.set_state(state.noise_generator)
         data.sampler.load_state_dict(state.sampler)
-        if crepa is not None and "crepa" in state.extra:
-            crepa.load_state_dict(state.extra["crepa"])
         if text_encoders is not None:
             text_encoders.load_state_dict(state.extra)
         bus.emit("log", {"message": f"resumed from {resume_path} at step {state.global_step}"})
     elif config.resume_from_checkpoint:
         bus.emit("log", {"message": "no checkpoint to resume from yet; starting at step 0"})
     prior = build_prior(family, components, model, config, loaded.datasets)
-    features = TrainingFeatures.build(
-        family, components, data, config, model, accelerator.device, noise_generator, state
-    )
+    features.attach(model, data)  # TREAD, EMA (from the resumed weights), the evaluator
+    features.load_state_dict(state.extra)  # "ema", "crepa"
     validation = Validation(
         family,
         components,
@@ -240,28 +243,8 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
                 config.effective_noise_offset_probability,
                 timestep_bias,
             )
-            perturbation = input_perturbation_scale(
-                config.input_perturbation, config.input_perturbation_steps, state.global_step
-            )
-            inputs_noise = perturb_inputs(
-                noise, perturbation, noise_generator, accelerator.num_processes, accelerator.process_index
-            )
             with accelerator.autocast():
-                noisy = rollout_inputs(
-                    family,
-                    components,
-                    model,
-                    objective,
-                    latents,
-                    inputs_noise,
-                    timesteps,
-                    batch,
-                    config,
-                    state.global_step,
-                    noise_generator,
-                    accelerator.num_processes,
-                    accelerator.process_index,
-                )
+                noisy = features.noisy_inputs(model, latents, noise, timesteps, batch, state.global_step)
                 target = objective.target(latents, noise, timesteps)
                 # regularisation rows: the base model's own prediction, from the cached prompts (the base
                 # text encoders'), before the trained pass so that CREPA sees that one
@@ -280,9 +263,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
                 timesteps,
                 loss_kind,
                 prior.weights(batch, prediction.device) if prior is not None else None,
-            )
-            if crepa is not None:
-                loss = loss + crepa_loss(crepa, family, components, batch, latents)
+            ) + features.extra_loss(batch, latents)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 if text_encoders is not None:
@@ -322,7 +303,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         if config.checkpointing_steps and state.global_step % config.checkpointing_steps == 0:
             state.sampler = data.sampler.state_dict()
             state.noise_generator = noise_generator.get_state()
-            state.extra = features.state_dict() | ({"crepa": crepa.state_dict()} if crepa else {})
+            state.extra = features.state_dict()
             state.extra |= text_encoders.state_dict() if text_encoders else {}
             trainable, optimizer_state = checkpoint_parts(model, optimizer)  # gathered under FSDP2
             if accelerator.is_main_process:

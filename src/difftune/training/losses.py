@@ -102,30 +102,3 @@ def diffusion_loss(
         losses = losses * sample_weights
     weights = objective.loss_weights(timesteps)
     return (losses * weights).mean() if weights is not None else losses.mean()
-
-
-def build_crepa(config, family, denoiser: torch.nn.Module, components, device):
-    """The CREPA regulariser when crepa_enabled (its projector trains with the denoiser), else None."""
-    if not config.crepa_enabled:
-        return None
-    from difftune.training.crepa import Crepa, drop_vae_encoder
-
-    crepa = Crepa(
-        config,
-        denoiser,
-        family.transformer_blocks(denoiser),
-        device,
-        frames_per_latent=family.spec.frames_per_latent,
-    )
-    if config.crepa_drop_vae_encoder and components.vae is not None:
-        drop_vae_encoder(components.vae)
-    return crepa
-
-
-def crepa_loss(crepa, family, components, batch: dict, latents: torch.Tensor) -> torch.Tensor:
-    """CREPA's term for this step: clean frames from the batch, or decoded from the cached latents."""
-    frames = batch.get("pixels")
-    if frames is None:
-        with torch.no_grad():
-            frames = family.decode_latents(components, latents)
-    return crepa.loss(frames, row_order=family.row_order(batch))

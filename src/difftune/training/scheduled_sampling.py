@@ -30,75 +30,84 @@ from difftune.families.objectives import Diff2FlowObjective, EpsilonObjective, s
 _warned_unipc = False
 
 
-def rollout_probability(config: TrainConfig, step: int) -> float:
-    """p at an optimizer step: scheduled_sampling_probability, ramped linearly from 0 when ramp steps are set."""
-    p = config.scheduled_sampling_probability
-    ramp = config.scheduled_sampling_ramp_steps
-    return p * min(1.0, step / ramp) if ramp > 0 else p
-
-
 def rollout_enabled(config: TrainConfig) -> bool:
     return config.scheduled_sampling_max_step_offset > 0 and config.scheduled_sampling_probability > 0
 
 
-def draw_offsets(
-    config: TrainConfig,
-    step: int,
-    batch_size: int,
-    generator: torch.Generator,
-    num_processes: int = 1,
-    process_index: int = 0,
-) -> tuple[torch.Tensor, int]:
-    """Rollout lengths (B,) of this process's rows (0 = no rollout) and the longest of the global batch."""
-    total = batch_size * num_processes
-    chosen = torch.rand(total, generator=generator, device=generator.device) < rollout_probability(
-        config, step
-    )
-    k = config.scheduled_sampling_max_step_offset
-    offsets = torch.randint(1, k + 1, (total,), generator=generator, device=generator.device) * chosen
-    mine = offsets[process_index * batch_size : (process_index + 1) * batch_size]
-    return mine.cpu(), int(offsets.max())
+class ScheduledSampler:
+    """The rollouts of one run, built once; each step calls it with that step's tensors.
 
-
-def rollout_inputs(
-    family: Family,
-    components: Components,
-    model: torch.nn.Module,
-    objective: Objective,
-    latents: torch.Tensor,
-    noise: torch.Tensor,
-    timesteps: torch.Tensor,
-    batch: dict[str, Any],
-    config: TrainConfig,
-    step: int,
-    generator: torch.Generator,
-    num_processes: int = 1,
-    process_index: int = 0,
-) -> torch.Tensor:
-    """The denoiser's noisy input (B, ...): objective.add_noise, with rolled-out rows where drawn.
-
-    `timesteps` (B,) are in the objective's convention; `batch` is what family.model_forward takes.
-    Without scheduled sampling configured this is objective.add_noise and draws nothing.
+    `generator` is the run's noise generator (its state is saved with every checkpoint, so a resumed
+    run draws the same rollouts); `num_processes` and `process_index` pick this process's rows of the
+    global batch. The objective's sampler is checked here, before the first step.
     """
-    noisy = objective.add_noise(latents, noise, timesteps)
-    if not rollout_enabled(config):
-        return noisy
-    _check_sampler(config)
-    offsets, longest = draw_offsets(config, step, latents.shape[0], generator, num_processes, process_index)
-    if longest == 0:
-        return noisy
-    stepper = _Stepper.for_objective(objective)
-    start, remaining, size = stepper.start(timesteps, offsets.to(timesteps.device))
-    x, current = objective.add_noise(latents, noise, start), start
-    with torch.no_grad():
-        for _ in range(longest):  # the same count on every process
-            output = family.model_forward(components, model, x, current, batch)
-            active = remaining > 0
-            following = torch.where(active, current - size, current)
-            stepped = stepper.step(output, x, current, following)
-            x = torch.where(_rows(active, x), stepped.to(x.dtype), x)
-            current, remaining = following, remaining - active.long()
-    return torch.where(_rows(offsets.to(x.device) > 0, x), x, noisy).to(noisy.dtype)
+
+    def __init__(
+        self,
+        family: Family,
+        components: Components,
+        objective: Objective,
+        config: TrainConfig,
+        num_processes: int = 1,
+        process_index: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.family, self.components, self.objective = family, components, objective
+        self.max_offset = config.scheduled_sampling_max_step_offset
+        self.peak_probability = config.scheduled_sampling_probability
+        self.ramp_steps = config.scheduled_sampling_ramp_steps
+        self.num_processes, self.process_index = num_processes, process_index
+        self.generator = generator if generator is not None else torch.Generator()
+        self.stepper = _Stepper.for_objective(objective)
+        _check_sampler(config)
+
+    def probability(self, step: int) -> float:
+        """p at an optimizer step: scheduled_sampling_probability, ramped linearly from 0 over the ramp steps."""
+        p, ramp = self.peak_probability, self.ramp_steps
+        return p * min(1.0, step / ramp) if ramp > 0 else p
+
+    def draw_offsets(self, batch_size: int, step: int) -> tuple[torch.Tensor, int]:
+        """Rollout lengths (B,) of this process's rows (0 = no rollout) and the longest of the global batch."""
+        generator = self.generator
+        total = batch_size * self.num_processes
+        chosen = torch.rand(total, generator=generator, device=generator.device) < self.probability(step)
+        offsets = (
+            torch.randint(1, self.max_offset + 1, (total,), generator=generator, device=generator.device)
+            * chosen
+        )
+        first = self.process_index * batch_size
+        return offsets[first : first + batch_size].cpu(), int(offsets.max())
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        batch: dict[str, Any],
+        step: int,
+    ) -> torch.Tensor:
+        """The denoiser's noisy input (B, ...): objective.add_noise, with rolled-out rows where drawn.
+
+        `timesteps` (B,) are in the objective's convention; `batch` is what family.model_forward takes;
+        `step` the optimizer step (for the ramp).
+        """
+        objective = self.objective
+        noisy = objective.add_noise(latents, noise, timesteps)
+        offsets, longest = self.draw_offsets(latents.shape[0], step)
+        if longest == 0:
+            return noisy
+        start, remaining, size = self.stepper.start(timesteps, offsets.to(timesteps.device))
+        x, current = objective.add_noise(latents, noise, start), start
+        with torch.no_grad():
+            for _ in range(longest):  # the same count on every process
+                output = self.family.model_forward(self.components, model, x, current, batch)
+                active = remaining > 0
+                following = torch.where(active, current - size, current)
+                stepped = self.stepper.step(output, x, current, following)
+                x = torch.where(_rows(active, x), stepped.to(x.dtype), x)
+                current, remaining = following, remaining - active.long()
+        return torch.where(_rows(offsets.to(x.device) > 0, x), x, noisy).to(noisy.dtype)
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
