@@ -91,3 +91,17 @@ def test_diffusion_loss_applies_both_masks_the_sample_weights_and_min_snr_once()
     expected = counted.mean(dim=(1, 2, 3)) * sample_weights * objective.loss_weights(timesteps)
     torch.testing.assert_close(loss, expected.mean())
     assert loss.ndim == 0
+    # each sample's loss with the same weights; the eval loss leaves out the timestep weights
+    arguments = (
+        FirstHalfMasked(),
+        objective,
+        {"loss_mask": data_mask},
+        latents,
+        prediction,
+        target,
+        timesteps,
+    )
+    per_sample = diffusion_loss(*arguments, kind, sample_weights, reduction="none")
+    torch.testing.assert_close(per_sample, expected)
+    unweighted = diffusion_loss(*arguments, kind, sample_weights, reduction="none", timestep_weights=False)
+    torch.testing.assert_close(unweighted, counted.mean(dim=(1, 2, 3)) * sample_weights)

@@ -6,6 +6,7 @@ from PIL import Image
 
 from difftune.families.base import Objective
 from difftune.families.flow_matching import FlowMatchingObjective
+from difftune.training.losses import LossKind, diffusion_loss
 from difftune.validation.eval_loss import EvalLoss, plot_eval
 
 
@@ -115,10 +116,35 @@ def test_event_and_plot(tmp_path):
 
 
 def test_eval_loss_uses_the_training_loss_type():
-    from difftune.training.losses import LossKind
-
     flow = FlowMatchingObjective(shift=1.0, uniform=True)
     plain = EvalLoss(FakeFamily(flow), None, _batches(), seed=0)
     huber = EvalLoss(FakeFamily(flow), None, _batches(), seed=0, loss_kind=LossKind("huber", 0.1, "constant"))
     denoiser = _denoiser()
     assert huber(denoiser).loss != pytest.approx(plain(denoiser).loss, rel=1e-3)
+
+
+def test_eval_loss_is_the_mean_of_the_training_loss_on_its_batches_noise_and_timesteps():
+    family, kind = FakeFamily(EpsilonObjective()), LossKind("huber", 0.1, "constant")
+    batches = _batches()
+    for batch in batches:  # the masked-loss mask counts the left half of the latent grid
+        batch["loss_mask"] = torch.zeros(2, 1, 4, 4)
+        batch["loss_mask"][..., :2] = 1.0
+    evaluate = EvalLoss(family, None, batches, timesteps=[300, 700], loss_kind=kind)
+    denoiser = _denoiser()
+    result = evaluate(denoiser)
+
+    objective = family.objective(None)
+    for value in (300, 700):
+        batch_means = []
+        for batch, noise in zip(batches, evaluate.noise):
+            latents, timesteps = batch["latents"], torch.full((2,), value)
+            noisy = objective.add_noise(latents, noise, timesteps)
+            with torch.no_grad():
+                prediction = family.model_forward(None, denoiser, noisy, timesteps, batch)
+            target = objective.target(latents, noise, timesteps)
+            loss = diffusion_loss(family, objective, batch, latents, prediction, target, timesteps, kind)
+            batch_means.append(loss.item())
+        # equal batch sizes: the mean over every sample is the mean of the batch means (fp32 vs fp64 sums)
+        assert result.per_timestep[float(value)] == pytest.approx(
+            sum(batch_means) / len(batch_means), rel=1e-6
+        )

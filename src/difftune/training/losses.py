@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -88,17 +89,22 @@ def diffusion_loss(
     timesteps: torch.Tensor,
     kind: LossKind | None = None,
     sample_weights: torch.Tensor | None = None,
+    reduction: Literal["mean", "none"] = "mean",
+    timestep_weights: bool = True,
 ) -> torch.Tensor:
-    """The mean loss of a batch, a scalar in fp32.
+    """The mean loss of a batch, a scalar in fp32 (with reduction "none", each sample's loss, (B,)).
 
     Per sample: `kind`'s loss (squared error when None) over what `loss_mask` counts (the family's mask
-    times the batch's masked-loss mask), times `sample_weights` (B,) (prior preservation) when given;
-    then the objective's timestep weights (e.g. min-SNR) and the mean over the batch.
+    times the batch's masked-loss mask), times `sample_weights` (B,) (prior preservation) when given,
+    times the objective's timestep weights (e.g. min-SNR) unless `timestep_weights` is False; then the
+    mean over the batch.
     """
     losses = per_sample_loss(
         prediction, target, loss_mask(family, batch, latents), kind, objective, timesteps
     )
     if sample_weights is not None:
         losses = losses * sample_weights
-    weights = objective.loss_weights(timesteps)
-    return (losses * weights).mean() if weights is not None else losses.mean()
+    weights = objective.loss_weights(timesteps) if timestep_weights else None
+    if weights is not None:
+        losses = losses * weights
+    return losses if reduction == "none" else losses.mean()

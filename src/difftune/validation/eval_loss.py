@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from difftune.families.base import Components, Family
-from difftune.training.losses import LossKind, loss_mask, per_sample_loss
+from difftune.training.losses import LossKind, diffusion_loss
 
 DEFAULT_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _DISTRIBUTION_SAMPLES = 8192
@@ -93,21 +93,11 @@ class EvalLoss:
             for batch, noise_cpu in zip(self.batches, self.noise):
                 latents = batch["latents"].to(self.device)
                 noise = noise_cpu.to(self.device, dtype=latents.dtype)
-                mask = loss_mask(self.family, batch, latents)
                 for k, value in enumerate(self.timesteps.tolist()):
                     timesteps = torch.full(
                         (latents.shape[0],), value, dtype=self.timesteps.dtype, device=self.device
                     )
-                    noisy = self.objective.add_noise(latents, noise, timesteps)
-                    prediction = self.family.model_forward(self.components, denoiser, noisy, timesteps, batch)
-                    losses = per_sample_loss(
-                        prediction,
-                        self.objective.target(latents, noise, timesteps),
-                        mask,
-                        self.loss_kind,
-                        self.objective,
-                        timesteps,
-                    )
+                    losses = self._losses(denoiser, batch, latents, noise, timesteps)
                     sums[k] += losses.double().sum().cpu()
                     counts[k] += losses.numel()
         finally:
@@ -115,6 +105,26 @@ class EvalLoss:
         means = (sums / counts).tolist()
         keys = [round(float(t), 6) for t in self.timesteps.tolist()]
         return EvalResult(loss=float(sum(means) / len(means)), per_timestep=dict(zip(keys, means)))
+
+    def _losses(self, denoiser, batch, latents, noise, timesteps) -> torch.Tensor:
+        """Each sample's training loss (B,) at `timesteps`: loss_type and the loss masks as in training.
+        Min-SNR weights are left out: they only rescale a fixed timestep's loss, and without them the
+        numbers compare across runs with different snr_gamma."""
+        noisy = self.objective.add_noise(latents, noise, timesteps)
+        prediction = self.family.model_forward(self.components, denoiser, noisy, timesteps, batch)
+        target = self.objective.target(latents, noise, timesteps)
+        return diffusion_loss(
+            self.family,
+            self.objective,
+            batch,
+            latents,
+            prediction,
+            target,
+            timesteps,
+            self.loss_kind,
+            reduction="none",
+            timestep_weights=False,
+        )
 
 
 def plot_eval(events_path: str | Path, out_png: str | Path) -> Path | None:
