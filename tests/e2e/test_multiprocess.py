@@ -126,11 +126,12 @@ def test_two_processes_follow_the_lr_schedule_of_one_step_per_optimizer_step(tmp
 
 
 @pytest.mark.slow
-def test_fsdp2_checkpoint_resumes_under_fsdp2_and_exports_the_same_lora(
-    tmp_path, tiny_sdxl, images, one_process
+@pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp2", "ddp"])
+def test_a_two_process_checkpoint_resumes_and_exports_the_lora_of_one_process(
+    tmp_path, tiny_sdxl, images, one_process, fsdp
 ):
     config = write_run(
-        tmp_path, tiny_sdxl, images, train_batch_size=1, fsdp_enable=True, **(COMMON | {"max_train_steps": 4})
+        tmp_path, tiny_sdxl, images, train_batch_size=1, fsdp_enable=fsdp, **(COMMON | {"max_train_steps": 4})
     )
     torchrun(config)
     out = tmp_path / "out"
@@ -145,7 +146,7 @@ def test_fsdp2_checkpoint_resumes_under_fsdp2_and_exports_the_same_lora(
     assert_same_weights(
         load_file(str(one_process.lora_path)), load_file(str(out / "pytorch_lora_weights.safetensors"))
     )
-    assert json.loads((out / "config.resolved.json").read_text())["fsdp_enable"] is True
+    assert json.loads((out / "config.resolved.json").read_text())["fsdp_enable"] is fsdp
 
 
 @pytest.mark.slow

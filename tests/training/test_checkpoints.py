@@ -4,6 +4,7 @@ import json
 import pickle
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,12 +17,15 @@ from difftune.training.checkpoints import (
     CheckpointError,
     TrainerState,
     checkpoint_dirs,
-    load_checkpoint,
+    read_checkpoint,
     resolve_resume,
     save_checkpoint,
     trainable_state,
     verify_checkpoint,
 )
+from difftune.training.distributed import apply_checkpoint, checkpoint_parts
+
+OLD_LAYOUT = Path(__file__).parent / "data" / "checkpoint-3"
 
 
 def _model_and_optim():
@@ -40,11 +44,19 @@ def _step(model, optimizer, scheduler):
     optimizer.zero_grad()
 
 
+def _save_run(folder, model, optimizer, scheduler, state, total_limit=None):
+    weights, optimizer_state = checkpoint_parts(model, optimizer)
+    return save_checkpoint(folder, weights, optimizer_state, scheduler.state_dict(), state, total_limit)
+
+
+def _load(path, model, optimizer, scheduler):
+    return apply_checkpoint(read_checkpoint(path), model, optimizer, scheduler)
+
+
 def _save(folder, step, total_limit=None):
     model, optimizer, scheduler = _model_and_optim()
     _step(model, optimizer, scheduler)
-    state = TrainerState(global_step=step)
-    return save_checkpoint(folder, trainable_state(model), optimizer, scheduler, state, total_limit)
+    return _save_run(folder, model, optimizer, scheduler, TrainerState(global_step=step), total_limit)
 
 
 def test_checkpoint_round_trip_restores_weights_optimizer_schedule_rng_and_features(tmp_path):
@@ -58,14 +70,14 @@ def test_checkpoint_round_trip_restores_weights_optimizer_schedule_rng_and_featu
         noise_generator=generator.get_state(),
         extra={"ema": {"decay": 0.99, "num_updates": 1, "shadow": shadow}},
     )
-    path = save_checkpoint(tmp_path, trainable_state(model), optimizer, scheduler, state)
+    path = _save_run(tmp_path, model, optimizer, scheduler, state)
     expected = (torch.rand(3), np.random.rand(3), random.random())
     saved_weight = model.weight.detach().clone()
     saved_optimizer = copy.deepcopy(optimizer.state_dict())
 
     _step(model, optimizer, scheduler)
     assert not torch.equal(model.weight, saved_weight)
-    restored = load_checkpoint(path, model, optimizer, scheduler)
+    restored = _load(path, model, optimizer, scheduler)
     assert torch.equal(model.weight, saved_weight)
     assert restored.global_step == 1 and restored.sampler == {"epoch": 0, "batch_index": 5, "seed": 7}
     assert torch.equal(restored.noise_generator, generator.get_state())
@@ -80,6 +92,93 @@ def test_checkpoint_round_trip_restores_weights_optimizer_schedule_rng_and_featu
     for key in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(loaded["state"][0][key], saved_optimizer["state"][0][key])
     assert "bias" not in trainable_state(model)
+
+
+def _assert_same_state(model, optimizer, scheduler, other_model, other_optimizer, other_scheduler):
+    assert model.state_dict().keys() == other_model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, other_model.state_dict()[key]), key
+    saved, loaded = optimizer.state_dict(), other_optimizer.state_dict()
+    assert loaded["param_groups"] == saved["param_groups"] and loaded["state"].keys() == saved["state"].keys()
+    for index, values in saved["state"].items():
+        assert values.keys() == loaded["state"][index].keys()
+        assert all(torch.equal(values[key], loaded["state"][index][key]) for key in values)
+    assert scheduler.state_dict() == other_scheduler.state_dict()
+
+
+def test_read_and_apply_give_a_fresh_model_and_optimizer_exactly_the_saved_state(tmp_path):
+    model, optimizer, scheduler = _model_and_optim()
+    for _ in range(2):
+        _step(model, optimizer, scheduler)
+    path = _save_run(tmp_path, model, optimizer, scheduler, TrainerState(global_step=2))
+    torch.manual_seed(1)  # another initialisation, and an optimizer that has not stepped
+    fresh, fresh_optimizer, fresh_scheduler = _model_and_optim()
+    fresh.bias.data.copy_(model.bias)  # frozen: not in the checkpoint
+    assert not torch.equal(fresh.weight, model.weight)
+    assert _load(path, fresh, fresh_optimizer, fresh_scheduler).global_step == 2
+    _assert_same_state(model, optimizer, scheduler, fresh, fresh_optimizer, fresh_scheduler)
+    # and both train on identically
+    _step(model, optimizer, scheduler)
+    _step(fresh, fresh_optimizer, fresh_scheduler)
+    _assert_same_state(model, optimizer, scheduler, fresh, fresh_optimizer, fresh_scheduler)
+
+
+def _old_layout_run():
+    """The run tests/training/data/checkpoint-3 was saved from, by the code before read_checkpoint existed.
+
+    It was written by save_checkpoint(folder, trainable_state(model), optimizer, scheduler, state) at
+    step 3 with state = TrainerState(3, sampler={"epoch": 1, "batch_index": 2, "seed": 7},
+    noise_generator=torch.Generator().manual_seed(5).get_state(), extra={"ema": {"decay": 0.99,
+    "num_updates": 3, "shadow": {"weight": torch.arange(12.0).view(3, 4)}}}) right after seeding
+    torch, numpy and random with 11.
+    """
+    torch.manual_seed(0)
+    model, optimizer, scheduler = _model_and_optim()
+    for _ in range(3):
+        _step(model, optimizer, scheduler)
+    return model, optimizer, scheduler
+
+
+def test_a_checkpoint_written_by_the_earlier_code_reads_and_resumes(tmp_path):
+    assert verify_checkpoint(OLD_LAYOUT) is None
+    model, optimizer, scheduler = _old_layout_run()
+    torch.manual_seed(1)
+    fresh, fresh_optimizer, fresh_scheduler = _model_and_optim()
+    fresh.bias.data.copy_(model.bias)
+    state = _load(OLD_LAYOUT, fresh, fresh_optimizer, fresh_scheduler)
+    # float maths on another machine may round the three AdamW steps differently
+    torch.testing.assert_close(fresh.weight, model.weight)
+    torch.testing.assert_close(fresh_optimizer.state_dict()["state"], optimizer.state_dict()["state"])
+    assert fresh_optimizer.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    assert state.global_step == 3 and state.sampler == {"epoch": 1, "batch_index": 2, "seed": 7}
+    assert torch.equal(state.noise_generator, torch.Generator().manual_seed(5).get_state())
+    assert torch.equal(state.extra["ema"]["shadow"]["weight"], torch.arange(12.0).view(3, 4))
+    restored = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(11)
+    np.random.seed(11)
+    random.seed(11)
+    assert torch.equal(restored[0], torch.rand(3)) and np.array_equal(restored[1], np.random.rand(3))
+    assert restored[2] == random.random()
+    # saved again by today's code, it holds the same bytes for everything but the RNG states
+    again = _save_run(tmp_path, fresh, fresh_optimizer, fresh_scheduler, state)
+    for name in (
+        "trainable.safetensors",
+        *(f"{n}.{e}" for n in ("optimizer", "lr_scheduler") for e in ("json", "safetensors")),
+    ):
+        assert (again / name).read_bytes() == (OLD_LAYOUT / name).read_bytes(), name
+
+
+def test_a_checkpoint_of_another_model_or_optimizer_is_refused_with_the_reason(tmp_path):
+    path = _save(tmp_path, 2)
+    other = torch.nn.Linear(4, 5)
+    optimizer = torch.optim.AdamW(other.parameters(), lr=0.1)
+    with pytest.raises(CheckpointError, match="checkpoint-2: checkpoint holds weights this model does not"):
+        _load(path, torch.nn.Sequential(other), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, abs))
+    model, _, scheduler = _model_and_optim()
+    two_groups = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)
+    with pytest.raises(CheckpointError, match="optimizer or learning-rate schedule does not fit"):
+        _load(path, model, two_groups, scheduler)
 
 
 def test_a_checkpoint_holds_only_safetensors_and_json(tmp_path):
@@ -106,7 +205,7 @@ def test_pickles_in_a_checkpoint_folder_are_never_loaded(tmp_path):
     for name in ("optimizer.pt", "lr_scheduler.pt", "trainer_state.pt"):
         (path / name).write_bytes(pickle.dumps(_Marker(marker)))
     model, optimizer, scheduler = _model_and_optim()
-    load_checkpoint(resolve_resume(tmp_path, "latest"), model, optimizer, scheduler)
+    _load(resolve_resume(tmp_path, "latest"), model, optimizer, scheduler)
     assert not marker.exists()
 
 
@@ -201,7 +300,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
         assert "checkpoint-6" in events[0][1]["message"]
         assert __import__("re").search(reason, events[0][1]["message"])
     model, optimizer, scheduler = _model_and_optim()
-    assert load_checkpoint(path, model, optimizer, scheduler).global_step == 4
+    assert _load(path, model, optimizer, scheduler).global_step == 4
 
 
 @pytest.mark.parametrize(

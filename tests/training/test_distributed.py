@@ -104,12 +104,12 @@ def fsdp_worker(rank: int, port: int, folder: str) -> None:
     """Train 3 steps sharded, checkpoint, resume into a fresh sharded model, train 3 more, export."""
     import torch.distributed as dist
 
-    from difftune.training.checkpoints import TrainerState, save_checkpoint
+    from difftune.training.checkpoints import TrainerState, read_checkpoint, save_checkpoint
     from difftune.training.distributed import (
+        apply_checkpoint,
         checkpoint_parts,
         full_trainable_state,
         is_sharded,
-        load_sharded_checkpoint,
         lora_from_full_state,
     )
 
@@ -125,13 +125,16 @@ def fsdp_worker(rank: int, port: int, folder: str) -> None:
         train_steps(model, optimizer, range(3), rows)
         weights, optimizer_state = checkpoint_parts(model, optimizer)
         if rank == 0:
-            save_checkpoint(folder, weights, optimizer_state, scheduler, TrainerState(global_step=3))
+            save_checkpoint(
+                folder, weights, optimizer_state, scheduler.state_dict(), TrainerState(global_step=3)
+            )
         dist.barrier()
 
         fresh = apply_fsdp2(tiny_lora_model(), config)
         fresh_optimizer = make_optimizer(fresh)
         fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 1.0)
-        state = load_sharded_checkpoint(f"{folder}/checkpoint-3", fresh, fresh_optimizer, fresh_scheduler)
+        checkpoint = read_checkpoint(f"{folder}/checkpoint-3")
+        state = apply_checkpoint(checkpoint, fresh, fresh_optimizer, fresh_scheduler)
         assert state.global_step == 3
         train_steps(fresh, fresh_optimizer, range(3, 6), rows)
         full = full_trainable_state(fresh)

@@ -8,6 +8,10 @@ A checkpoint-STEP/ folder holds (nothing in it is a pickle, so loading one never
 - manifest.json: written last; the size and sha256 of every other file. A folder without it is
   never resumed from, and one whose files do not match it is reported as damaged.
 
+`read_checkpoint` reads a folder into a `Checkpoint` (full CPU tensors and state dicts);
+`distributed.apply_checkpoint` loads one into a model, sharded or not. `save_checkpoint` takes the
+same parts (under FSDP2 gathered first by `distributed.checkpoint_parts`).
+
 "latest" resumes from the newest intact checkpoint: a damaged one is reported (a warning event) and
 the next older one is tried. Old checkpoints are pruned by renaming them to .checkpoint-STEP.pruning
 before deleting, so an interrupted prune never leaves a half-deleted folder under a checkpoint name.
@@ -21,7 +25,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +54,19 @@ class TrainerState:
     sampler: dict[str, Any] = field(default_factory=dict)
     noise_generator: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # python, numpy, torch (and CUDA) RNG states as a checkpoint holds them; save_checkpoint records
+    # the states of the moment it runs instead
+    rng: dict[str, Any] = field(default_factory=dict)
+
+
+class Checkpoint(NamedTuple):
+    """A checkpoint folder read into memory: full CPU tensors and state dicts."""
+
+    weights: dict[str, torch.Tensor]  # trainable parameters by name
+    optimizer: dict[str, Any]
+    lr_scheduler: dict[str, Any]
+    state: TrainerState
+    path: Path
 
 
 def _step_folders(output_dir: Path) -> list[tuple[int, Path]]:
@@ -168,7 +185,8 @@ def _rng_states() -> dict[str, Any]:
     return states
 
 
-def _restore_rng(states: dict[str, Any]) -> None:
+def restore_rng(states: dict[str, Any]) -> None:
+    """Set the python, numpy, torch (and CUDA, when present) RNGs to saved states."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
@@ -179,14 +197,15 @@ def _restore_rng(states: dict[str, Any]) -> None:
 def save_checkpoint(
     output_dir: Path,
     trainable: dict[str, torch.Tensor],
-    optimizer,
-    lr_scheduler,
+    optimizer_state: dict[str, Any],
+    lr_scheduler_state: dict[str, Any],
     state: TrainerState,
     total_limit: int | None = None,
 ) -> Path:
     """Write checkpoint-STEP atomically, then prune to `total_limit` complete checkpoints.
 
-    A full disk removes the partial folder and raises CheckpointDiskFull saying how much was needed.
+    trainable and optimizer_state are full (gathered under FSDP2); the RNG states saved are the
+    current ones. A full disk removes the partial folder and raises CheckpointDiskFull saying how much was needed.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{state.global_step}"
@@ -194,8 +213,8 @@ def save_checkpoint(
     _remove_leftovers(output_dir)
     weights = {k: v.detach().contiguous().cpu() for k, v in trainable.items()}
     parts = {
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
+        "optimizer": optimizer_state,
+        "lr_scheduler": lr_scheduler_state,
         "trainer_state": {
             "global_step": state.global_step,
             "sampler": state.sampler,
@@ -251,11 +270,8 @@ def _remove_leftovers(output_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, lr_scheduler) -> TrainerState:
-    """Restore weights, optimizer, schedule and RNG from a checkpoint folder; returns the trainer state.
-
-    Reads safetensors and JSON only. Raises CheckpointError when a file cannot be read.
-    """
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint folder (safetensors and JSON only); raises CheckpointError when a file cannot be read."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -266,31 +282,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, lr_scheduler)
         raise CheckpointError(f"{path} cannot be loaded: {error}") from None
     except Exception as error:  # safetensors raises its own error type for damaged files
         raise CheckpointError(f"{path / WEIGHTS} cannot be loaded: {error}") from None
-    named = dict(model.named_parameters())
-    missing = [k for k in weights if k not in named]
-    if missing:
-        raise CheckpointError(
-            f"{path}: checkpoint holds weights this model does not have, e.g. {missing[:3]}; "
-            "was it saved for another model_type or LoRA configuration?"
-        )
-    with torch.no_grad():
-        for key, value in weights.items():
-            named[key].copy_(value.to(named[key].dtype))
-    try:
-        optimizer.load_state_dict(optimizer_state)
-        lr_scheduler.load_state_dict(scheduler_state)
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(
-            f"{path}: the saved optimizer or learning-rate schedule does not fit this run ({error}); "
-            "was it saved with another optimizer, lr_scheduler or LoRA configuration?"
-        ) from None
-    _restore_rng(saved["rng"])
-    return TrainerState(
+    state = TrainerState(
         global_step=int(saved["global_step"]),
         sampler=saved["sampler"],
         noise_generator=saved["noise_generator"],
         extra=saved.get("extra", {}),
+        rng=saved["rng"],
     )
+    return Checkpoint(weights, optimizer_state, scheduler_state, state, path)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ training with train_batch_size n * B, so the final weights match it up to float 
 FSDP2 (fsdp_enable, fsdp_version 2) shards every block of the denoiser's top-level block lists (the
 UNet's down/up blocks, the Kandinsky 5 text and visual transformer blocks) and then the root with
 torch.distributed.fsdp.fully_shard. Checkpoints and exported weights hold full (gathered) tensors,
-so a checkpoint written under FSDP2 resumes under FSDP2 and the LoRA file loads like any other.
+so a checkpoint written under FSDP2 resumes under FSDP2 (or without it) and the LoRA file loads like any
+other: `checkpoint_parts` gathers what save_checkpoint writes, `apply_checkpoint` scatters it back.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import torch
 
 from difftune import events
 from difftune.config.schema import TrainConfig
-from difftune.training.checkpoints import TrainerState, load_checkpoint, trainable_state
+from difftune.training.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    TrainerState,
+    restore_rng,
+    trainable_state,
+)
 from difftune.training.noise import TimestepBias, draws_offset
 
 
@@ -179,28 +186,14 @@ def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_options(cpu_offload=True, ignore_frozen_params=True))
 
 
-class _SavedState:
-    """A state dict standing in for an optimizer where save_checkpoint asks for optimizer.state_dict()."""
-
-    def __init__(self, state: dict[str, Any]):
-        self.state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = state
-
-
-def checkpoint_parts(model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], Any]:
-    """(trainable weights, optimizer) as save_checkpoint takes them; gathered full under FSDP2 (collective)."""
+def checkpoint_parts(model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(trainable weights, optimizer state dict) as save_checkpoint takes them; full under FSDP2 (collective)."""
     if not is_sharded(model):
-        return full_trainable_state(model), optimizer
+        return full_trainable_state(model), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = full_trainable_state(model)
-    optimizer_state = get_optimizer_state_dict(model, _inner(optimizer), options=_options(cpu_offload=True))
-    return weights, _SavedState(optimizer_state)
+    return weights, get_optimizer_state_dict(model, _inner(optimizer), options=_options(cpu_offload=True))
 
 
 def _inner(optimizer):
@@ -208,27 +201,43 @@ def _inner(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
-class _Staging(torch.nn.Module):
-    """Full-size CPU buffers named like the trainable parameters, which load_checkpoint copies into."""
+def apply_checkpoint(checkpoint: Checkpoint, model: torch.nn.Module, optimizer, lr_scheduler) -> TrainerState:
+    """Load a read checkpoint's weights, optimizer and schedule into this run and restore its RNG states.
 
-    def __init__(self, shapes: dict[str, tuple[torch.Size, torch.dtype]]):
-        super().__init__()
-        self.tensors = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in shapes.items()}
+    Returns its trainer state. Under FSDP2 the full tensors are scattered into the shards (a
+    collective: every process calls it). Raises CheckpointError when the checkpoint does not fit.
+    """
+    path = checkpoint.path
+    named = dict(model.named_parameters())
+    missing = [k for k in checkpoint.weights if k not in named]
+    if missing:
+        raise CheckpointError(
+            f"{path}: checkpoint holds weights this model does not have, e.g. {missing[:3]}; "
+            "was it saved for another model_type or LoRA configuration?"
+        )
+    weights = {key: value.to(named[key].dtype) for key, value in checkpoint.weights.items()}
+    sharded = is_sharded(model)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    def named_parameters(self, *args, **kwargs):
-        return iter(self.tensors.items())
-
-
-def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer, lr_scheduler) -> TrainerState:
-    """load_checkpoint for an FSDP2 model: full tensors from the files, scattered into the shards."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-    shapes = {name: (p.shape, p.dtype) for name, p in model.named_parameters() if p.requires_grad}
-    staging, optimizer_state = _Staging(shapes), _SavedState({})
-    state = load_checkpoint(path, staging, optimizer_state, lr_scheduler)
-    set_model_state_dict(model, staging.tensors, options=_options(strict=False))
-    set_optimizer_state_dict(model, _inner(optimizer), optimizer_state.state, options=_options())
-    return state
+        set_model_state_dict(model, weights, options=_options(strict=False))
+    else:
+        with torch.no_grad():
+            for key, value in weights.items():
+                named[key].copy_(value)
+    try:
+        if sharded:
+            set_optimizer_state_dict(model, _inner(optimizer), checkpoint.optimizer, options=_options())
+        else:
+            optimizer.load_state_dict(checkpoint.optimizer)
+        lr_scheduler.load_state_dict(checkpoint.lr_scheduler)
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"{path}: the saved optimizer or learning-rate schedule does not fit this run ({error}); "
+            "was it saved with another optimizer, lr_scheduler or LoRA configuration?"
+        ) from None
+    restore_rng(checkpoint.state.rng)
+    return checkpoint.state
 
 
 def lora_from_full_state(

@@ -23,15 +23,15 @@ from difftune.families import get_family
 from difftune.training.checkpoints import (
     CheckpointDiskFull,
     TrainerState,
-    load_checkpoint,
+    read_checkpoint,
     resolve_resume,
     save_checkpoint,
 )
 from difftune.training.distributed import (
+    apply_checkpoint,
     checkpoint_parts,
     draw_noise_and_timesteps,
     full_trainable_state,
-    load_sharded_checkpoint,
     shard_if_configured,
 )
 from difftune.training.features import TrainingFeatures
@@ -183,9 +183,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     # -- resume -------------------------------------------------------------------------------
     state = TrainerState()
     if resume_path is not None:
-        state = (load_sharded_checkpoint if sharded else load_checkpoint)(
-            resume_path, model, optimizer, lr_scheduler
-        )
+        state = apply_checkpoint(read_checkpoint(resume_path), model, optimizer, lr_scheduler)
         noise_generator.set_state(state.noise_generator)
         data.sampler.load_state_dict(state.sampler)
         if text_encoders is not None:
@@ -312,7 +310,7 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
                         output_dir,
                         trainable,
                         optimizer_state,
-                        lr_scheduler,
+                        lr_scheduler.state_dict(),
                         state,
                         config.checkpoints_total_limit,
                     )
