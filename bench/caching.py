@@ -101,10 +101,12 @@ def measure(device_name: str, scratch: Path, model: Path, images: Path, count: i
 
     from difftune.config import load_config
     from difftune.families import get_family
+    from difftune.testing.runs import write_tiny_run
 
     device = torch.device(device_name)
     workdir = scratch / f"run-{device_name}"
-    config = common.write_run_config(workdir, "sdxl", model, images, steps=1, dataset={"resolution": side})
+    dataset = {**common.DATASET, "resolution": side}
+    config = write_tiny_run(workdir, model, images, dataset=dataset, max_train_steps=1, **common.RUN)
     loaded = load_config(config)
     family = get_family(loaded.train)
     components = family.load(device, torch.float32)
@@ -154,12 +156,13 @@ def main() -> None:
     import torch
 
     from difftune.testing.images import make_image_dataset
+    from difftune.testing.runs import build_tiny_model
 
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="difftune-bench-") as scratch:
         scratch = Path(scratch)
-        model = common.tiny_model("sdxl", scratch)
+        model = build_tiny_model("sdxl", scratch / "models" / "sdxl")
         side = args.resolution
         sizes = [(side, side), (side * 3 // 2, side), (side, side * 3 // 2), (side * 2, side * 2)]
         make_image_dataset(scratch / "images", n=count, sizes=sizes, seed=0)

@@ -1,4 +1,4 @@
-"""What the speed benchmarks share: timing, peak RSS, tiny runs to measure, and JSON results.
+"""What the speed benchmarks share: timing, peak RSS, the settings of tiny runs, and JSON results.
 
 Results go to bench/results/<name>.json (git-ignored); each script prints the change of every figure
 against the previous file before overwriting it. Figures are flat {name: number}; a name ending in
@@ -109,79 +109,16 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def tiny_model(family: str, scratch: Path) -> Path:
-    """The demo's tiny random model of `family`, built once under scratch and reused."""
-    from difftune.demo import build_demo_model
-
-    folder = scratch / "models" / family
-    if not (folder / "model_index.json").exists():
-        build_demo_model(family, folder)
-    return folder
-
-
-def write_run_config(
-    workdir: Path,
-    family: str,
-    model_dir: Path,
-    data_dir: Path,
-    steps: int,
-    dataset: dict[str, Any] | None = None,
-    **train: Any,
-) -> Path:
-    """config.json + multidatabackend.json for a LoRA run without validation or checkpoints; returns config.json.
-
-    The latent and text caches live in workdir/cache, so a second run with the same workdir is warm.
-    """
-    workdir.mkdir(parents=True, exist_ok=True)
-    backend = {
-        "id": "images",
-        "type": "local",
-        "instance_data_dir": str(data_dir),
-        "caption_strategy": "textfile",
-        "resolution": 64,
-        "resolution_type": "pixel_area",
-        "crop": True,
-        "crop_aspect": "square",
-        "crop_style": "center",
-        "cache_dir_vae": str(workdir / "cache" / "vae"),
-        "repeats": 0,
-    }
-    backend.update(dataset or {})
-    backends = [
-        backend,
-        {
-            "id": "text",
-            "type": "local",
-            "dataset_type": "text_embeds",
-            "default": True,
-            "cache_dir": str(workdir / "cache" / "text"),
-        },
-    ]
-    config = {
-        "model_type": "lora",
-        "model_family": family,
-        "pretrained_model_name_or_path": str(model_dir),
-        "output_dir": str(workdir / "out"),
-        "data_backend_config": str(workdir / "multidatabackend.json"),
-        "train_batch_size": 2,
-        "learning_rate": 1e-4,
-        "lr_scheduler": "constant",
-        "optimizer": "adamw",
-        "max_train_steps": steps,
-        "checkpointing_steps": 0,
-        "validation_steps": 0,
-        "validation_disable": True,
-        "mixed_precision": "no",
-        "lora_rank": 4,
-        "seed": 1,
-        "report_to": "none",
-        "gradient_checkpointing": False,
-    }
-    config.update(train)
-    (workdir / "multidatabackend.json").write_text(json.dumps(backends))
-    path = workdir / "config.json"
-    path.write_text(json.dumps(config))
-    return path
+# The settings every benchmark's run shares, over difftune.testing.runs.write_tiny_run's (a LoRA of rank
+# 4, batch 2, fp32): no validation or checkpoints, each image once an epoch. The latent and text caches
+# live in the run's workdir/cache, so a second run with the same workdir is warm.
+RUN = {
+    "learning_rate": 1e-4,
+    "lr_scheduler": "constant",
+    "checkpointing_steps": 0,
+    "validation_disable": True,
+}
+DATASET = {"repeats": 0}
 
 
 def read_events(events_file: Path) -> list[dict[str, Any]]:

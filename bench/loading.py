@@ -60,20 +60,21 @@ def main() -> None:
 
     from difftune.config import load_config
     from difftune.testing.images import make_image_dataset
+    from difftune.testing.runs import build_tiny_model, write_tiny_run
 
     with tempfile.TemporaryDirectory(prefix="difftune-bench-") as scratch:
         scratch = Path(scratch)
-        model = common.tiny_model("sdxl", scratch)
+        model = build_tiny_model("sdxl", scratch / "models" / "sdxl")
         side = args.resolution
         make_image_dataset(scratch / "images", n=32, sizes=[(side, side), (side * 2, side * 2)], seed=0)
-        config = common.write_run_config(
+        config = write_tiny_run(
             scratch / "run",
-            "sdxl",
             model,
             scratch / "images",
-            steps=1,
-            dataset={"resolution": side},
+            dataset={**common.DATASET, "resolution": side},
+            max_train_steps=1,
             train_batch_size=args.batch_size,
+            **common.RUN,
         )
         loaded = load_config(config)
         loop = common.BareLoop(loaded)

@@ -76,20 +76,21 @@ def main() -> None:
     steps = args.steps or (24 if args.quick else 100)
 
     from difftune.testing.images import make_image_dataset
+    from difftune.testing.runs import build_tiny_model, write_tiny_run
 
     with tempfile.TemporaryDirectory(prefix="difftune-bench-") as scratch:
         scratch = Path(scratch)
-        model = common.tiny_model("sdxl", scratch)
+        model = build_tiny_model("sdxl", scratch / "models" / "sdxl")
         side = args.resolution
         make_image_dataset(scratch / "images", n=16, sizes=[(side, side)], seed=0)
-        config = common.write_run_config(
+        config = write_tiny_run(
             scratch / "run",
-            "sdxl",
             model,
             scratch / "images",
-            steps,
-            dataset={"resolution": side},
+            dataset={**common.DATASET, "resolution": side},
+            max_train_steps=steps,
             train_batch_size=args.batch_size,
+            **common.RUN,
         )
         with common.stopwatch() as cold:
             difftune_step_times(config, scratch / "run" / "out-cold", 2)  # fills the latent and text caches

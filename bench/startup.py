@@ -120,6 +120,7 @@ def main() -> None:
     repeats = 3 if args.quick else 7
 
     from difftune.testing.images import make_image_dataset
+    from difftune.testing.runs import build_tiny_model, write_tiny_run
 
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="difftune-bench-") as scratch:
@@ -128,9 +129,17 @@ def main() -> None:
         floors = []
         for family in args.families:
             floors.append(process_seconds(IMPORT_FLOOR, 1 if args.quick else 3))  # once per family
-            model = common.tiny_model(family, scratch)
+            model = build_tiny_model(family, scratch / "models" / family)
             workdir = scratch / family
-            config = common.write_run_config(workdir, family, model, scratch / "images", steps=2)
+            config = write_tiny_run(
+                workdir,
+                model,
+                scratch / "images",
+                dataset=common.DATASET,
+                model_family=family,
+                max_train_steps=2,
+                **common.RUN,
+            )
             for state in ("cold", "warm"):  # the cold run fills the caches the warm one reads
                 seconds, rss_mb, phases = first_step_seconds(config, workdir, workdir / f"out-{state}")
                 figures[f"{family}_first_step_{state}_s"] = seconds

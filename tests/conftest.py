@@ -3,13 +3,12 @@ every registered family, built once per session (saved diffusers folders, loaded
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from difftune.families import registry  # torch-free
+from difftune.testing.runs import build_tiny_model  # torch-free until a model is built
 from difftune.threads import choose_cpu_threads
 
 # Idle OpenMP workers sleep instead of spinning, so tests stay fast on a busy machine; the
@@ -26,10 +25,7 @@ def tiny_model(tmp_path_factory) -> Callable[..., Path]:
     def build(family: str, **options) -> Path:
         key = (family, tuple(sorted(options.items())))
         if key not in built:
-            module_name, function_name = registry.spec(family).tiny_model.split(":")
-            builder = getattr(importlib.import_module(module_name), function_name)
-            folder = tmp_path_factory.mktemp("models") / family
-            built[key] = builder(folder, **options)
+            built[key] = build_tiny_model(family, tmp_path_factory.mktemp("models") / family, **options)
         return built[key]
 
     return build
@@ -38,3 +34,13 @@ def tiny_model(tmp_path_factory) -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tiny_model) -> Path:
     return tiny_model("sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_k5_image(tiny_model) -> Path:
+    return tiny_model("kandinsky5-image")
+
+
+@pytest.fixture(scope="session")
+def tiny_k5_video(tiny_model) -> Path:
+    return tiny_model("kandinsky5-video")

@@ -10,8 +10,6 @@ sample and the trained model's sample (one prompt, one seed) side by side.
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import shutil
 import time
 from pathlib import Path
@@ -20,18 +18,6 @@ from difftune.families import registry
 
 DEMO_CAPTION = "a red circle on a blue background"  # what every demo image shows
 SAMPLE_STEPS = 12
-
-
-def build_demo_model(family: str, folder: Path) -> Path:
-    """A tiny random model of `family` (the builder its registry row names) saved as a diffusers folder."""
-    module_name, function_name = registry.spec(family).tiny_model.split(":")
-    return getattr(importlib.import_module(module_name), function_name)(folder)
-
-
-def demo_frames(family: str) -> int | None:
-    """Frames per clip for a video family (two latent frames), None for an image family."""
-    spec = registry.spec(family)
-    return spec.frames_per_latent + 1 if spec.is_video else None
 
 
 def demo_data_dir(workdir: Path, family: str) -> Path:
@@ -91,69 +77,35 @@ def write_demo_config(
     workdir: Path, family: str, model_dir: Path, steps: int, model_type: str = "lora"
 ) -> Path:
     """Write config/config.json and config/multidatabackend.json for the demo run; returns config.json."""
-    config_dir = workdir / "config"
-    config_dir.mkdir(parents=True, exist_ok=True)
-    spec = registry.spec(family)
-    is_video = spec.is_video
-    dataset = {
-        "id": demo_data_dir(workdir, family).name,
-        "type": "local",
-        "dataset_type": "video" if is_video else "image",
-        "instance_data_dir": str(demo_data_dir(workdir, family)),
-        "caption_strategy": "textfile",
-        "resolution": 64,
-        "resolution_type": "pixel_area",
-        "crop": True,
-        "crop_aspect": "square",
-        "crop_style": "center",
-        "cache_dir_vae": str(workdir / "cache" / "vae" / family),
-        "repeats": 2,
-    }
-    if is_video:
-        frames = demo_frames(family)
+    from difftune.testing.runs import tiny_clip_frames, write_tiny_run
+
+    data_dir = demo_data_dir(workdir, family)
+    dataset = {"id": data_dir.name, "cache_dir_vae": str(workdir / "cache" / "vae" / family), "repeats": 2}
+    frames = tiny_clip_frames(family)
+    if frames:
         dataset["video"] = {"num_frames": frames, "min_frames": frames, "frame_rate": 8}
-    backends = [
-        dataset,
-        {
-            "id": "text-embeds",
-            "type": "local",
-            "dataset_type": "text_embeds",
-            "default": True,
-            "cache_dir": str(workdir / "cache" / "text" / family),
-            "write_batch_size": 16,
-        },
-    ]
-    (config_dir / "multidatabackend.json").write_text(json.dumps(backends, indent=2))
-    config = {
+    settings = {
         "model_type": model_type,
         "model_family": family,
-        "pretrained_model_name_or_path": str(model_dir),
         "output_dir": str(workdir / "output" / family),
-        "data_backend_config": str(config_dir / "multidatabackend.json"),
-        "train_batch_size": 2,
         "learning_rate": 3e-3,
         "lr_scheduler": "constant",
-        "optimizer": "adamw",
         "max_train_steps": steps,
         "checkpointing_steps": steps // 2,
         "validation_steps": steps // 2,
         "validation_prompt": DEMO_CAPTION,
-        "validation_resolution": "64x64",
         "validation_num_inference_steps": SAMPLE_STEPS,
-        "mixed_precision": "no",
         "lora_rank": 8,
         "seed": 42,
         "report_to": "tensorboard",
+        "gradient_checkpointing": True,
     }
-    if not spec.flow_matching:
+    if not registry.spec(family).flow_matching:
         # From an epsilon prediction, x0 at the first (noisiest) sampling step is about 14x the
         # prediction's error, which a short run leaves too large to see what it learned; v is not.
-        config["prediction_type"] = "v_prediction"
-    if is_video:
-        config["validation_num_video_frames"] = dataset["video"]["num_frames"]
-    path = config_dir / "config.json"
-    path.write_text(json.dumps(config, indent=2))
-    return path
+        settings["prediction_type"] = "v_prediction"
+    text_embeds = {"cache_dir": str(workdir / "cache" / "text" / family), "write_batch_size": 16}
+    return write_tiny_run(workdir, model_dir, data_dir, dataset=dataset, text_embeds=text_embeds, **settings)
 
 
 DEMO_EPILOG = """reads nothing: it builds a tiny random model, a generated dataset and a config under --workdir
@@ -194,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from difftune.config import load_config
     from difftune.console import library_output
     from difftune.testing.images import make_theme_dataset
+    from difftune.testing.runs import build_tiny_model, tiny_clip_frames
     from difftune.training.loop import train
 
     started = time.perf_counter()
@@ -203,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = workdir / "models" / args.family
     with library_output(output_dir / "events.jsonl", args.verbose):
         if not (model_dir / "model_index.json").exists():
-            build_demo_model(args.family, model_dir)
+            build_tiny_model(args.family, model_dir)
         data_dir = demo_data_dir(workdir, args.family)
         if not data_dir.exists():
-            make_theme_dataset(data_dir, n=12, frames=demo_frames(args.family))
+            make_theme_dataset(data_dir, n=12, frames=tiny_clip_frames(args.family))
         config_path = write_demo_config(workdir, args.family, model_dir, args.steps, args.model_type)
         result = train(load_config(config_path))
         example = None if registry.spec(args.family).is_video else sorted(data_dir.glob("*.png"))[0]

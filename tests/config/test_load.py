@@ -400,16 +400,6 @@ def test_resolved_file_holds_every_setting_and_loads_back(workdir):
     assert again.warnings == []
 
 
-@pytest.mark.parametrize("family", ["sdxl", "kandinsky5-image", "kandinsky5-video"])
-def test_demo_configs_load(workdir, family):
-    from difftune.demo import write_demo_config
-
-    loaded = load_config(write_demo_config(workdir, family, workdir / "models" / family, steps=4))
-    assert loaded.train.model_family == family and loaded.train.max_train_steps == 4
-    assert loaded.warnings == []
-    assert loaded.text_embeds_dataset.id == "text-embeds"
-
-
 @pytest.mark.parametrize(
     ("precision", "module", "package"),
     [("int8-quanto", "optimum.quanto", "optimum-quanto"), ("int8-torchao", "torchao", "torchao")],

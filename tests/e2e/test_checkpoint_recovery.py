@@ -9,10 +9,9 @@ from safetensors.torch import load_file
 from difftune.cli import main
 from difftune.config import load_config
 from difftune.events import read_events
+from difftune.testing.runs import write_tiny_run
 from difftune.training import state_files
 from difftune.training.loop import train
-
-from .conftest import write_run
 
 
 @pytest.mark.slow
@@ -20,9 +19,9 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before_with_the_same_w
     tmp_path, tiny_sdxl, image_folder
 ):
     common = dict(max_train_steps=6, checkpointing_steps=2, learning_rate=2e-3)
-    whole = train(load_config(write_run(tmp_path / "whole", tiny_sdxl, image_folder, **common)))
+    whole = train(load_config(write_tiny_run(tmp_path / "whole", tiny_sdxl, image_folder, **common)))
 
-    split_config = write_run(tmp_path / "split", tiny_sdxl, image_folder, **common)
+    split_config = write_tiny_run(tmp_path / "split", tiny_sdxl, image_folder, **common)
     train(load_config(split_config), stop_after_steps=4)
     damaged = tmp_path / "split" / "out" / "checkpoint-4" / "trainable.safetensors"
     data = bytearray(damaged.read_bytes())
@@ -49,7 +48,9 @@ def test_a_full_disk_stops_training_with_a_message_or_skips_the_checkpoint_when_
     tmp_path, tiny_sdxl, image_folder, monkeypatch, capsys
 ):
     monkeypatch.setattr(state_files, "write_tensors", _disk_full)
-    stopping = write_run(tmp_path / "stop", tiny_sdxl, image_folder, max_train_steps=2, checkpointing_steps=1)
+    stopping = write_tiny_run(
+        tmp_path / "stop", tiny_sdxl, image_folder, max_train_steps=2, checkpointing_steps=1
+    )
     assert main(["train", "--config", str(stopping)]) == 2
     err = capsys.readouterr().err
     assert (
@@ -58,7 +59,7 @@ def test_a_full_disk_stops_training_with_a_message_or_skips_the_checkpoint_when_
     assert "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "stop" / "out").iterdir() if "checkpoint" in p.name) == []
 
-    going_on = write_run(
+    going_on = write_tiny_run(
         tmp_path / "skip",
         tiny_sdxl,
         image_folder,
@@ -90,9 +91,9 @@ def test_a_run_killed_while_caching_latents_ends_with_the_weights_of_an_uninterr
         learning_rate=2e-3,
         validation_disable=True,
     )
-    whole = train(load_config(write_run(tmp_path / "whole", model, image_folder, **common)))
+    whole = train(load_config(write_tiny_run(tmp_path / "whole", model, image_folder, **common)))
 
-    split_config = write_run(tmp_path / "split", model, image_folder, **common)
+    split_config = write_tiny_run(tmp_path / "split", model, image_folder, **common)
     real_write, written = LatentCache.write, []
 
     def killed_after_three_entries(self, plans, latents, progress=None):
@@ -115,7 +116,7 @@ def test_a_run_killed_while_caching_latents_ends_with_the_weights_of_an_uninterr
 def test_resuming_with_only_damaged_checkpoints_ends_in_one_message(
     tmp_path, tiny_sdxl, image_folder, capsys
 ):
-    config = write_run(tmp_path, tiny_sdxl, image_folder, max_train_steps=1, checkpointing_steps=1)
+    config = write_tiny_run(tmp_path, tiny_sdxl, image_folder, max_train_steps=1, checkpointing_steps=1)
     assert main(["train", "--config", str(config)]) == 0
     (tmp_path / "out" / "checkpoint-1" / "optimizer.json").write_text("garbage")
     capsys.readouterr()

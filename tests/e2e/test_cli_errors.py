@@ -2,7 +2,7 @@
 
 from difftune.cli import main
 from difftune.events import read_events
-from tests.e2e.conftest import write_run
+from difftune.testing.runs import write_tiny_run
 
 
 def _failing_optimizer(*_args, **_kwargs):
@@ -12,7 +12,7 @@ def _failing_optimizer(*_args, **_kwargs):
 def test_an_internal_error_is_one_line_with_exit_1_and_its_traceback_in_the_log(
     tmp_path, tiny_sdxl, image_folder, monkeypatch, capsys
 ):
-    config = write_run(tmp_path, tiny_sdxl, image_folder)
+    config = write_tiny_run(tmp_path, tiny_sdxl, image_folder)
     monkeypatch.setattr("difftune.training.loop.build_optimizer", _failing_optimizer)
     assert main(["train", "--config", str(config)]) == 1
     err = capsys.readouterr().err
@@ -29,7 +29,7 @@ def test_an_internal_error_is_one_line_with_exit_1_and_its_traceback_in_the_log(
 
 
 def test_a_user_error_during_the_run_is_one_line_with_exit_2(tmp_path, tiny_sdxl, image_folder, capsys):
-    config = write_run(tmp_path, tiny_sdxl, image_folder, train_batch_size=64)
+    config = write_tiny_run(tmp_path, tiny_sdxl, image_folder, train_batch_size=64)
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
@@ -39,7 +39,7 @@ def test_a_user_error_during_the_run_is_one_line_with_exit_2(tmp_path, tiny_sdxl
 def test_an_empty_dataset_is_reported_before_the_model_loads(tmp_path, capsys):
     empty = tmp_path / "images"
     empty.mkdir()
-    config = write_run(tmp_path, tmp_path / "no-model-here", empty)  # loading it would fail
+    config = write_tiny_run(tmp_path, tmp_path / "no-model-here", empty)  # loading it would fail
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "dataset 'images'" in err and "holds no image files" in err and "no-model-here" not in err

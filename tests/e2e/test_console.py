@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from difftune.events import read_events
-from tests.e2e.conftest import write_run
+from difftune.testing.runs import write_tiny_run
 
 # What difftune itself prints: event lines, the progress bar, the closing line.
 OWN_LINE = re.compile(
@@ -16,7 +16,7 @@ OWN_LINE = re.compile(
 
 
 def _console_lines(tmp_path, tiny_sdxl, image_folder, *flags: str) -> list[str]:
-    config = write_run(
+    config = write_tiny_run(
         tmp_path,
         tiny_sdxl,
         image_folder,

@@ -15,9 +15,8 @@ from safetensors.torch import load_file
 
 from difftune.config import load_config
 from difftune.testing.images import make_solid_colour_dataset
+from difftune.testing.runs import write_tiny_run
 from difftune.training.loop import train
-
-from .conftest import write_run
 
 PROMPT = "a plain picture"
 COLOURS = {"red": (230, 30, 30), "blue": (30, 60, 230)}
@@ -43,7 +42,7 @@ def _train_on(tmp_path: Path, model_dir: Path, family: str, colour: str) -> tupl
             dataset_type="video", video={"num_frames": frames, "min_frames": frames, "frame_rate": 8}
         )
     workdir = tmp_path / colour
-    config = write_run(workdir, model_dir, folder, model_family=family, dataset=dataset, **RUN)
+    config = write_tiny_run(workdir, model_dir, folder, model_family=family, dataset=dataset, **RUN)
     result = train(load_config(config))
     cached = [
         load_file(str(path))["latents"].float() for path in (workdir / "cache" / "vae").rglob("*.safetensors")

@@ -8,9 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from difftune.config import load_config
+from difftune.testing.runs import write_tiny_run
 from difftune.training.loop import train
-
-from .conftest import write_run
 
 
 @pytest.mark.parametrize(
@@ -24,7 +23,7 @@ from .conftest import write_run
     ids=["int8-quanto", "int8-torchao", "group-offload", "checkpointing-interval"],
 )
 def test_lora_trains_under_memory_settings(tmp_path, tiny_sdxl, image_folder, settings):
-    config = write_run(
+    config = write_tiny_run(
         tmp_path, tiny_sdxl, image_folder, max_train_steps=2, checkpointing_steps=0, **settings
     )
     result = train(load_config(config))
@@ -34,7 +33,7 @@ def test_lora_trains_under_memory_settings(tmp_path, tiny_sdxl, image_folder, se
 
 
 def test_quantised_full_training_is_refused_with_the_reason(tmp_path, tiny_sdxl, image_folder):
-    config = write_run(
+    config = write_tiny_run(
         tmp_path, tiny_sdxl, image_folder, model_type="full", base_model_precision="int8-quanto"
     )
     with pytest.raises(ValueError, match="no_change with model_type full"):
@@ -47,7 +46,7 @@ def test_a_fallback_warning_from_deep_inside_reaches_events_jsonl(
     from difftune.training import memory_quant
 
     monkeypatch.setattr(memory_quant, "_warned", set())  # warned once per process
-    config = write_run(
+    config = write_tiny_run(
         tmp_path,
         tiny_sdxl,
         image_folder,

@@ -12,9 +12,8 @@ from safetensors.torch import load_file
 
 from difftune.config import load_config
 from difftune.events import read_events
+from difftune.testing.runs import write_tiny_run
 from difftune.training.loop import train
-
-from .conftest import write_run
 
 # adam_epsilon far above the gradients (|g| << 1e-2 here) makes each AdamW step lr * m / epsilon: linear
 # in the averaged gradients, like SGD. Two processes sum the gradients of a global batch in another order
@@ -69,7 +68,7 @@ def images(tmp_path_factory):
 def one_process(tmp_path_factory, tiny_sdxl, images):
     """The reference: one process, train_batch_size 2, six steps, checkpoints every two."""
     workdir = tmp_path_factory.mktemp("one")
-    return train(load_config(write_run(workdir, tiny_sdxl, images, train_batch_size=2, **COMMON)))
+    return train(load_config(write_tiny_run(workdir, tiny_sdxl, images, train_batch_size=2, **COMMON)))
 
 
 ZERO_START = ("lora_B", "lora_up", "hada_w2_a")
@@ -90,7 +89,9 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 @pytest.mark.slow
 def test_two_ddp_processes_match_one_process_with_the_global_batch(tmp_path, tiny_sdxl, images, one_process):
-    config = write_run(tmp_path, tiny_sdxl, images, train_batch_size=1, **(COMMON | {"max_train_steps": 4}))
+    config = write_tiny_run(
+        tmp_path, tiny_sdxl, images, train_batch_size=1, **(COMMON | {"max_train_steps": 4})
+    )
     torchrun(config)
     out = tmp_path / "out"
     start = read_events(out / "events.jsonl", "start")
@@ -111,7 +112,7 @@ def test_two_processes_follow_the_lr_schedule_of_one_step_per_optimizer_step(tmp
     from diffusers.optimization import get_scheduler
 
     schedule = dict(lr_scheduler="linear", lr_warmup_steps=2, learning_rate=1e-3)
-    config = write_run(tmp_path, tiny_sdxl, images, train_batch_size=1, **(COMMON | schedule))
+    config = write_tiny_run(tmp_path, tiny_sdxl, images, train_batch_size=1, **(COMMON | schedule))
     torchrun(config)
     rates = [e["lr"] for e in read_events(tmp_path / "out" / "events.jsonl", "progress")]
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
@@ -130,7 +131,7 @@ def test_two_processes_follow_the_lr_schedule_of_one_step_per_optimizer_step(tmp
 def test_a_two_process_checkpoint_resumes_and_exports_the_lora_of_one_process(
     tmp_path, tiny_sdxl, images, one_process, fsdp
 ):
-    config = write_run(
+    config = write_tiny_run(
         tmp_path, tiny_sdxl, images, train_batch_size=1, fsdp_enable=fsdp, **(COMMON | {"max_train_steps": 4})
     )
     torchrun(config)
@@ -157,8 +158,12 @@ def test_fsdp2_runs_validate_like_one_process(tmp_path, tiny_sdxl, images):
     settings = dict(
         max_train_steps=2, validation_steps=1, checkpointing_steps=0, validation_resolution="64x64"
     )
-    one = train(load_config(write_run(tmp_path / "one", tiny_sdxl, images, train_batch_size=2, **settings)))
-    config = write_run(tmp_path / "two", tiny_sdxl, images, train_batch_size=1, fsdp_enable=True, **settings)
+    one = train(
+        load_config(write_tiny_run(tmp_path / "one", tiny_sdxl, images, train_batch_size=2, **settings))
+    )
+    config = write_tiny_run(
+        tmp_path / "two", tiny_sdxl, images, train_batch_size=1, fsdp_enable=True, **settings
+    )
     torchrun(config)
     out = tmp_path / "two" / "out"
     shown = [p for e in read_events(out / "events.jsonl", "validation") for p in e["paths"]]

@@ -7,9 +7,8 @@ from PIL import Image
 
 from difftune.config import load_config
 from difftune.events import read_events
+from difftune.testing.runs import write_tiny_run
 from difftune.training.loop import train
-
-from .conftest import write_run
 
 
 @pytest.mark.slow
@@ -32,7 +31,7 @@ def test_masks_regularisation_and_held_out_eval_in_one_run(tmp_path, tiny_sdxl, 
         "crop_aspect": "square",
         "crop_style": "center",
     }
-    config = write_run(
+    config = write_tiny_run(
         tmp_path,
         tiny_sdxl,
         image_folder,

@@ -6,16 +6,16 @@ from safetensors.torch import load_file
 
 from difftune.config import load_config
 from difftune.events import read_events
+from difftune.testing.runs import write_tiny_run
 from difftune.training.loop import train
 
 from ..test_webhooks import Receiver
-from .conftest import write_run
 
 
 def test_ema_eval_loss_and_webhooks_in_one_run(tmp_path, tiny_sdxl, image_folder):
     receiver = Receiver()
     try:
-        config = write_run(
+        config = write_tiny_run(
             tmp_path,
             tiny_sdxl,
             image_folder,
@@ -51,15 +51,10 @@ def test_ema_eval_loss_and_webhooks_in_one_run(tmp_path, tiny_sdxl, image_folder
 
 
 @pytest.mark.parametrize("family", ["sdxl", "kandinsky5-image"])
-def test_validation_previews_decode_intermediate_latents(tmp_path, tiny_sdxl, image_folder, family):
-    model = tiny_sdxl
-    if family == "kandinsky5-image":
-        from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
-
-        model = build_tiny_kandinsky5_image(tmp_path / "k5")
-    config = write_run(
+def test_validation_previews_decode_intermediate_latents(tmp_path, tiny_model, image_folder, family):
+    config = write_tiny_run(
         tmp_path,
-        model,
+        tiny_model(family),
         image_folder,
         model_family=family,
         max_train_steps=1,
@@ -81,7 +76,7 @@ def test_loss_type_timestep_bias_and_input_perturbation_reach_the_training_step(
     tmp_path, tiny_sdxl, image_folder, monkeypatch
 ):
     def first_loss(name, **settings):
-        config = write_run(
+        config = write_tiny_run(
             tmp_path / name, tiny_sdxl, image_folder, max_train_steps=1, validation_disable=True, **settings
         )
         return train(load_config(config)).losses[0]
@@ -111,7 +106,7 @@ def test_loss_type_timestep_bias_and_input_perturbation_reach_the_training_step(
 
 @pytest.mark.slow
 def test_a_schedule_free_run_validates_and_saves_its_averaged_weights(tmp_path, tiny_sdxl, image_folder):
-    config = write_run(
+    config = write_tiny_run(
         tmp_path,
         tiny_sdxl,
         image_folder,

@@ -9,10 +9,9 @@ from safetensors.torch import load_file
 
 from difftune.config import load_config
 from difftune.events import read_events
+from difftune.testing.runs import write_tiny_run
 from difftune.training.loop import train
 from difftune.training.state_files import load_state
-
-from .conftest import video_dataset, write_run
 
 K5_RUN = {
     "validation_resolution": "64x64",
@@ -24,17 +23,13 @@ K5_RUN = {
 
 
 @pytest.fixture(scope="session")
-def tiny_k5_i2i(tmp_path_factory) -> Path:
-    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
-
-    return build_tiny_kandinsky5_image(tmp_path_factory.mktemp("models") / "k5-i2i", seed=0, i2i=True)
+def tiny_k5_i2i(tiny_model) -> Path:
+    return tiny_model("kandinsky5-image", i2i=True)
 
 
 @pytest.fixture(scope="session")
-def tiny_k5_i2v(tmp_path_factory) -> Path:
-    from difftune.testing.kandinsky5_video import build_tiny_kandinsky5_video
-
-    return build_tiny_kandinsky5_video(tmp_path_factory.mktemp("models") / "k5-i2v", seed=0, i2v=True)
+def tiny_k5_i2v(tiny_model) -> Path:
+    return tiny_model("kandinsky5-video", i2v=True)
 
 
 def _lora_trained(path: Path) -> dict[str, torch.Tensor]:
@@ -51,7 +46,7 @@ def test_t2i_lora_run_writes_a_lora_the_pipeline_loads_and_validation_images(
 ):
     from diffusers import Kandinsky5T2IPipeline
 
-    config = write_run(tmp_path, tiny_k5_image, image_folder, model_family="kandinsky5-image", **K5_RUN)
+    config = write_tiny_run(tmp_path, tiny_k5_image, image_folder, model_family="kandinsky5-image", **K5_RUN)
     result = train(load_config(config))
     assert result.global_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     _lora_trained(result.lora_path)
@@ -65,7 +60,7 @@ def test_full_training_saves_a_transformer_that_diffusers_loads(tmp_path, tiny_k
     from diffusers import Kandinsky5Transformer3DModel
 
     settings = {**K5_RUN, "max_train_steps": 2, "learning_rate": 1e-4, "validation_disable": True}
-    config = write_run(
+    config = write_tiny_run(
         tmp_path, tiny_k5_image, image_folder, model_family="kandinsky5-image", model_type="full", **settings
     )
     result = train(load_config(config))
@@ -85,21 +80,13 @@ def test_i2i_lora_trains_on_pairs_with_a_conditioning_dataset(tmp_path, tiny_k5_
     sources = tmp_path / "sources"
     made = make_image_dataset(sources, n=6, seed=5)
     made[-1].unlink()  # one target without a source: skipped and reported
-    conditioning = {
-        "id": "sources",
-        "type": "local",
-        "dataset_type": "conditioning",
-        "instance_data_dir": str(sources),
-        "cache_dir_vae": str(tmp_path / "cache" / "sources"),
-    }
-    config = write_run(
+    config = write_tiny_run(
         tmp_path,
         tiny_k5_i2i,
         image_folder,
-        extra_backends=[conditioning],
+        conditioning_dir=sources,
         model_family="kandinsky5-image",
         model_flavour="i2i-lite-sft",
-        dataset={"conditioning_data": "sources"},
         **K5_RUN,
     )
     result = train(load_config(config))
@@ -110,11 +97,11 @@ def test_i2i_lora_trains_on_pairs_with_a_conditioning_dataset(tmp_path, tiny_k5_
     skipped = read_events(tmp_path / "out" / "events.jsonl", "skipped")
     assert [Path(e["path"]).stem for e in skipped] == [made[-1].stem]
     assert "no conditioning image" in skipped[0]["reason"]
-    assert len(list((tmp_path / "cache" / "sources").glob("*.safetensors"))) == 5
+    assert len(list((tmp_path / "cache" / "conditioning").glob("*.safetensors"))) == 5
 
 
 def test_i2i_without_a_conditioning_dataset_is_a_clear_error(tmp_path, tiny_k5_i2i, image_folder):
-    config = write_run(
+    config = write_tiny_run(
         tmp_path,
         tiny_k5_i2i,
         image_folder,
@@ -123,13 +110,18 @@ def test_i2i_without_a_conditioning_dataset_is_a_clear_error(tmp_path, tiny_k5_i
         validation_disable=True,
         **K5_RUN,
     )
+    backends = config.parent / "multidatabackend.json"  # as if the user left the sources out
+    written = json.loads(backends.read_text())
+    for entry in written:
+        entry.pop("conditioning_data", None)
+    backends.write_text(json.dumps([e for e in written if e.get("dataset_type") != "conditioning"]))
     with pytest.raises(ValueError, match='"dataset_type": "conditioning"'):
         train(load_config(config))
 
 
 def test_tread_routing_trains_kandinsky5_image(tmp_path, tiny_k5_image, image_folder):
     routes = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": -1}]}
-    config = write_run(
+    config = write_tiny_run(
         tmp_path,
         tiny_k5_image,
         image_folder,
@@ -146,13 +138,11 @@ def test_tread_routing_trains_kandinsky5_image(tmp_path, tiny_k5_image, image_fo
 def test_t2v_lora_trains_on_synthetic_videos_and_writes_a_validation_video(
     tmp_path, tiny_k5_video, video_folder
 ):
-    config = write_run(
+    config = write_tiny_run(
         tmp_path,
         tiny_k5_video,
         video_folder,
         model_family="kandinsky5-video",
-        dataset=video_dataset(video_folder),
-        validation_num_video_frames=5,
         **K5_RUN,
     )
     result = train(load_config(config))
@@ -170,13 +160,12 @@ def test_t2v_lora_trains_on_synthetic_videos_and_writes_a_validation_video(
 
 
 def test_i2v_lora_trains_with_first_frame_conditioning(tmp_path, tiny_k5_i2v, video_folder):
-    config = write_run(
+    config = write_tiny_run(
         tmp_path,
         tiny_k5_i2v,
         video_folder,
         model_family="kandinsky5-video",
         model_flavour="i2v-lite-5s",
-        dataset=video_dataset(video_folder),
         validation_disable=True,
         **K5_RUN,
     )
@@ -209,12 +198,11 @@ def _tiny_dino(folder: Path) -> Path:
 def test_t2v_with_crepa_trains_its_projector_through_the_run(tmp_path, tiny_k5_video, video_folder):
     dino = _tiny_dino(tmp_path / "dinov2-tiny")
     settings = {**K5_RUN, "checkpointing_steps": 3}
-    config = write_run(
+    config = write_tiny_run(
         tmp_path,
         tiny_k5_video,
         video_folder,
         model_family="kandinsky5-video",
-        dataset=video_dataset(video_folder),
         validation_disable=True,
         crepa_enabled=True,
         crepa_block_index=1,
@@ -224,12 +212,11 @@ def test_t2v_with_crepa_trains_its_projector_through_the_run(tmp_path, tiny_k5_v
     )
     result = train(load_config(config))
     assert result.global_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
-    plain_config = write_run(
+    plain_config = write_tiny_run(
         tmp_path / "plain",
         tiny_k5_video,
         video_folder,
         model_family="kandinsky5-video",
-        dataset=video_dataset(video_folder),
         validation_disable=True,
         **settings,
     )
@@ -248,7 +235,6 @@ def test_t2v_with_crepa_resumed_ends_with_the_weights_and_losses_of_an_uninterru
     settings = dict(
         K5_RUN,
         model_family="kandinsky5-video",
-        dataset=video_dataset(video_folder),
         validation_disable=True,
         checkpointing_steps=2,
         crepa_enabled=True,
@@ -256,8 +242,8 @@ def test_t2v_with_crepa_resumed_ends_with_the_weights_and_losses_of_an_uninterru
         crepa_model=str(_tiny_dino(tmp_path / "dinov2-tiny")),
         crepa_encoder_image_size=56,
     )
-    whole = train(load_config(write_run(tmp_path / "whole", tiny_k5_video, video_folder, **settings)))
-    split = write_run(tmp_path / "split", tiny_k5_video, video_folder, **settings)
+    whole = train(load_config(write_tiny_run(tmp_path / "whole", tiny_k5_video, video_folder, **settings)))
+    split = write_tiny_run(tmp_path / "split", tiny_k5_video, video_folder, **settings)
     assert train(load_config(split), stop_after_steps=2).interrupted
     resumed = train(load_config(split, {"resume_from_checkpoint": "latest"}))
     assert resumed.global_step == whole.global_step == 3

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from difftune.config import load_config
+from difftune.families import registry
+from difftune.testing.runs import write_tiny_run
 from difftune.training.loop import train
-
-from .conftest import video_dataset, write_run
 
 TARGETS = {
     "sdxl": ["Attention", "FeedForward"],
@@ -48,9 +48,9 @@ def write_lycoris_run(tmp_path, family, algo, model, media, **overrides):
     lycoris.parent.mkdir(parents=True, exist_ok=True)
     lycoris.write_text(json.dumps({**settings, "apply_preset": preset}, indent=4))
     settings = {**RUN, "model_family": family, "lycoris_config": str(lycoris), **overrides}
-    if family == "kandinsky5-video":
-        settings |= {"dataset": video_dataset(media), "validation_num_video_frames": 5, "train_batch_size": 1}
-    return write_run(tmp_path, model, media, **settings)
+    if registry.spec(family).is_video:
+        settings["train_batch_size"] = 1
+    return write_tiny_run(tmp_path, model, media, **settings)
 
 
 def assert_trained(path, algo):

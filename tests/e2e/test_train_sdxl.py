@@ -9,13 +9,12 @@ from safetensors.torch import load_file
 from difftune.cli import main
 from difftune.config import load_config
 from difftune.events import read_events
+from difftune.testing.runs import write_tiny_run
 from difftune.training.loop import train
-
-from .conftest import write_run
 
 
 def test_lora_run_writes_lora_validation_plot_and_checkpoints(tmp_path, tiny_sdxl, image_folder):
-    config = write_run(
+    config = write_tiny_run(
         tmp_path,
         tiny_sdxl,
         image_folder,
@@ -46,7 +45,7 @@ def test_lora_run_writes_lora_validation_plot_and_checkpoints(tmp_path, tiny_sdx
 def test_full_training_saves_a_unet_that_diffusers_loads(tmp_path, tiny_sdxl, image_folder):
     from diffusers import UNet2DConditionModel
 
-    config = write_run(
+    config = write_tiny_run(
         tmp_path, tiny_sdxl, image_folder, model_type="full", max_train_steps=2, learning_rate=1e-4
     )
     result = train(load_config(config))
@@ -63,9 +62,9 @@ def test_full_training_saves_a_unet_that_diffusers_loads(tmp_path, tiny_sdxl, im
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_sdxl, image_folder):
     common = dict(max_train_steps=6, checkpointing_steps=3, gradient_accumulation_steps=2, learning_rate=2e-3)
-    whole = train(load_config(write_run(tmp_path / "whole", tiny_sdxl, image_folder, **common)))
+    whole = train(load_config(write_tiny_run(tmp_path / "whole", tiny_sdxl, image_folder, **common)))
 
-    split_config = write_run(tmp_path / "split", tiny_sdxl, image_folder, **common)
+    split_config = write_tiny_run(tmp_path / "split", tiny_sdxl, image_folder, **common)
     first = train(load_config(split_config), stop_after_steps=4)
     assert first.interrupted and first.global_step == 4
     resumed = train(load_config(split_config, {"resume_from_checkpoint": "latest"}))
@@ -81,7 +80,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_s
 def test_a_corrupt_image_is_skipped_and_reported_once(tmp_path, tiny_sdxl, image_folder):
     (image_folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     (image_folder / "broken.txt").write_text("a broken picture")
-    result = train(load_config(write_run(tmp_path, tiny_sdxl, image_folder, max_train_steps=2)))
+    result = train(load_config(write_tiny_run(tmp_path, tiny_sdxl, image_folder, max_train_steps=2)))
     assert result.global_step == 2
     skipped = read_events(tmp_path / "out" / "events.jsonl", "skipped")
     assert sum("broken.png" in json.dumps(e) for e in skipped) == 1
@@ -90,10 +89,10 @@ def test_a_corrupt_image_is_skipped_and_reported_once(tmp_path, tiny_sdxl, image
 def test_cli_train_reads_config_folder_and_reports_errors(
     tmp_path, tiny_sdxl, image_folder, monkeypatch, capsys
 ):
-    write_run(tmp_path / "config", tiny_sdxl, image_folder, max_train_steps=1, checkpointing_steps=0)
+    write_tiny_run(tmp_path, tiny_sdxl, image_folder, max_train_steps=1, checkpointing_steps=0)
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--learning_rate", "1e-4"]) == 0
-    assert (tmp_path / "config" / "out" / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
 
     assert main(["train", "--learning_rat", "1e-4"]) == 2
     assert "learning_rate" in capsys.readouterr().err
@@ -106,7 +105,7 @@ def test_cli_train_reads_config_folder_and_reports_errors(
 def test_a_failing_run_reports_the_error_as_an_event(tmp_path, tiny_sdxl, image_folder):
     from difftune.data.errors import DatasetTooSmall
 
-    config = write_run(tmp_path, tiny_sdxl, image_folder, train_batch_size=64)
+    config = write_tiny_run(tmp_path, tiny_sdxl, image_folder, train_batch_size=64)
     with pytest.raises(DatasetTooSmall):
         train(load_config(config))
     errors = read_events(tmp_path / "out" / "events.jsonl", "error")
@@ -114,12 +113,12 @@ def test_a_failing_run_reports_the_error_as_an_event(tmp_path, tiny_sdxl, image_
 
 
 def test_missing_folder_and_missing_model_give_clear_errors(tmp_path, tiny_sdxl, image_folder, capsys):
-    config = write_run(tmp_path, tiny_sdxl, tmp_path / "nowhere")
+    config = write_tiny_run(tmp_path, tiny_sdxl, tmp_path / "nowhere")
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "dataset 'images'" in err and "nowhere" in err and "is not a folder" in err
 
-    config = write_run(tmp_path, tmp_path / "no-model", image_folder)
+    config = write_tiny_run(tmp_path, tmp_path / "no-model", image_folder)
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "could not load the sdxl model" in err and "no-model" in err and "diffusers layout" in err

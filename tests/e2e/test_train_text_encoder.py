@@ -5,9 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from difftune.config import load_config
+from difftune.testing.runs import write_tiny_run
 from difftune.training.loop import train
-
-from .conftest import write_run
 
 
 def _hidden_states(pipeline, text: str) -> list[torch.Tensor]:
@@ -30,7 +29,7 @@ def test_text_encoder_lora_is_saved_in_the_diffusers_layout_and_loads_in_the_sto
 ):
     from diffusers import StableDiffusionXLPipeline
 
-    config = write_run(
+    config = write_tiny_run(
         tmp_path, tiny_sdxl, image_folder, train_text_encoder=True, text_encoder_lr=1e-2, max_train_steps=3
     )
     result = train(load_config(config))
@@ -52,8 +51,8 @@ def test_a_resumed_run_ends_with_the_text_encoder_weights_of_an_uninterrupted_on
     tmp_path, tiny_sdxl, image_folder
 ):
     common = dict(train_text_encoder=True, text_encoder_lr=1e-2, max_train_steps=4, checkpointing_steps=2)
-    whole = train(load_config(write_run(tmp_path / "whole", tiny_sdxl, image_folder, **common)))
-    split = write_run(tmp_path / "split", tiny_sdxl, image_folder, **common)
+    whole = train(load_config(write_tiny_run(tmp_path / "whole", tiny_sdxl, image_folder, **common)))
+    split = write_tiny_run(tmp_path / "split", tiny_sdxl, image_folder, **common)
     train(load_config(split), stop_after_steps=2)
     resumed = train(load_config(split, {"resume_from_checkpoint": "latest"}))
     expected, got = load_file(str(whole.lora_path)), load_file(str(resumed.lora_path))

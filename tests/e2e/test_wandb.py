@@ -1,15 +1,14 @@
 """report_to wandb logs the run through wandb (offline mode: no network; wandb is in the test extra)."""
 
 from difftune.config import load_config
+from difftune.testing.runs import write_tiny_run
 from difftune.training.loop import train
-
-from .conftest import write_run
 
 
 def test_report_to_wandb_writes_an_offline_run(tmp_path, tiny_sdxl, image_folder, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    config = write_run(
+    config = write_tiny_run(
         tmp_path,
         tiny_sdxl,
         image_folder,

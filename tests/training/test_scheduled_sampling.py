@@ -9,10 +9,10 @@ from difftune.config.schema import TrainConfig
 from difftune.events import warnings_to
 from difftune.families.flow_matching import FlowMatchingObjective
 from difftune.families.objectives import Diff2FlowObjective, EpsilonObjective
+from difftune.testing.runs import write_tiny_run
 from difftune.testing.sdxl import SDXL_SCHEDULER_CONFIG
 from difftune.training.features import TrainingFeatures
 from difftune.training.scheduled_sampling import ScheduledSampler
-from tests.e2e.conftest import write_run
 
 
 def config(**overrides) -> TrainConfig:
@@ -168,7 +168,7 @@ def test_a_training_run_with_rollouts_lowers_the_loss(tmp_path, tiny_sdxl):
 
     images = tmp_path / "images"
     make_image_dataset(images, n=6, seed=0)
-    path = write_run(
+    path = write_tiny_run(
         tmp_path,
         tiny_sdxl,
         images,
