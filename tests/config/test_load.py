@@ -284,10 +284,17 @@ def test_overrides_apply_over_the_file_with_the_same_checks(workdir):
 
 
 def test_override_json_text_becomes_a_dict(workdir):
-    path = write_config(workdir, SDXL)
+    path = write_config(workdir, {"model_family": "kandinsky5-image", "model_type": "lora"})
     routes = '{"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}'
     train = load_config(path, {"tread_config": routes}).train
     assert train.tread_config["routes"][0]["selection_ratio"] == 0.5
+
+
+def test_tread_on_a_family_that_cannot_route_tokens_is_refused_naming_the_family(workdir):
+    route = {"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}
+    path = write_config(workdir, {**SDXL, "tread_config": {"routes": [route]}})
+    with pytest.raises(ConfigError, match="'tread_config' is .*sdxl's denoiser has no blocks that TREAD"):
+        load_config(path)
 
 
 def test_json_syntax_error_gives_line_and_column(workdir):

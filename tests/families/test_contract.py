@@ -12,12 +12,14 @@ from difftune.families import get_family, registry
 from difftune.families.base import GenerationRequest
 from difftune.training.adapters import attach_lora, lora_state_dict
 from difftune.training.losses import per_sample_loss
+from difftune.training.tread import apply_tread
 from tests.families import extra_family
 
 FAMILIES = [*registry.FAMILIES, extra_family.SPEC.name]
 CPU = torch.device("cpu")
 SIZE = 64
 PROMPTS = ["a red circle", "a blue square on a white background"]
+ROUTE = {"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": -1}
 
 
 @pytest.fixture(params=FAMILIES)
@@ -130,3 +132,91 @@ def test_check_refuses_a_validation_size_off_the_pixel_grid(family_name, tiny_mo
     with pytest.raises(ConfigError, match=f"'{off}x{SIZE}'.*multiples of {family.validation_pixel_multiple}"):
         make_family(family_name, tiny_model, validation_resolution=f"{off}x{SIZE}").check([])
     assert isinstance(family.check([]), list)
+
+
+def test_tread_routes_tokens_while_training_or_is_refused_at_load(family_name, tiny_model):
+    family = make_family(family_name, tiny_model, tread_config={"routes": [ROUTE]})
+    block = family.routable_block()
+    if block is None:
+        with pytest.raises(ConfigError, match=f"'tread_config' is .*{family.name}.*remove tread_config"):
+            family.check([])
+        return
+    assert isinstance(family.check([]), list)
+    components = family.load(CPU, torch.float32)
+    denoiser = components.denoiser.train()
+    batch = batch_for(family, components)
+    timesteps = family.objective(components).sample_timesteps(2, torch.Generator().manual_seed(0), CPU)
+
+    def predict() -> torch.Tensor:
+        return family.model_forward(components, denoiser, batch["latents"], timesteps, batch)
+
+    plain = predict().detach()
+    blocks = family.transformer_blocks(denoiser)
+    with apply_tread(denoiser, blocks, block, family.config.tread_config, torch.Generator().manual_seed(0)):
+        routed = predict().detach()
+        with torch.no_grad():  # validation: every token through every block
+            unrouted = predict()
+    assert routed.shape == plain.shape and torch.isfinite(routed).all()
+    assert not torch.allclose(routed, plain)
+    torch.testing.assert_close(unrouted, plain, atol=0, rtol=0)
+
+
+def test_token_grid_cell_holds_the_token_of_that_latent_patch_or_crepa_is_refused_at_load(
+    family_name, tiny_model
+):
+    family = make_family(family_name, tiny_model, crepa_enabled=True)
+    grid = family.token_grid()
+    if grid is None:
+        with pytest.raises(
+            ConfigError, match=f"'crepa_enabled' is True, but {family.name}.*remove crepa_enabled"
+        ):
+            family.check([])
+        return
+    assert isinstance(family.check([]), list)
+    components = family.load(CPU, torch.float32)
+    denoiser = components.denoiser
+    batch = batch_for(family, components)
+    timesteps = family.objective(components).sample_timesteps(2, torch.Generator().manual_seed(0), CPU)
+
+    def predict() -> torch.Tensor:
+        with torch.no_grad():
+            return family.model_forward(components, denoiser, batch["latents"], timesteps, batch)
+
+    # The last block's token at grid cell (last frame, first row, last column) is pushed; the output
+    # layer works token by token, so only that cell's latent patch may change.
+    layouts, grids = [], []
+
+    def push_one_cell(module, args, output):
+        to_grid = layouts[-1]
+        grids.append(to_grid(output))
+        positions = torch.arange(output.shape[1], dtype=output.dtype).expand(output.shape[0], -1)
+        token = int(to_grid(positions.unsqueeze(-1))[0, -1, 0, -1, 0])
+        pushed = output.clone()
+        pushed[:, token] += torch.linspace(-10.0, 10.0, output.shape[-1])  # not a constant: norms remove that
+        return pushed
+
+    plain = predict()
+    blocks = family.transformer_blocks(denoiser)
+    hooks = [
+        denoiser.register_forward_pre_hook(
+            lambda module, args, kwargs: layouts.append(grid.layout_of_call(module, args, kwargs)),
+            with_kwargs=True,
+        ),
+        blocks[-1].register_forward_hook(push_one_cell),
+    ]
+    pushed = predict()
+    for hook in hooks:
+        hook.remove()
+
+    frames, height, width = grids[0].shape[1:4]
+    assert sum(g.shape[0] for g in grids) == 2
+    assert all(g.shape[1:] == (frames, height, width, grid.hidden_size(denoiser)) for g in grids)
+    change = (pushed - plain).abs().sum(dim=1)  # (B, [T,] H, W)
+    if change.ndim == 3:
+        change = change.unsqueeze(1)
+    patch = (change.shape[1] // frames, change.shape[2] // height, change.shape[3] // width)
+    assert (change.shape[1] % frames, change.shape[2] % height, change.shape[3] % width) == (0, 0, 0)
+    inside = torch.zeros_like(change, dtype=torch.bool)
+    inside[:, -patch[0] :, : patch[1], -patch[2] :] = True
+    # other tokens' outputs are computed from their own rows only: unchanged up to float rounding
+    assert change[inside].min() > 1e-3 and change[~inside].max() <= 1e-5 * change[inside].min()

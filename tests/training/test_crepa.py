@@ -8,6 +8,7 @@ from difftune.families import kandinsky5 as k5
 from difftune.training.crepa import Crepa, drop_vae_encoder, load_vision_encoder, neighbour_weights
 
 LATENT_FRAMES = 3
+GRID = k5.VisualTokenGrid()
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,7 @@ def test_loss_is_finite_trains_the_projector_and_decreases(dino_folder):
         transformer,
         k5.find_visual_blocks(transformer),
         "cpu",
+        token_grid=GRID,
         frames_per_latent=4,
         projector_width=64,
     )
@@ -138,6 +140,7 @@ def test_loss_reaches_the_transformer_adapter_weights(dino_folder):
         transformer,
         k5.find_visual_blocks(transformer),
         "cpu",
+        token_grid=GRID,
         frames_per_latent=4,
         projector_width=64,
     )
@@ -153,6 +156,7 @@ def test_pixel_frames_are_matched_to_latent_frames(dino_folder):
         transformer,
         k5.find_visual_blocks(transformer),
         "cpu",
+        token_grid=GRID,
         frames_per_latent=4,
         projector_width=64,
     )
@@ -174,6 +178,7 @@ def test_rows_split_by_prompt_length_are_put_back_in_order(dino_folder):
         transformer,
         k5.find_visual_blocks(transformer),
         "cpu",
+        token_grid=GRID,
         frames_per_latent=4,
         projector_width=64,
     )
@@ -207,6 +212,7 @@ def test_nothing_is_captured_without_gradients_or_after_checkpoint_recompute(din
         transformer,
         k5.find_visual_blocks(transformer),
         "cpu",
+        token_grid=GRID,
         frames_per_latent=4,
         projector_width=64,
     )
@@ -229,6 +235,7 @@ def test_configuration_errors_name_the_key(dino_folder):
             transformer,
             k5.find_visual_blocks(transformer),
             "cpu",
+            token_grid=GRID,
             frames_per_latent=4,
             projector_width=8,
         )
@@ -238,6 +245,7 @@ def test_configuration_errors_name_the_key(dino_folder):
             transformer,
             k5.find_visual_blocks(transformer),
             "cpu",
+            token_grid=GRID,
             frames_per_latent=4,
             projector_width=8,
         )
@@ -277,9 +285,38 @@ def test_crepa_block_inside_a_tread_route_is_refused_once_negative_indices_resol
             transformer,
             k5.find_visual_blocks(transformer),
             "cpu",
+            token_grid=GRID,
             frames_per_latent=4,
             projector_width=64,
         )
     before = {**route, "start_layer_idx": -(blocks - 1)}  # the route starts after block 0
     config = crepa_config(dino_folder, crepa_block_index=0, tread_config={"routes": [before]})
-    Crepa(config, transformer, k5.find_visual_blocks(transformer), "cpu", frames_per_latent=4)
+    Crepa(
+        config, transformer, k5.find_visual_blocks(transformer), "cpu", token_grid=GRID, frames_per_latent=4
+    )
+
+
+def test_crepa_without_a_token_grid_is_refused_at_set_up(dino_folder):
+    from difftune.errors import ConfigError
+
+    transformer = tiny_transformer()
+    with pytest.raises(ConfigError, match="crepa_enabled: .*remove crepa_enabled"):
+        Crepa(
+            crepa_config(dino_folder), transformer, k5.find_visual_blocks(transformer), "cpu", token_grid=None
+        )
+
+
+def test_visual_grid_undoes_the_tiled_token_order_of_sparse_attention():
+    from diffusers.models.transformers.transformer_kandinsky import fractal_flatten
+
+    transformer = tiny_transformer()  # patches of (1, 2, 2) latent cells
+    hidden = torch.zeros(2, 2, 32, 32, 16)
+    grid = torch.randn(2, 2, 16, 16, 8)
+    tiled, _ = fractal_flatten(grid, grid, grid.shape[:-1], block_mask=True)
+    layout = GRID.layout_of_call(
+        transformer, (), {"hidden_states": hidden, "sparse_params": {"to_fractal": True}}
+    )
+    assert torch.equal(layout(tiled), grid)
+    plain = GRID.layout_of_call(transformer, (hidden,), {})
+    assert torch.equal(plain(grid.flatten(1, 3)), grid)
+    assert not torch.equal(plain(tiled), grid)

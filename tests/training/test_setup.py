@@ -55,7 +55,7 @@ def test_block_indices_out_of_range_are_refused_before_the_model_load(tmp_path):
         pretrained_model_name_or_path=str(folder),
         tread_config={"routes": [route]},
     )
-    with pytest.raises(ConfigError, match=r"end_layer_idx is 6, outside the model's 4 visual blocks"):
+    with pytest.raises(ConfigError, match=r"end_layer_idx is 6, outside the model's 4 transformer blocks"):
         check_block_indices(get_family(config), config)
 
     config = TrainConfig(

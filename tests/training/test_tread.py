@@ -87,7 +87,11 @@ def test_routed_blocks_see_fewer_tokens_with_matching_rope(frames, ratio):
     transformer = tiny_transformer().train()
     route = {**ROUTE, "selection_ratio": ratio}
     handle = apply_tread(
-        transformer, k5.find_visual_blocks(transformer), {"routes": [route]}, torch.Generator().manual_seed(0)
+        transformer,
+        k5.find_visual_blocks(transformer),
+        k5.VISUAL_BLOCK_CALL,
+        {"routes": [route]},
+        torch.Generator().manual_seed(0),
     )
     seen, hooks = record_block_inputs(transformer)  # registered after TREAD: sees the routed inputs
     out = run(transformer, latents_bthwc(2, frames), prompt_batch([5, 5]))
@@ -115,7 +119,11 @@ def test_eval_and_no_grad_see_all_tokens_and_match_plain_output():
     plain_grad = run(transformer, latents, prompt).detach()
 
     handle = apply_tread(
-        transformer, k5.find_visual_blocks(transformer), {"routes": [ROUTE]}, torch.Generator().manual_seed(0)
+        transformer,
+        k5.find_visual_blocks(transformer),
+        k5.VISUAL_BLOCK_CALL,
+        {"routes": [ROUTE]},
+        torch.Generator().manual_seed(0),
     )
     seen, hooks = record_block_inputs(transformer)
     transformer.eval()
@@ -143,7 +151,9 @@ def test_kept_tokens_run_the_routed_blocks_and_the_others_skip_them():
         captured["hidden"], captured["text"], captured["time"], captured["rope"] = args[:4]
 
     first = blocks[2].register_forward_pre_hook(grab_start)  # before TREAD: sees the full sequence
-    handle = apply_tread(transformer, k5.find_visual_blocks(transformer), {"routes": [ROUTE]}, generator)
+    handle = apply_tread(
+        transformer, k5.find_visual_blocks(transformer), k5.VISUAL_BLOCK_CALL, {"routes": [ROUTE]}, generator
+    )
     last = blocks[4].register_forward_hook(lambda module, args, out: captured.update(out=out))
     state = generator.get_state()
     run(transformer, latents_bthwc(2, 3), prompt_batch([5, 5]))
@@ -176,6 +186,7 @@ def test_draws_are_reproducible_from_the_generator():
         with apply_tread(
             transformer,
             k5.find_visual_blocks(transformer),
+            k5.VISUAL_BLOCK_CALL,
             {"routes": [ROUTE]},
             torch.Generator().manual_seed(seed),
         ):
@@ -203,6 +214,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         handle = apply_tread(
             transformer,
             k5.find_visual_blocks(transformer),
+            k5.VISUAL_BLOCK_CALL,
             {
                 "routes": [
                     {**ROUTE, "start_layer_idx": 1, "end_layer_idx": 2},
@@ -251,6 +263,7 @@ def test_training_with_tread_lowers_the_loss():
     handle = apply_tread(
         transformer,
         k5.find_visual_blocks(transformer),
+        k5.VISUAL_BLOCK_CALL,
         {"routes": [{**ROUTE, "start_layer_idx": 1}]},
         generator,
     )
@@ -282,6 +295,7 @@ def test_tiny_pipeline_transformer_routes_with_negative_indices(tmp_path):
     handle = apply_tread(
         transformer,
         k5.find_visual_blocks(transformer),
+        k5.VISUAL_BLOCK_CALL,
         {"routes": [{"selection_ratio": 0.25, "start_layer_idx": -1, "end_layer_idx": -1}]},
         0,
     )
@@ -322,19 +336,32 @@ def test_negative_indices_count_from_the_end(start, end, expected):
 def test_invalid_routes_name_the_route_and_key(routes, message):
     with pytest.raises(config_errors(), match=message):
         transformer = tiny_transformer()
-        apply_tread(transformer, k5.find_visual_blocks(transformer), {"routes": routes}, 0)
+        apply_tread(
+            transformer, k5.find_visual_blocks(transformer), k5.VISUAL_BLOCK_CALL, {"routes": routes}, 0
+        )
 
 
 @pytest.mark.parametrize("value", [None, {"routes": []}, {"route": [ROUTE]}])
 def test_malformed_tread_config_names_the_key(value):
     with pytest.raises(config_errors(), match="tread_config"):
         transformer = tiny_transformer()
-        apply_tread(transformer, k5.find_visual_blocks(transformer), value, 0)
+        apply_tread(transformer, k5.find_visual_blocks(transformer), k5.VISUAL_BLOCK_CALL, value, 0)
 
 
-def test_a_family_without_a_block_stack_refuses_tread_with_the_reason():
-    from difftune.config.schema import TrainConfig
-    from difftune.families.sdxl import SDXLFamily
+def test_tread_without_a_routable_block_is_refused_at_set_up():
+    from difftune.config import ConfigError
 
-    with pytest.raises(config_errors(), match="tread_config or crepa_enabled"):
-        SDXLFamily(TrainConfig(model_family="sdxl")).transformer_blocks(torch.nn.Linear(2, 2))
+    transformer = tiny_transformer()
+    with pytest.raises(ConfigError, match="tread_config: .*remove tread_config"):
+        apply_tread(transformer, k5.find_visual_blocks(transformer), None, {"routes": [ROUTE]}, 0)
+
+
+def test_sparse_attention_is_refused_with_the_fix():
+    transformer = tiny_transformer().train()
+    call = k5.VISUAL_BLOCK_CALL
+    blocks = k5.find_visual_blocks(transformer)
+    with apply_tread(transformer, blocks, call, {"routes": [ROUTE]}, 0):
+        hidden = torch.randn(1, 24, 64)
+        rope = torch.zeros(1, 24, 1, 4, 2, 2)
+        with pytest.raises(ValueError, match="sparse .*attention_type 'regular'"):
+            blocks[2](hidden, torch.randn(1, 3, 64), torch.randn(1, 32), rope, {"to_fractal": False})

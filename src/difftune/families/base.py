@@ -72,6 +72,60 @@ class GenerationRequest:
     on_step_end: Callable[..., dict] | None = None
 
 
+@dataclass(frozen=True)
+class BlockArgument:
+    """One argument of a block's forward: where it is passed positionally, and its keyword name."""
+
+    position: int
+    name: str
+
+    def get(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """This argument's value in a call (None when the call leaves it out)."""
+        return args[self.position] if len(args) > self.position else kwargs.get(self.name)
+
+    def replace(self, args: tuple, kwargs: dict[str, Any], value: Any) -> tuple[tuple, dict[str, Any]]:
+        """The call's (args, kwargs) with this argument set to `value`, passed the way the call passed it."""
+        if len(args) > self.position:
+            return (*args[: self.position], value, *args[self.position + 1 :]), kwargs
+        return args, {**kwargs, self.name: value}
+
+
+@dataclass(frozen=True)
+class RoutableBlock:
+    """How the denoiser calls each of its `transformer_blocks`, as token routing (TREAD) needs to know it.
+
+    tokens: the token sequence (B, N, D) a block takes (and returns, same shape);
+    call: a tensor the denoiser passes, as the same object, to every block of one forward call (so the
+    routing of that call is found again at each block);
+    positions: a per-token tensor (B or 1, N, ...), such as RoPE, gathered with the kept tokens; None
+    when the blocks take none;
+    must_be_none: arguments routing cannot honour unless they are None, each with the message (what
+    to do instead) raised when one is set.
+    """
+
+    tokens: BlockArgument
+    call: BlockArgument
+    positions: BlockArgument | None = None
+    must_be_none: tuple[tuple[BlockArgument, str], ...] = ()
+
+
+class TokenGrid(ABC):
+    """How the tokens a denoiser's `transformer_blocks` pass on lay out its latents, so that one block's
+    output can be read as frames of a token grid (CREPA aligns those with image features)."""
+
+    @abstractmethod
+    def hidden_size(self, denoiser: torch.nn.Module) -> int:
+        """D: the width of one token of the blocks."""
+
+    @abstractmethod
+    def layout_of_call(
+        self, denoiser: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """From one call of the denoiser's forward (its args and kwargs): the function that lays out a
+        block's output tokens of that call, (B, N, D), as the grid (B, T', h, w, D) of latent frames,
+        rows and columns (T' = 1 for images)."""
+
+
 class Objective(ABC):
     """What the denoiser learns to predict, and how noise levels are drawn and applied."""
 
@@ -239,6 +293,16 @@ class Family(ABC):
             "turn those off for this family"
         )
 
+    def routable_block(self) -> RoutableBlock | None:
+        """How the denoiser calls its `transformer_blocks`, for token routing (tread_config); None (the
+        default): its blocks cannot have tokens routed around them."""
+        return None
+
+    def token_grid(self) -> TokenGrid | None:
+        """How block outputs lay out the latents as frames of tokens, for CREPA (crepa_enabled); None
+        (the default): its block outputs cannot be read as frames."""
+        return None
+
     # -- output -------------------------------------------------------------------------------
     @abstractmethod
     def pipeline(self, components: Components, denoiser: torch.nn.Module):
@@ -302,8 +366,9 @@ class Family(ABC):
         """Every check of the config and its datasets that needs no weights; runs when the config loads.
 
         Returns warnings; raises ConfigError naming the key, the value and the fix. The default refuses
-        validation sizes off the family's pixel grid and validation settings its pipeline cannot take
-        (`validation_settings_refused`).
+        validation sizes off the family's pixel grid, validation settings its pipeline cannot take
+        (`validation_settings_refused`) and training features its denoiser cannot take
+        (`training_settings_refused`).
         """
         multiple = self.validation_pixel_multiple
         for width, height in self.config.validation_sizes:
@@ -315,7 +380,7 @@ class Family(ABC):
                 )
         refused = [
             f"'{key}' is {getattr(self.config, key)!r}, but {why}"
-            for key, why in self.validation_settings_refused().items()
+            for key, why in (self.validation_settings_refused() | self.training_settings_refused()).items()
         ]
         if refused:
             raise ConfigError("; ".join(refused))
@@ -336,6 +401,23 @@ class Family(ABC):
         if not self.is_video and self.config.validation_num_video_frames is not None:
             refused["validation_num_video_frames"] = (
                 f"{self.name} generates images; remove it (it applies to video families)"
+            )
+        return refused
+
+    def training_settings_refused(self) -> dict[str, str]:
+        """Training keys set to a value this family's denoiser cannot honour -> why, and what to use.
+
+        The default: token routing without a `routable_block`, CREPA without a `token_grid`.
+        """
+        refused = {}
+        if self.config.tread_config and self.routable_block() is None:
+            refused["tread_config"] = (
+                f"{self.name}'s denoiser has no blocks that TREAD can route tokens around; remove tread_config"
+            )
+        if self.config.crepa_enabled and self.token_grid() is None:
+            refused["crepa_enabled"] = (
+                f"{self.name}'s denoiser blocks do not hold its latents as frames of tokens for CREPA to "
+                "align; remove crepa_enabled"
             )
         return refused
 

@@ -14,13 +14,22 @@ length on its own, which is what the pipelines do for a single prompt.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from difftune.families.base import Components, Family, GenerationRequest, Objective
+from difftune.families.base import (
+    BlockArgument,
+    Components,
+    Family,
+    GenerationRequest,
+    Objective,
+    RoutableBlock,
+    TokenGrid,
+)
 from difftune.families.flow_matching import FlowMatchingObjective
 from difftune.families.vae_source import load_vae
 
@@ -242,6 +251,56 @@ def find_visual_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     )
 
 
+# The visual block's forward: (visual_embed (B, N, D), text_embed, time_embed (B, time_dim),
+# rope (B or 1, N, 1, head_dim/2, 2, 2), sparse_params). The transformer passes the same time_embed
+# to every visual block of one call.
+VISUAL_BLOCK_CALL = RoutableBlock(
+    tokens=BlockArgument(0, "visual_embed"),
+    call=BlockArgument(2, "time_embed"),
+    positions=BlockArgument(3, "rope"),
+    must_be_none=(
+        (
+            BlockArgument(4, "sparse_params"),
+            "tread_config cannot be used with sparse (nabla) attention: its block mask covers the full "
+            "token grid; train with attention_type 'regular' or remove tread_config",
+        ),
+    ),
+)
+
+
+class VisualTokenGrid(TokenGrid):
+    """The visual blocks' tokens: the patched latent grid (B, T/pt, H/ph, W/pw) flattened frame by frame,
+    row by row, or in 8x8 tiles when sparse attention asks for its fractal order (`to_fractal`)."""
+
+    def hidden_size(self, denoiser: torch.nn.Module) -> int:
+        """The transformer's model_dim."""
+        return int(denoiser.config.model_dim)
+
+    def layout_of_call(
+        self, denoiser: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The grid of the call's channels-last `hidden_states` (B, T, H, W, C) in patches, and its token order."""
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        batch, frames, height, width = hidden.shape[:4]
+        pt, ph, pw = denoiser.config.patch_size
+        sparse = kwargs.get("sparse_params")
+        fractal = bool(sparse.get("to_fractal", False)) if sparse else False
+        return partial(
+            _visual_tokens_to_grid, shape=(batch, frames // pt, height // ph, width // pw), fractal=fractal
+        )
+
+
+def _visual_tokens_to_grid(
+    tokens: torch.Tensor, shape: tuple[int, int, int, int], fractal: bool
+) -> torch.Tensor:
+    """A visual block's output (B, N, D) -> (B, T', h, w, D), undoing the transformer's token order."""
+    from diffusers.models.transformers.transformer_kandinsky import fractal_unflatten
+
+    if tokens.ndim == 3:
+        tokens = fractal_unflatten(tokens, shape, block_mask=fractal)
+    return tokens.reshape(*shape, tokens.shape[-1])
+
+
 class Kandinsky5Family(Family):
     """Kandinsky 5.0 image and video: Qwen2.5-VL + CLIP text, a flow-matching DiT on channels-last latents.
 
@@ -361,6 +420,14 @@ class Kandinsky5Family(Family):
     def transformer_blocks(self, denoiser: torch.nn.Module) -> torch.nn.ModuleList:
         """The visual transformer blocks (the text blocks run once per prompt, before them)."""
         return find_visual_blocks(denoiser)
+
+    def routable_block(self) -> RoutableBlock:
+        """The visual blocks' call (see `VISUAL_BLOCK_CALL`)."""
+        return VISUAL_BLOCK_CALL
+
+    def token_grid(self) -> TokenGrid:
+        """The visual tokens' layout (see `VisualTokenGrid`)."""
+        return VisualTokenGrid()
 
     # -- output -------------------------------------------------------------------------------
     def pipeline(self, components: Components, denoiser: torch.nn.Module):

@@ -13,9 +13,10 @@ is resized (bilinear) to the transformer's token grid, both covering the whole f
 per-frame REPA. Latent frame f stands for pixel frame k*f, k the VAE's frames per latent (the last
 frame its causal VAE step saw).
 
-How the training loop uses it (Kandinsky 5 Video):
+How the training loop uses it (a video family whose `token_grid` says how block tokens lay out frames):
 
-    crepa = Crepa(config, model, family.transformer_blocks(model), device, frames_per_latent=4)
+    crepa = Crepa(config, model, family.transformer_blocks(model), device,
+                  token_grid=family.token_grid(), frames_per_latent=family.spec.frames_per_latent)
     params = trainable_params + crepa.trainable_parameters()
     ...
     prediction = family.model_forward(components, denoiser, noisy, timesteps, batch)   # hook captures
@@ -30,15 +31,18 @@ checkpoint for an exact resume; the projector is used only for the loss, not at 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from difftune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from difftune.families.base import TokenGrid
 
 ENCODER_HUB_IDS = {
     "dinov2_vits14": "facebook/dinov2-small",
@@ -95,9 +99,10 @@ def neighbour_weights(frames: int, distance: int, tau: float) -> torch.Tensor:
 class Crepa:
     """Hooks one transformer block, projects its tokens and scores them against DINOv2 features of the frames.
 
-    `blocks` is the transformer's block stack (`Family.transformer_blocks`); `frames_per_latent` the
-    VAE's temporal compression (the family row's); `encoder` (a loaded Dinov2Model) skips
-    `load_vision_encoder`; `projector_width` is the MLP's width.
+    `blocks` is the transformer's block stack (`Family.transformer_blocks`); `token_grid` how those
+    blocks' tokens lay out the frames (`Family.token_grid`); `frames_per_latent` the VAE's temporal
+    compression (the family row's); `encoder` (a loaded Dinov2Model) skips `load_vision_encoder`;
+    `projector_width` is the MLP's width.
     """
 
     def __init__(
@@ -107,10 +112,17 @@ class Crepa:
         blocks: nn.ModuleList,
         device: torch.device | str,
         *,
+        token_grid: TokenGrid | None,
         frames_per_latent: int = 1,
         encoder: nn.Module | None = None,
         projector_width: int = 2048,
     ):
+        if token_grid is None:
+            raise ConfigError(
+                "crepa_enabled: this denoiser's blocks do not hold its latents as frames of tokens for CREPA "
+                "to align; remove crepa_enabled"
+            )
+        self.token_grid = token_grid
         self.frames_per_latent = frames_per_latent
         self.weight = float(config.crepa_lambda)
         self.distance = int(config.crepa_adjacent_distance)
@@ -135,16 +147,12 @@ class Crepa:
                 f"crepa_encoder_image_size {self.image_size} is not a multiple of the encoder's patch size {patch}; "
                 f"use {self.image_size // patch * patch} or {(self.image_size // patch + 1) * patch}"
             )
-        self.patch_size = (1, 1, 1)
-        config_patch = getattr(getattr(transformer, "config", None), "patch_size", None)
-        if config_patch is not None:
-            self.patch_size = tuple(config_patch)
-        hidden_dim = _hidden_size(transformer)
+        hidden_dim = token_grid.hidden_size(transformer)
         self.projector = build_projector(hidden_dim, self.encoder.config.hidden_size, projector_width).to(
             device
         )
         self.last_similarity: float | None = None
-        self._calls: list[tuple[tuple[int, int, int, int], bool]] = []
+        self._calls: list[Callable[[torch.Tensor], torch.Tensor]] = []  # per call: tokens -> grid
         self._hidden: list[torch.Tensor] = []
         self._handles = [
             transformer.register_forward_pre_hook(self._before_transformer, with_kwargs=True),
@@ -153,15 +161,10 @@ class Crepa:
 
     # -- hooks --------------------------------------------------------------------------------
     def _before_transformer(self, module, args, kwargs) -> None:
-        """Note the token grid (B, T', h, w) and token order of each training call of the transformer."""
+        """Note how each training call of the transformer lays its tokens out (`TokenGrid.layout_of_call`)."""
         if not torch.is_grad_enabled():
             return
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        batch, frames, height, width = hidden.shape[:4]
-        pt, ph, pw = self.patch_size
-        sparse = kwargs.get("sparse_params")
-        fractal = bool(sparse.get("to_fractal", False)) if sparse else False
-        self._calls.append(((batch, frames // pt, height // ph, width // pw), fractal))
+        self._calls.append(self.token_grid.layout_of_call(module, args, kwargs))
 
     def _after_block(self, module, args, output) -> None:
         """Keep the block's output (B, tokens, D) once per transformer call (not in checkpoint recomputes)."""
@@ -221,13 +224,7 @@ class Crepa:
                 "Crepa.loss found no captured hidden states: run the transformer forward (with gradients "
                 "enabled) on this batch first"
             )
-        from diffusers.models.transformers.transformer_kandinsky import fractal_unflatten
-
-        grids = []
-        for (shape, fractal), tokens in zip(calls, hidden):
-            if tokens.ndim == 3:
-                tokens = fractal_unflatten(tokens, shape, block_mask=fractal)
-            grids.append(tokens.reshape(*shape, tokens.shape[-1]))
+        grids = [to_grid(tokens) for to_grid, tokens in zip(calls, hidden)]
         grid = torch.cat(grids) if len(grids) > 1 else grids[0]
         if row_order is not None:
             if sorted(row_order) != list(range(grid.shape[0])):
@@ -276,21 +273,6 @@ def _frames_per_latent(frames: torch.Tensor, latent_frames: int, step: int) -> t
             f"{expected} pixel frames or {latent_frames} frames, one per latent frame"
         )
     return picked.transpose(1, 2)
-
-
-def _hidden_size(transformer: nn.Module) -> int:
-    config = getattr(transformer, "config", None)
-    for key in ("model_dim", "hidden_size", "inner_dim"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    heads, head_dim = (
-        getattr(config, "num_attention_heads", None),
-        getattr(config, "attention_head_dim", None),
-    )
-    if heads and head_dim:
-        return int(heads) * int(head_dim)
-    raise ValueError(f"CREPA cannot tell the hidden size of {type(transformer).__name__}")
 
 
 class _DroppedEncoder(nn.Module):

@@ -88,7 +88,10 @@ class TrainingFeatures:
 
             blocks = family.transformer_blocks(denoiser)
             frames = family.spec.frames_per_latent
-            features.crepa = Crepa(config, denoiser, blocks, device, frames_per_latent=frames)
+            grid = family.token_grid()
+            features.crepa = Crepa(
+                config, denoiser, blocks, device, token_grid=grid, frames_per_latent=frames
+            )
             if config.crepa_drop_vae_encoder and components.vae is not None:
                 drop_vae_encoder(components.vae)
         return features
@@ -101,7 +104,9 @@ class TrainingFeatures:
 
             # The noise generator drives the routing, so a checkpoint's generator state resumes it exactly.
             blocks = self.family.transformer_blocks(model)
-            self.tread = apply_tread(model, blocks, config.tread_config, self.generator)
+            self.tread = apply_tread(
+                model, blocks, self.family.routable_block(), config.tread_config, self.generator
+            )
         if config.use_ema:
             from difftune.training.ema import EMAModel
 

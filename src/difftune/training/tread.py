@@ -1,20 +1,21 @@
-"""TREAD token routing (config key `tread_config`): a random share of visual tokens skips a span of blocks.
+"""TREAD token routing (config key `tread_config`): a random share of the tokens skips a span of blocks.
 
 From "TREAD: Token Routing for Efficient Architecture-agnostic Diffusion Training" (Krause et al.):
 for each route, at the input of block `start_layer_idx` every sample keeps a random subset of
-round(N * (1 - selection_ratio)) of its N visual tokens; only those run through blocks start..end
-(both included), each with its own RoPE positions; after block `end_layer_idx` they are written back
+round(N * (1 - selection_ratio)) of its N tokens; only those run through blocks start..end
+(both included), each with its own positions (RoPE); after block `end_layer_idx` they are written back
 into the full sequence, where the routed-around tokens still hold the values they had at the start.
-Negative layer indices count from the end of the visual block list (-1 is the last block).
+Negative layer indices count from the end of the block list (-1 is the last block).
 
 Routing happens only while the transformer is training and gradients are on; in eval mode or under
 `torch.no_grad()` (validation pipelines) the blocks see every token and the output is unchanged.
 
-It is built from forward hooks on the Kandinsky 5 visual blocks, whose forward is
-`(visual_embed (B, N, D), text_embed, time_embed (B, time_dim), rope (B, N, 1, head_dim/2, 2, 2),
-sparse_params)`. The routing of one transformer call is found again from its `time_embed`, which the
-transformer passes unchanged to every visual block; with gradient checkpointing the blocks are run
-again in the backward pass and must see the same tokens, so the routing is kept until then.
+It is built from forward hooks on the family's `transformer_blocks`, whose call the family describes
+(`Family.routable_block`): which argument holds the tokens (B, N, D), which per-token positions (such
+as RoPE) are gathered with them, and which argument the transformer passes unchanged to every block
+of one call, so that the routing of that call is found again at each block. With gradient
+checkpointing the blocks are run again in the backward pass and must see the same tokens, so the
+routing is kept until then.
 """
 
 from __future__ import annotations
@@ -22,16 +23,17 @@ from __future__ import annotations
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from difftune.errors import ConfigError
 
+if TYPE_CHECKING:
+    from difftune.families.base import RoutableBlock
+
 ROUTE_KEYS = ("selection_ratio", "start_layer_idx", "end_layer_idx")
-# Positions (and names) of the visual block forward's arguments.
-_HIDDEN, _TIME, _ROPE, _SPARSE = (0, "visual_embed"), (2, "time_embed"), (3, "rope"), (4, "sparse_params")
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def parse_routes(tread_config: Mapping[str, Any] | None) -> list[dict[str, Any]]
 
 
 def resolve_routes(routes: Sequence[Mapping[str, Any]], num_blocks: int) -> list[TreadRoute]:
-    """Check the routes against a model with `num_blocks` visual blocks and resolve negative indices."""
+    """Check the routes against a model with `num_blocks` transformer blocks and resolve negative indices."""
     resolved: list[TreadRoute] = []
     for index, route in enumerate(routes):
         where = f"tread_config.routes[{index}]"
@@ -87,7 +89,7 @@ def resolve_routes(routes: Sequence[Mapping[str, Any]], num_blocks: int) -> list
         if start > end:
             raise ConfigError(
                 f"{where}: start_layer_idx {route['start_layer_idx']} (block {start}) comes after "
-                f"end_layer_idx {route['end_layer_idx']} (block {end}) of {num_blocks} visual blocks; "
+                f"end_layer_idx {route['end_layer_idx']} (block {end}) of {num_blocks} transformer blocks; "
                 "start_layer_idx must not be after end_layer_idx"
             )
         resolved.append(TreadRoute(float(ratio), start, end))
@@ -109,7 +111,7 @@ def _resolve_layer(value: Any, num_blocks: int, key: str) -> int:
     resolved = value + num_blocks if value < 0 else value
     if not 0 <= resolved < num_blocks:
         raise ConfigError(
-            f"{key} is {value}, outside the model's {num_blocks} visual blocks; use 0..{num_blocks - 1} "
+            f"{key} is {value}, outside the model's {num_blocks} transformer blocks; use 0..{num_blocks - 1} "
             f"or -{num_blocks}..-1 (negative indices count from the end)"
         )
     return resolved
@@ -152,70 +154,80 @@ class _Routing:
 
     indices: torch.Tensor  # (B, K) kept token indices
     full: torch.Tensor  # (B, N, D) tokens entering the start block
-    rope: torch.Tensor  # (B, K, ...) RoPE of the kept tokens
+    positions: torch.Tensor | None  # (B, K, ...) per-token positions (RoPE) of the kept tokens
     keep_for_recompute: bool
 
 
 class _RouteHooks:
-    """The hooks of one route: gather at the start block, RoPE at the inner ones, scatter after the end."""
+    """The hooks of one route: gather at the start block, positions at the inner ones, scatter after the end."""
 
-    def __init__(self, router: TreadRouter, route_index: int, transformer: torch.nn.Module) -> None:
+    def __init__(
+        self, router: TreadRouter, route_index: int, transformer: torch.nn.Module, block: RoutableBlock
+    ) -> None:
         self.router = router
         self.route_index = route_index
         self.transformer = transformer
-        self.calls: WeakIdKeyDictionary = WeakIdKeyDictionary()  # time_embed -> _Routing
+        self.block = block
+        self.calls: WeakIdKeyDictionary = WeakIdKeyDictionary()  # the call's tensor -> _Routing
 
     def enter(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Start block pre-hook: draw the kept tokens (or find this call's draw again) and gather them."""
-        time_embed = _get(args, kwargs, _TIME)
-        routing = self.calls.get(time_embed)
+        call = self.block.call.get(args, kwargs)
+        routing = self.calls.get(call)
         if routing is None:
             if not (block.training and torch.is_grad_enabled()):
                 return None
             routing = self._new_routing(args, kwargs)
-            self.calls[time_embed] = routing
-        hidden = _take_tokens(_get(args, kwargs, _HIDDEN), routing.indices)
-        return _set(_set((args, kwargs), _HIDDEN, hidden), _ROPE, routing.rope)
+            self.calls[call] = routing
+        hidden = _take_tokens(self.block.tokens.get(args, kwargs), routing.indices)
+        return self._with_positions(self.block.tokens.replace(args, kwargs, hidden), routing)
 
     def inner(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Pre-hook of the blocks after the start one: give them the kept tokens' RoPE."""
-        routing = self.calls.get(_get(args, kwargs, _TIME))
-        if routing is None:
+        """Pre-hook of the blocks after the start one: give them the kept tokens' positions."""
+        routing = self.calls.get(self.block.call.get(args, kwargs))
+        if routing is None or routing.positions is None:
             return None
-        return _set((args, kwargs), _ROPE, routing.rope)
+        return self._with_positions((args, kwargs), routing)
 
     def leave(
         self, block: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor
     ) -> torch.Tensor | None:
         """End block hook: write the kept tokens back into the full sequence (B, N, D)."""
-        time_embed = _get(args, kwargs, _TIME)
-        routing = self.calls.get(time_embed)
+        call = self.block.call.get(args, kwargs)
+        routing = self.calls.get(call)
         if routing is None:
             return None
         if not routing.keep_for_recompute:
-            del self.calls[time_embed]
+            del self.calls[call]
         rows = torch.arange(output.shape[0], device=output.device).unsqueeze(1)
         return routing.full.index_put((rows, routing.indices), output.to(routing.full.dtype))
 
+    def _with_positions(self, call: tuple[tuple, dict], routing: _Routing) -> tuple[tuple, dict]:
+        if self.block.positions is None:
+            return call
+        return self.block.positions.replace(*call, routing.positions)
+
     def _new_routing(self, args: tuple, kwargs: dict) -> _Routing:
-        hidden, rope = _get(args, kwargs, _HIDDEN), _get(args, kwargs, _ROPE)
-        if _get(args, kwargs, _SPARSE) is not None:
-            raise ValueError(
-                "tread_config cannot be used with sparse (nabla) attention: its block mask covers the full "
-                "token grid; train with attention_type 'regular' or remove tread_config"
-            )
+        for argument, message in self.block.must_be_none:
+            if argument.get(args, kwargs) is not None:
+                raise ValueError(message)
+        hidden = self.block.tokens.get(args, kwargs)
         batch_size, num_tokens = hidden.shape[:2]
-        if rope.shape[0] != batch_size:
-            rope = rope.expand(batch_size, *rope.shape[1:])
         indices = self.router.select(self.route_index, batch_size, num_tokens, hidden.device)
+        positions = None
+        if self.block.positions is not None:
+            positions = self.block.positions.get(args, kwargs)
+            if positions.shape[0] != batch_size:
+                positions = positions.expand(batch_size, *positions.shape[1:])
+            positions = _take_tokens(positions, indices)
         # With gradient checkpointing the routed blocks run again during backward and need these
         # indices then; the routing is dropped once the gradient of the start block's input is known
         # (a checkpointed forward that is never backpropagated keeps it until the handle is removed).
         keep = bool(getattr(self.transformer, "gradient_checkpointing", False))
-        routing = _Routing(indices, hidden, _take_tokens(rope, indices), keep)
+        routing = _Routing(indices, hidden, positions, keep)
         if keep and hidden.requires_grad:
-            calls, time_key = self.calls, weakref.ref(_get(args, kwargs, _TIME))
-            hidden.register_hook(lambda grad: _forget(calls, time_key))
+            calls, call_key = self.calls, weakref.ref(self.block.call.get(args, kwargs))
+            hidden.register_hook(lambda grad: _forget(calls, call_key))
         return routing
 
     def clear(self) -> None:
@@ -234,19 +246,6 @@ def _take_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """(B, N, ...) -> (B, K, ...): each sample's tokens at its own indices (B, K)."""
     rows = torch.arange(tensor.shape[0], device=tensor.device).unsqueeze(1)
     return tensor[rows, indices.to(tensor.device)]
-
-
-def _get(args: tuple, kwargs: dict, slot: tuple[int, str]) -> Any:
-    position, name = slot
-    return args[position] if len(args) > position else kwargs.get(name)
-
-
-def _set(call: tuple[tuple, dict], slot: tuple[int, str], value: Any) -> tuple[tuple, dict]:
-    args, kwargs = call
-    position, name = slot
-    if len(args) > position:
-        return (*args[:position], value, *args[position + 1 :]), kwargs
-    return args, {**kwargs, name: value}
 
 
 class TreadHandle:
@@ -275,20 +274,26 @@ class TreadHandle:
 def apply_tread(
     transformer: torch.nn.Module,
     blocks: torch.nn.ModuleList,
+    block: RoutableBlock | None,
     tread_config: Mapping[str, Any],
     generator: int | torch.Generator = 0,
 ) -> TreadHandle:
     """Route tokens around the configured blocks of `transformer` while it trains; returns the handle.
 
-    `blocks` is the transformer's block stack (`Family.transformer_blocks`); `tread_config` is the
-    config value {"routes": [{"selection_ratio", "start_layer_idx", "end_layer_idx"}, ...]};
-    `generator` (or an int seed) makes the token draws reproducible.
+    `blocks` is the transformer's block stack (`Family.transformer_blocks`) and `block` how it calls
+    them (`Family.routable_block`; None: refused); `tread_config` is the config value
+    {"routes": [{"selection_ratio", "start_layer_idx", "end_layer_idx"}, ...]}; `generator` (or an
+    int seed) makes the token draws reproducible.
     """
+    if block is None:
+        raise ConfigError(
+            "tread_config: this denoiser has no blocks that TREAD can route tokens around; remove tread_config"
+        )
     owner = next(m for m in transformer.modules() if any(child is blocks for child in m.children()))
     router = TreadRouter(parse_routes(tread_config), len(blocks), generator)
     hooks, route_hooks = [], []
     for index, route in enumerate(router.routes):
-        route_hook = _RouteHooks(router, index, owner)
+        route_hook = _RouteHooks(router, index, owner, block)
         route_hooks.append(route_hook)
         hooks.append(blocks[route.start].register_forward_pre_hook(route_hook.enter, with_kwargs=True))
         for inner in range(route.start + 1, route.end + 1):
