@@ -7,7 +7,8 @@ import torch
 from difftune.families import get_family
 from difftune.families.base import Components
 from difftune.families.flow_matching import FlowMatchingObjective
-from difftune.training.checkpoints import TrainerState, load_checkpoint, save_checkpoint, trainable_state
+from difftune.training.checkpoints import TrainerState, read_checkpoint, save_checkpoint, trainable_state
+from difftune.training.distributed import apply_checkpoint
 from difftune.training.features import TrainingFeatures
 from tests.training import test_crepa
 from tests.training.test_crepa import clip_frames, crepa_config, forward, prompt_batch, tiny_transformer
@@ -50,7 +51,8 @@ def test_crepa_and_ema_state_resume_from_a_checkpoint_under_the_keys_ema_and_cre
     _step(features, transformer, optimizer)
     state = TrainerState(global_step=1, extra=features.state_dict())
     assert sorted(state.extra) == ["crepa", "ema"]
-    path = save_checkpoint(tmp_path, trainable_state(transformer), optimizer, schedule, state)
+    trainable = trainable_state(transformer)
+    path = save_checkpoint(tmp_path, trainable, optimizer.state_dict(), schedule.state_dict(), state)
 
     resumed_transformer = tiny_transformer()
     resumed = _features(config, resumed_transformer)
@@ -58,7 +60,7 @@ def test_crepa_and_ema_state_resume_from_a_checkpoint_under_the_keys_ema_and_cre
         list(resumed_transformer.parameters()) + resumed.trainable_parameters(), lr=1e-3
     )
     resumed_schedule = torch.optim.lr_scheduler.LambdaLR(resumed_optimizer, lambda _: 1.0)
-    loaded = load_checkpoint(path, resumed_transformer, resumed_optimizer, resumed_schedule)
+    loaded = apply_checkpoint(read_checkpoint(path), resumed_transformer, resumed_optimizer, resumed_schedule)
     resumed.load_state_dict(loaded.extra)
 
     for name, value in features.crepa.state_dict().items():

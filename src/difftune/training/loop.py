@@ -1,13 +1,14 @@
 """The training recipe: one run, top to bottom.
 
-set up (accelerator, family, components, data, adapter, optimizer) -> resume -> for each step:
-batch -> noise and timesteps -> family.model_forward -> loss -> backward -> optimizer step -> events
-(-> checkpoint, validation) -> final weights, validation and loss plot.
+`_setup` builds what the steps need once (accelerator, family, components, data, denoiser, features,
+optimizer, schedule) into a `Run`; `_resume` restores a checkpoint; `_steps` runs each step:
+batch -> noise and timesteps -> features.noisy_inputs -> target -> family.model_forward ->
+diffusion_loss + features.extra_loss -> backward -> optimizer step -> events (-> checkpoint,
+validation); `_finish` writes the final weights, validation and loss plot.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import traceback
@@ -18,8 +19,10 @@ from typing import Any
 import torch
 
 from difftune.config import LoadedConfig, write_resolved
+from difftune.config.schema import TrainConfig
 from difftune.events import EventBus, warnings_to
 from difftune.families import get_family
+from difftune.families.base import Components, Family, Objective
 from difftune.training.checkpoints import (
     CheckpointDiskFull,
     TrainerState,
@@ -38,7 +41,6 @@ from difftune.training.features import TrainingFeatures
 from difftune.training.losses import LossKind, diffusion_loss
 from difftune.training.noise import TimestepBias
 from difftune.training.optim import (
-    averaged_weights,
     build_lr_scheduler,
     build_optimizer,
     clip_gradients,
@@ -65,6 +67,7 @@ from difftune.training.setup import (
     weight_dtype_for,
 )
 from difftune.training.text_encoders import build_text_encoder_training, check_text_encoder_training
+from difftune.validation.schedule import Validation, maybe_validate
 
 
 @dataclass
@@ -92,22 +95,69 @@ def train(
     bus = bus or default_bus(config, output_dir, accelerator.is_main_process)
     try:
         with warnings_to(bus.emit):  # deep code's `events.warn` reaches this run's bus
-            return _run(loaded, accelerator, bus, stop_after_steps)
+            run = _setup(loaded, accelerator, bus)
+            state = _resume(run)
+            result = _steps(run, state, stop_after_steps)
+            _finish(run, state, result, loaded)
+            return result
     except Exception as exc:  # webhooks and the web UI learn why the run stopped
         bus.emit("error", {"message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
         bus.close()
         raise
 
 
-def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int | None) -> TrainResult:
+@dataclass
+class Run:
+    """What the steps need, gathered once in set-up: the step reads these, never the config."""
+
+    config: TrainConfig  # for what the named calls after a step read (checkpoints, validation)
+    accelerator: Any
+    bus: EventBus
+    family: Family
+    components: Components
+    objective: Objective
+    data: Any
+    denoiser: torch.nn.Module  # as accelerate prepared it (the DDP wrapper), for the trained pass
+    model: torch.nn.Module  # the unwrapped denoiser, for everything else
+    optimizer: Any
+    lr_scheduler: Any
+    features: TrainingFeatures
+    text_encoders: Any
+    prior: Any
+    validation: Validation
+    noise_generator: torch.Generator
+    loss_kind: LossKind
+    timestep_bias: TimestepBias | None
+    noise_offset: tuple[float, float]  # (strength, probability of a batch)
+    total_steps: int
+    sharded: bool
+    resume_path: Path | None
+
+    def draw_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise (B, ...) and timesteps (B,) of this process's rows of the global batch."""
+        a = self.accelerator
+        offset, probability = self.noise_offset
+        return draw_noise_and_timesteps(
+            self.objective,
+            latents.shape,
+            self.noise_generator,
+            a.device,
+            a.num_processes,
+            a.process_index,
+            offset,
+            probability,
+            self.timestep_bias,
+        )
+
+
+def _setup(loaded: LoadedConfig, accelerator, bus: EventBus) -> Run:
+    """Accelerator, family, components, data, denoiser, features, optimizer, schedule: checked first."""
     from difftune.data.pipeline import prepare_training_data
     from difftune.validation.generate import validation_conditioning_image
     from difftune.validation.prompts import validation_prompts
 
     config = loaded.train
     output_dir = Path(config.output_dir)
-
-    # -- set up -------------------------------------------------------------------------------
     for warning in loaded.warnings:
         bus.emit("warning", {"message": warning})
     placement_note = choose_placement(config.mixed_precision).note
@@ -178,22 +228,8 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
     denoiser, optimizer = prepare_for_accelerator(accelerator, denoiser, optimizer, config, sharded)
     use_training_weights(optimizer, config)
     model = accelerator.unwrap_model(denoiser)
-    timestep_bias, loss_kind = TimestepBias.from_config(config), LossKind.from_config(config)
 
-    # -- resume -------------------------------------------------------------------------------
-    state = TrainerState()
-    if resume_path is not None:
-        state = apply_checkpoint(read_checkpoint(resume_path), model, optimizer, lr_scheduler)
-        noise_generator.set_state(state.noise_generator)
-        data.sampler.load_state_dict(state.sampler)
-        if text_encoders is not None:
-            text_encoders.load_state_dict(state.extra)
-        bus.emit("log", {"message": f"resumed from {resume_path} at step {state.global_step}"})
-    elif config.resume_from_checkpoint:
-        bus.emit("log", {"message": "no checkpoint to resume from yet; starting at step 0"})
     prior = build_prior(family, components, model, config, loaded.datasets)
-    features.attach(model, data)  # TREAD, EMA (from the resumed weights), the evaluator
-    features.load_state_dict(state.extra)  # "ema", "crepa"
     validation = Validation(
         family,
         components,
@@ -207,69 +243,99 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
         runs_here=accelerator.is_main_process or sharded,  # every shard joins the sampler's forward passes
         write=accelerator.is_main_process,
     )
+    return Run(
+        config=config,
+        accelerator=accelerator,
+        bus=bus,
+        family=family,
+        components=components,
+        objective=objective,
+        data=data,
+        denoiser=denoiser,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        features=features,
+        text_encoders=text_encoders,
+        prior=prior,
+        validation=validation,
+        noise_generator=noise_generator,
+        loss_kind=LossKind.from_config(config),
+        timestep_bias=TimestepBias.from_config(config),
+        noise_offset=(config.effective_noise_offset, config.effective_noise_offset_probability),
+        total_steps=total_steps,
+        sharded=sharded,
+        resume_path=resume_path,
+    )
 
-    # -- steps --------------------------------------------------------------------------------
-    result = TrainResult(output_dir=output_dir, global_step=state.global_step)
-    bus.emit(
+
+def _resume(run: Run) -> TrainerState:
+    """The checkpoint's weights, optimizer, schedule, sampler and generator; then the features of the
+    prepared, resumed model (TREAD, EMA, evaluator) and their checkpoint state."""
+    state = TrainerState()
+    if run.resume_path is not None:
+        checkpoint = read_checkpoint(run.resume_path)
+        state = apply_checkpoint(checkpoint, run.model, run.optimizer, run.lr_scheduler)
+        run.noise_generator.set_state(state.noise_generator)
+        run.data.sampler.load_state_dict(state.sampler)
+        if run.text_encoders is not None:
+            run.text_encoders.load_state_dict(state.extra)
+        run.bus.emit("log", {"message": f"resumed from {run.resume_path} at step {state.global_step}"})
+    elif run.config.resume_from_checkpoint:
+        run.bus.emit("log", {"message": "no checkpoint to resume from yet; starting at step 0"})
+    run.features.attach(run.model, run.data)  # EMA starts from the resumed weights
+    run.features.load_state_dict(state.extra)  # "ema", "crepa"
+    return state
+
+
+def _steps(run: Run, state: TrainerState, stop_after_steps: int | None) -> TrainResult:
+    """Optimizer steps until the total (or `stop_after_steps`), with checkpoints and validation."""
+    accelerator, features, model = run.accelerator, run.features, run.model
+    result = TrainResult(output_dir=Path(run.config.output_dir), global_step=state.global_step)
+    run.bus.emit(
         "start",
         {
-            "total_steps": total_steps,
+            "total_steps": run.total_steps,
             "first_step": state.global_step,
-            "samples": data.num_samples,
-            "family": family.name,
-            "model_type": config.model_type,
+            "samples": run.data.num_samples,
+            "family": run.family.name,
+            "model_type": run.config.model_type,
             "processes": accelerator.num_processes,
         },
     )
-    micro_batches = data.sampler.iter_forever()
+    micro_batches = run.data.sampler.iter_forever()
     accumulated, micro_count, started = 0.0, 0, time.perf_counter()
     first_step = state.global_step
-    denoiser.train()
-    while state.global_step < total_steps:
-        indices = next(micro_batches)
-        batch = data.load_batch(indices)
-        with accelerator.accumulate(denoiser):
+    run.denoiser.train()
+    while state.global_step < run.total_steps:
+        batch = run.data.load_batch(next(micro_batches))
+        with accelerator.accumulate(run.denoiser):
             latents = batch["latents"].to(accelerator.device)
-            noise, timesteps = draw_noise_and_timesteps(
-                objective,
-                latents.shape,
-                noise_generator,
-                accelerator.device,
-                accelerator.num_processes,
-                accelerator.process_index,
-                config.effective_noise_offset,
-                config.effective_noise_offset_probability,
-                timestep_bias,
-            )
+            noise, timesteps = run.draw_noise(latents)
             with accelerator.autocast():
                 noisy = features.noisy_inputs(model, latents, noise, timesteps, batch, state.global_step)
-                target = objective.target(latents, noise, timesteps)
+                target = run.objective.target(latents, noise, timesteps)
                 # regularisation rows: the base model's own prediction, from the cached prompts (the base
                 # text encoders'), before the trained pass so that CREPA sees that one
-                if prior is not None:
-                    target = prior.target(noisy, timesteps, batch, target)
-                if text_encoders is not None:  # train_text_encoder: the captions encoded now, with gradients
-                    batch = text_encoders.encode(batch)
-                prediction = family.model_forward(components, denoiser, noisy, timesteps, batch)
+                if run.prior is not None:
+                    target = run.prior.target(noisy, timesteps, batch, target)
+                if run.text_encoders is not None:  # train_text_encoder: the captions encoded now
+                    batch = run.text_encoders.encode(batch)
+                prediction = run.family.model_forward(run.components, run.denoiser, noisy, timesteps, batch)
+            sample_weights = run.prior.weights(batch, prediction.device) if run.prior is not None else None
             loss = diffusion_loss(
-                family,
-                objective,
+                run.family,
+                run.objective,
                 batch,
                 latents,
                 prediction,
                 target,
                 timesteps,
-                loss_kind,
-                prior.weights(batch, prediction.device) if prior is not None else None,
+                run.loss_kind,
+                sample_weights,
             ) + features.extra_loss(batch, latents)
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                if text_encoders is not None:
-                    text_encoders.average_gradients(accelerator)
-                clip_gradients(accelerator, optimizer, config)
-            optimizer.step()
-            step_lr_schedule(lr_scheduler, optimizer, accelerator.sync_gradients)
-            optimizer.zero_grad(set_to_none=True)
+            _clip_and_step(run)
         accumulated += accelerator.reduce(loss.detach(), "mean").item()  # the global batch's loss
         micro_count += 1
         if not accelerator.sync_gradients:
@@ -277,78 +343,104 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
 
         state.global_step += 1
         features.after_optimizer_step(model, state.global_step)
-        step_loss = accumulated / micro_count
-        accumulated, micro_count = 0.0, 0
+        step_loss, accumulated, micro_count = accumulated / micro_count, 0.0, 0
         result.losses.append(step_loss)
-        elapsed = time.perf_counter() - started
-        rate = (state.global_step - first_step) / max(elapsed, 1e-9)
-        bus.emit(
-            "progress",
-            {
-                "step": state.global_step,
-                "loss": step_loss,
-                "lr": lr_scheduler.get_last_lr()[0],
-                "it_per_s": rate,
-                "eta_s": (total_steps - state.global_step) / max(rate, 1e-9),
-            },
-        )
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(
-                f"loss became {step_loss} at step {state.global_step}; lower "
-                "learning_rate or use mixed_precision bf16 instead of fp16"
-            )
-
-        if config.checkpointing_steps and state.global_step % config.checkpointing_steps == 0:
-            state.sampler = data.sampler.state_dict()
-            state.noise_generator = noise_generator.get_state()
-            state.extra = features.state_dict()
-            state.extra |= text_encoders.state_dict() if text_encoders else {}
-            trainable, optimizer_state = checkpoint_parts(model, optimizer)  # gathered under FSDP2
-            if accelerator.is_main_process:
-                try:
-                    path = save_checkpoint(
-                        output_dir,
-                        trainable,
-                        optimizer_state,
-                        lr_scheduler.state_dict(),
-                        state,
-                        config.checkpoints_total_limit,
-                    )
-                    bus.emit("checkpoint", {"step": state.global_step, "path": str(path)})
-                except CheckpointDiskFull as error:
-                    if not config.skip_checkpoint_on_disk_full:
-                        raise CheckpointDiskFull(
-                            f"{error}. To train on without a checkpoint when the disk is full, set "
-                            "skip_checkpoint_on_disk_full: true"
-                        ) from None
-                    bus.emit("warning", {"message": f"{error}; training goes on without this checkpoint"})
-        if state.global_step < total_steps:  # the last step's validation is the final one
-            result.validation_paths += maybe_validate(validation, state.global_step)
-        features.maybe_evaluate(model, state.global_step, bus.emit)
+        rate = (state.global_step - first_step) / max(time.perf_counter() - started, 1e-9)
+        _report(run, state.global_step, step_loss, rate)
+        _maybe_checkpoint(run, state)
+        if state.global_step < run.total_steps:  # the last step's validation is the final one
+            result.validation_paths += maybe_validate(run.validation, state.global_step)
+        features.maybe_evaluate(model, state.global_step, run.bus.emit)
         if stop_after_steps is not None and state.global_step >= stop_after_steps:
             result.interrupted = True
             break
-
-    # -- output -------------------------------------------------------------------------------
     result.global_step = state.global_step
+    return result
+
+
+def _clip_and_step(run: Run) -> None:
+    """Clip the gradients once they are whole (the last micro-batch), then the optimizer and schedule step."""
+    if run.accelerator.sync_gradients:
+        if run.text_encoders is not None:
+            run.text_encoders.average_gradients(run.accelerator)
+        clip_gradients(run.accelerator, run.optimizer, run.config)
+    run.optimizer.step()
+    step_lr_schedule(run.lr_scheduler, run.optimizer, run.accelerator.sync_gradients)
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _report(run: Run, step: int, loss: float, rate: float) -> None:
+    """The progress event of an optimizer step; a loss that is not finite stops the run."""
+    run.bus.emit(
+        "progress",
+        {
+            "step": step,
+            "loss": loss,
+            "lr": run.lr_scheduler.get_last_lr()[0],
+            "it_per_s": rate,
+            "eta_s": (run.total_steps - step) / max(rate, 1e-9),
+        },
+    )
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"loss became {loss} at step {step}; lower "
+            "learning_rate or use mixed_precision bf16 instead of fp16"
+        )
+
+
+def _maybe_checkpoint(run: Run, state: TrainerState) -> None:
+    """checkpoint-STEP every checkpointing_steps: weights, optimizer, schedule, sampler, generator, features."""
+    config = run.config
+    if not config.checkpointing_steps or state.global_step % config.checkpointing_steps:
+        return
+    state.sampler = run.data.sampler.state_dict()
+    state.noise_generator = run.noise_generator.get_state()
+    state.extra = run.features.state_dict()
+    state.extra |= run.text_encoders.state_dict() if run.text_encoders else {}
+    trainable, optimizer_state = checkpoint_parts(run.model, run.optimizer)  # gathered under FSDP2
+    if not run.accelerator.is_main_process:
+        return
+    try:
+        path = save_checkpoint(
+            Path(config.output_dir),
+            trainable,
+            optimizer_state,
+            run.lr_scheduler.state_dict(),
+            state,
+            config.checkpoints_total_limit,
+        )
+        run.bus.emit("checkpoint", {"step": state.global_step, "path": str(path)})
+    except CheckpointDiskFull as error:
+        if not config.skip_checkpoint_on_disk_full:
+            raise CheckpointDiskFull(
+                f"{error}. To train on without a checkpoint when the disk is full, set "
+                "skip_checkpoint_on_disk_full: true"
+            ) from None
+        run.bus.emit("warning", {"message": f"{error}; training goes on without this checkpoint"})
+
+
+def _finish(run: Run, state: TrainerState, result: TrainResult, loaded: LoadedConfig) -> None:
+    """Final weights, validation, loss plot and the features' outputs (not after an interruption)."""
+    accelerator, config, bus, model = run.accelerator, run.config, run.bus, run.model
+    output_dir = Path(config.output_dir)
     accelerator.wait_for_everyone()
     if not result.interrupted:
-        use_averaged_weights(optimizer, config)  # the run ends with the weights it is saved with
-    full_state = full_trainable_state(model) if sharded and not result.interrupted else None
+        use_averaged_weights(run.optimizer, config)  # the run ends with the weights it is saved with
+    full_state = full_trainable_state(model) if run.sharded and not result.interrupted else None
     if accelerator.is_main_process and not result.interrupted:
         result.lora_path, result.model_path = save_final_weights(
-            family, model, config, output_dir, full_state
+            run.family, model, config, output_dir, full_state
         )
-        if text_encoders is not None:
-            text_encoders.save(result.lora_path)
+        if run.text_encoders is not None:
+            run.text_encoders.save(result.lora_path)
         bus.emit("saved", {"step": state.global_step, "path": str(result.lora_path or result.model_path)})
     if not result.interrupted:
-        result.validation_paths += maybe_validate(validation, state.global_step, final=True)
+        result.validation_paths += maybe_validate(run.validation, state.global_step, final=True)
     if accelerator.is_main_process and not result.interrupted:
         from difftune.training.plot import plot_loss
 
         result.loss_plot = plot_loss(output_dir / "events.jsonl", output_dir / "loss.png")
-        features.finish(output_dir, model, result, loaded, bus.emit)
+        run.features.finish(output_dir, model, result, loaded, bus.emit)
         bus.emit(
             "finished",
             {
@@ -358,79 +450,6 @@ def _run(loaded: LoadedConfig, accelerator, bus: EventBus, stop_after_steps: int
                 "loss_plot": str(result.loss_plot or ""),
             },
         )
-    features.close()
+    run.features.close()
     bus.close()
     accelerator.end_training()
-    return result
-
-
-def adapter_strength(model, config):
-    """validation_lycoris_strength for a LyCORIS run (a no-op otherwise)."""
-    if config.model_type != "lycoris":
-        return contextlib.nullcontext()
-    from difftune.training.lycoris import lycoris_strength
-
-    return lycoris_strength(model, config.validation_lycoris_strength)
-
-
-@dataclass
-class Validation:
-    """What validation needs, gathered once in set-up. `runs_here` is False on the processes that sit
-    validation out; `write` False on the other processes of a sharded denoiser, which only join the
-    forward passes."""
-
-    family: Any
-    components: Any
-    model: torch.nn.Module
-    config: Any
-    bus: EventBus
-    conditioning_image: Any
-    features: TrainingFeatures
-    optimizer: Any
-    prompts: list[tuple[str, str]]
-    runs_here: bool
-    write: bool
-
-
-def maybe_validate(validation: Validation, step: int, final: bool = False) -> list[Path]:
-    """Validation images when due: every validation_steps (with a schedule-free optimizer's averaged
-    weights in the model), or once at the end (`final`), with the weights the run was saved
-    with. Then the features see the images (CLIP score, eval loss). Returns the files written."""
-    config = validation.config
-    if not validation.prompts or config.validation_disable or not validation.runs_here:
-        return []
-    if final:
-        weights = contextlib.nullcontext()
-    elif config.validation_steps and step % config.validation_steps == 0:
-        weights = averaged_weights(validation.optimizer, config)
-    else:
-        return []
-    with weights:
-        paths = _validation_images(validation, step)
-    validation.features.after_validation(
-        validation.model, paths, validation.prompts, step, validation.bus.emit
-    )
-    return paths
-
-
-def _validation_images(validation: Validation, step: int) -> list[Path]:
-    """Validation images of every pass ema_validation asks for (the trained weights, the EMA average)."""
-    from difftune.validation.generate import run_validation
-
-    v = validation
-    paths: list[Path] = []
-    for suffix, weights in v.features.validation_weights(v.model):
-        with weights, adapter_strength(v.model, v.config):
-            paths += run_validation(
-                v.family,
-                v.components,
-                v.model,
-                v.config,
-                step,
-                Path(v.config.output_dir),
-                v.bus.emit,
-                v.conditioning_image,
-                suffix=suffix,
-                write=v.write,
-            )
-    return paths
