@@ -114,7 +114,7 @@ def test_saved_lora_loads_in_a_stock_pipeline_with_the_same_output(tiny_sdxl, tm
 def test_comfyui_export_round_trips_through_diffusers(tiny_sdxl, tmp_path):
     family, unet = trained_lora(tiny_sdxl, lora_rank=4, lora_alpha=2)
     path = family.save_lora(tmp_path, lora_state_dict(unet))
-    exported = export_comfyui(path, tmp_path / "comfy.safetensors")
+    exported = export_comfyui(path, tmp_path / "comfy.safetensors", family.adapter_prefix)
     with safe_open(str(exported), framework="pt") as handle:
         keys = set(handle.keys())
         assert handle.metadata()["ss_network_dim"] == "4"
@@ -140,9 +140,16 @@ def test_dora_saves_and_loads_with_its_magnitudes(tiny_sdxl, tmp_path):
     inputs = unet_inputs(5)
     torch.testing.assert_close(predict(pipeline.unet, inputs), predict(unet, inputs), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="dora_scales"):  # ComfyUI's scale needs the base weights
-        export_comfyui(path, tmp_path / "comfy.safetensors")
+        export_comfyui(path, tmp_path / "comfy.safetensors", family.adapter_prefix)
     exported = load_file(
-        str(export_comfyui(path, tmp_path / "comfy.safetensors", dora_scales=comfyui_dora_scales(unet)))
+        str(
+            export_comfyui(
+                path,
+                tmp_path / "comfy.safetensors",
+                family.adapter_prefix,
+                dora_scales=comfyui_dora_scales(unet),
+            )
+        )
     )
     scales = [v for k, v in exported.items() if k.endswith(".dora_scale")]
     assert scales and all(v.ndim == 2 and v.shape[1] == 1 for v in scales)
@@ -154,4 +161,24 @@ def test_export_names_a_file_that_is_not_a_lora(tmp_path):
     bad = tmp_path / "model.safetensors"
     save_file({"unet.conv_in.weight": torch.zeros(2)}, str(bad))
     with pytest.raises(ValueError, match="conv_in.weight"):
-        export_comfyui(bad, tmp_path / "out.safetensors")
+        export_comfyui(bad, tmp_path / "out.safetensors", "unet")
+
+
+def test_export_reads_the_weights_and_alpha_under_the_prefix_it_is_given(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from difftune.training.adapters import ADAPTER_METADATA_KEY
+
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    weights = {
+        "prior.blocks.0.to_q.lora_A.weight": torch.ones(2, 4),
+        "prior.blocks.0.to_q.lora_B.weight": torch.zeros(4, 2),
+    }
+    metadata = {ADAPTER_METADATA_KEY: json.dumps({"prior.lora_alpha": 3, "text_encoder.lora_alpha": 9})}
+    save_file(weights, str(lora), metadata=metadata)
+    exported = load_file(str(export_comfyui(lora, tmp_path / "comfy.safetensors", "prior")))
+    module = "lora_unet_blocks_0_to_q"
+    assert set(exported) == {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"}
+    assert exported[f"{module}.alpha"].item() == 3.0

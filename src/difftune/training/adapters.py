@@ -60,15 +60,15 @@ def attach_lora(denoiser: torch.nn.Module, family: Family, config: TrainConfig) 
 
 
 def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights with peft's key names (no adapter name, no "unet." prefix), detached."""
+    """The adapter's weights with peft's key names (no adapter name, no family prefix), detached."""
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(denoiser)
     return {key: value.detach().contiguous() for key, value in state.items()}
 
 
-def _read_lora_file(lora_file: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and the LoraConfig metadata (keys without their "unet." / "transformer." prefix)."""
+def _read_lora_file(lora_file: Path, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and the denoiser's LoraConfig metadata (its keys without the "<prefix>." they are saved under)."""
     from safetensors import safe_open
 
     tensors = {}
@@ -77,7 +77,9 @@ def _read_lora_file(lora_file: Path) -> tuple[dict[str, torch.Tensor], dict]:
         for key in handle.keys():
             tensors[key] = handle.get_tensor(key)
     packed = json.loads(metadata.get(ADAPTER_METADATA_KEY, "{}"))
-    config = {key.split(".", 1)[1]: value for key, value in packed.items() if "." in key}
+    config = {
+        key.removeprefix(f"{prefix}."): value for key, value in packed.items() if key.startswith(f"{prefix}.")
+    }
     return tensors, config
 
 
@@ -110,21 +112,23 @@ def comfyui_dora_scales(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
 def export_comfyui(
     lora_file: Path,
     out_file: Path,
+    prefix: str,
     dora_scales: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Rewrite a pytorch_lora_weights.safetensors in the ComfyUI / kohya key layout; returns out_file.
 
-    A DoRA file needs `dora_scales` (from `comfyui_dora_scales` of the trained denoiser), since
-    ComfyUI's DoRA normalisation needs the base weights' norms.
+    `prefix` is the key prefix of the denoiser's weights in the file (`Family.adapter_prefix`). A DoRA
+    file needs `dora_scales` (from `comfyui_dora_scales` of the trained denoiser), since ComfyUI's
+    DoRA normalisation needs the base weights' norms.
     """
     from safetensors.torch import save_file
 
     lora_file, out_file = Path(lora_file), Path(out_file)
-    tensors, config = _read_lora_file(lora_file)
+    tensors, config = _read_lora_file(lora_file, prefix)
     exported: dict[str, torch.Tensor] = {}
     ranks: set[int] = set()
     for key, value in tensors.items():
-        module_key = key.split(".", 1)[1] if key.startswith(("unet.", "transformer.")) else key
+        module_key = key.removeprefix(f"{prefix}.")
         suffix = next((s for s in _PEFT_SUFFIXES if module_key.endswith(s)), None)
         if suffix is None:
             raise ValueError(

@@ -249,6 +249,7 @@ def save_final_weights(
             export_comfyui(
                 path,
                 output_dir / "pytorch_lora_weights_comfyui.safetensors",
+                family.adapter_prefix,
                 dora_scales=comfyui_dora_scales(model) if config.use_dora else None,
             )
         return path, None
