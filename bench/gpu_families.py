@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,50 +97,117 @@ TINY_K5 = dict(
 ) | dict(axes_dims=(4, 6, 6))
 
 
+def unet_arguments(
+    model, batch: int, pixels: tuple[int, int], latent_frames: int, tokens: int, new: dict
+) -> dict:
+    """The forward keyword arguments of a UNet2DConditionModel with SDXL's added text and time conditions."""
+    height, width = pixels
+    config = model.config
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return dict(
+        sample=torch.randn(batch, 4, height // 8, width // 8, **new),
+        timestep=torch.full((batch,), 500, device=new["device"]),
+        encoder_hidden_states=torch.randn(batch, tokens, config.cross_attention_dim, **new),
+        added_cond_kwargs={
+            "text_embeds": torch.randn(batch, pooled, **new),
+            "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch, **new),
+        },
+    )
+
+
+def kandinsky5_arguments(
+    model, batch: int, pixels: tuple[int, int], latent_frames: int, tokens: int, new: dict
+) -> dict:
+    """The forward keyword arguments of a Kandinsky5Transformer3DModel (channels-last latents, RoPE positions)."""
+    config = model.config
+    channels = 2 * config.in_visual_dim + 1 if config.visual_cond else config.in_visual_dim
+    h, w = pixels[0] // 8, pixels[1] // 8
+    patch = config.patch_size
+    device = new["device"]
+    return dict(
+        hidden_states=torch.randn(batch, latent_frames, h, w, channels, **new),
+        encoder_hidden_states=torch.randn(batch, tokens, config.in_text_dim, **new),
+        pooled_projections=torch.randn(batch, config.in_text_dim2, **new),
+        timestep=torch.full((batch,), 500.0, **new),
+        visual_rope_pos=[
+            torch.arange(latent_frames // patch[0], device=device),
+            torch.arange(h // patch[1], device=device),
+            torch.arange(w // patch[2], device=device),
+        ],
+        text_rope_pos=torch.arange(tokens, device=device),
+        scale_factor=[1.0, 1.0, 1.0],
+        return_dict=True,
+    )
+
+
 @dataclass(frozen=True)
 class Case:
-    """One denoiser at one training shape."""
+    """One denoiser at one training shape: `family` is its registry name, `denoiser` its diffusers class
+    and `arguments` what builds its forward's keyword arguments."""
 
     name: str
     family: str
+    denoiser: str
+    arguments: Callable[..., dict]
     config: dict
     tiny_config: dict
     pixels: tuple[int, int]  # (height, width) of the training images / videos
-    frames: int = 1  # video frames (latent frames = (frames - 1) // 4 + 1)
+    frames: int = 1  # video frames (latent frames by the family's frames_per_latent)
     text_tokens: int = 77
 
 
+# (diffusers class, its forward arguments) of each kind of denoiser
+UNET_DENOISER = ("UNet2DConditionModel", unet_arguments)
+K5_DENOISER = ("Kandinsky5Transformer3DModel", kandinsky5_arguments)
 CASES = {
-    "sdxl": Case("sdxl", "sdxl", SDXL_UNET, TINY_SDXL_UNET, (1024, 1024)),
+    "sdxl": Case("sdxl", "sdxl", *UNET_DENOISER, SDXL_UNET, TINY_SDXL_UNET, (1024, 1024)),
     "k5-image-lite": Case(
-        "k5-image-lite", "kandinsky5", K5_IMAGE_LITE, K5_IMAGE_LITE | TINY_K5, (1024, 1024), 1, 256
+        "k5-image-lite",
+        "kandinsky5-image",
+        *K5_DENOISER,
+        K5_IMAGE_LITE,
+        K5_IMAGE_LITE | TINY_K5,
+        (1024, 1024),
+        1,
+        256,
     ),
     "k5-video-lite": Case(
-        "k5-video-lite", "kandinsky5", K5_VIDEO_LITE, K5_VIDEO_LITE | TINY_K5, (512, 768), 61, 256
+        "k5-video-lite",
+        "kandinsky5-video",
+        *K5_DENOISER,
+        K5_VIDEO_LITE,
+        K5_VIDEO_LITE | TINY_K5,
+        (512, 768),
+        61,
+        256,
     ),
     "k5-video-pro": Case(
-        "k5-video-pro", "kandinsky5", K5_VIDEO_PRO, K5_VIDEO_PRO | TINY_K5, (512, 768), 61, 256
+        "k5-video-pro",
+        "kandinsky5-video",
+        *K5_DENOISER,
+        K5_VIDEO_PRO,
+        K5_VIDEO_PRO | TINY_K5,
+        (512, 768),
+        61,
+        256,
     ),
 }
 SETTINGS = ("bf16", "checkpointing", "int8-torchao", "group-offload", "int8+group-offload", "compile")
 
 
 def lora_targets(family: str) -> list[str]:
-    if family == "sdxl":
-        from difftune.families.sdxl import LORA_TARGETS
-    else:
-        from difftune.families.kandinsky5 import LORA_TARGETS
-    return list(LORA_TARGETS)
+    """The modules `difftune train` wraps in a LoRA for this family (its `lora_targets`)."""
+    from difftune.config.schema import TrainConfig
+    from difftune.families import family_class
+
+    return family_class(family)(TrainConfig(model_family=family)).lora_targets()
 
 
 def build(case: Case, tiny: bool) -> torch.nn.Module:
     """The denoiser with random weights, on the current default device (use `with torch.device(...)`)."""
-    from diffusers import Kandinsky5Transformer3DModel, UNet2DConditionModel
+    import diffusers
 
-    config = case.tiny_config if tiny else case.config
-    model = (
-        UNet2DConditionModel(**config) if case.family == "sdxl" else Kandinsky5Transformer3DModel(**config)
-    )
+    model = getattr(diffusers, case.denoiser)(**(case.tiny_config if tiny else case.config))
     model.requires_grad_(False)
     return model
 
@@ -171,41 +239,13 @@ def add_lora(model: torch.nn.Module, family: str, rank: int = 16) -> list[torch.
 
 def inputs(case: Case, model: torch.nn.Module, batch: int, tiny: bool, device, dtype) -> dict:
     """The forward keyword arguments of one training batch at the case's shape."""
-    height, width = (64, 64) if tiny else case.pixels
+    from difftune.families import registry
+
+    pixels = (64, 64) if tiny else case.pixels
     frames = 5 if tiny and case.frames > 1 else case.frames
     tokens = 8 if tiny else case.text_tokens
-    new = dict(device=device, dtype=dtype)
-    if case.family == "sdxl":
-        text_dim = model.config.cross_attention_dim
-        pooled = model.config.projection_class_embeddings_input_dim - 6 * model.config.addition_time_embed_dim
-        return dict(
-            sample=torch.randn(batch, 4, height // 8, width // 8, **new),
-            timestep=torch.full((batch,), 500, device=device),
-            encoder_hidden_states=torch.randn(batch, tokens, text_dim, **new),
-            added_cond_kwargs={
-                "text_embeds": torch.randn(batch, pooled, **new),
-                "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch, **new),
-            },
-        )
-    config = model.config
-    latent_frames = (frames - 1) // 4 + 1
-    channels = 2 * config.in_visual_dim + 1 if config.visual_cond else config.in_visual_dim
-    h, w = height // 8, width // 8
-    patch = config.patch_size
-    return dict(
-        hidden_states=torch.randn(batch, latent_frames, h, w, channels, **new),
-        encoder_hidden_states=torch.randn(batch, tokens, config.in_text_dim, **new),
-        pooled_projections=torch.randn(batch, config.in_text_dim2, **new),
-        timestep=torch.full((batch,), 500.0, **new),
-        visual_rope_pos=[
-            torch.arange(latent_frames // patch[0], device=device),
-            torch.arange(h // patch[1], device=device),
-            torch.arange(w // patch[2], device=device),
-        ],
-        text_rope_pos=torch.arange(tokens, device=device),
-        scale_factor=[1.0, 1.0, 1.0],
-        return_dict=True,
-    )
+    latent_frames = (frames - 1) // registry.spec(case.family).frames_per_latent + 1
+    return case.arguments(model, batch, pixels, latent_frames, tokens, dict(device=device, dtype=dtype))
 
 
 def forward_backward(model: torch.nn.Module, kwargs: dict, autocast: str | None) -> None:
