@@ -383,8 +383,7 @@ def _report(run: Run, step: int, loss: float, rate: float) -> None:
     )
     if not math.isfinite(loss):
         raise FloatingPointError(
-            f"loss became {loss} at step {step}; lower "
-            "learning_rate or use mixed_precision bf16 instead of fp16"
+            f"loss became {loss} at step {step}; lower learning_rate or use mixed_precision bf16 instead of fp16"
         )
 
 
@@ -426,30 +425,23 @@ def _finish(run: Run, state: TrainerState, result: TrainResult, loaded: LoadedCo
     accelerator.wait_for_everyone()
     if not result.interrupted:
         use_averaged_weights(run.optimizer, config)  # the run ends with the weights it is saved with
-    full_state = full_trainable_state(model) if run.sharded and not result.interrupted else None
-    if accelerator.is_main_process and not result.interrupted:
-        result.lora_path, result.model_path = save_final_weights(
-            run.family, model, config, output_dir, full_state
-        )
-        if run.text_encoders is not None:
-            run.text_encoders.save(result.lora_path)
-        bus.emit("saved", {"step": state.global_step, "path": str(result.lora_path or result.model_path)})
-    if not result.interrupted:
+        full_state = full_trainable_state(model) if run.sharded else None
+        if accelerator.is_main_process:
+            result.lora_path, result.model_path = save_final_weights(
+                run.family, model, config, output_dir, full_state
+            )
+            if run.text_encoders is not None:
+                run.text_encoders.save(result.lora_path)
+            saved = str(result.lora_path or result.model_path)
+            bus.emit("saved", {"step": state.global_step, "path": saved})
         result.validation_paths += maybe_validate(run.validation, state.global_step, final=True)
-    if accelerator.is_main_process and not result.interrupted:
-        from difftune.training.plot import plot_loss
+        if accelerator.is_main_process:
+            from difftune.training.plot import plot_loss
 
-        result.loss_plot = plot_loss(output_dir / "events.jsonl", output_dir / "loss.png")
-        run.features.finish(output_dir, model, result, loaded, bus.emit)
-        bus.emit(
-            "finished",
-            {
-                "step": state.global_step,
-                "lora": str(result.lora_path or ""),
-                "model": str(result.model_path or ""),
-                "loss_plot": str(result.loss_plot or ""),
-            },
-        )
+            result.loss_plot = plot_loss(output_dir / "events.jsonl", output_dir / "loss.png")
+            run.features.finish(output_dir, model, result, loaded, bus.emit)
+            finished = {"lora": result.lora_path, "model": result.model_path, "loss_plot": result.loss_plot}
+            bus.emit("finished", {"step": state.global_step} | {k: str(v or "") for k, v in finished.items()})
     run.features.close()
     bus.close()
     accelerator.end_training()
