@@ -72,3 +72,13 @@ def test_kandinsky5_qwen_prompt_follows_tokenizer_max_length(k5_folder):
     [short] = _k5(k5_folder, tokenizer_max_length=24).encode_prompts(components, [LONG_PROMPT])
     assert full["prompt_embeds_qwen"].shape[0] > 24
     assert short["prompt_embeds_qwen"].shape[0] == 24
+
+
+def test_kandinsky5_refuses_a_prompt_longer_than_its_pipelines_take_when_the_config_loads(tmp_path):
+    from difftune.config import ConfigError
+
+    _k5(tmp_path, tokenizer_max_length=1024).check([])
+    with pytest.raises(
+        ConfigError, match="'tokenizer_max_length' is 1025, but .*at most 1024 tokens; use 1024"
+    ):
+        _k5(tmp_path, tokenizer_max_length=1025).check([])

@@ -159,9 +159,9 @@ class TrainConfig(_Strict):
         "bnb-adam8bit",
         "bnb-lion8bit",
     ] = "adamw_bf16"
-    # prompt tokens the text encoder sees: Kandinsky 5's Qwen prompt (the pipelines allow up to 1024);
-    # SDXL's CLIP encoders take at most 77. None: the family's own length.
-    tokenizer_max_length: int | None = Field(None, ge=1, le=1024)
+    # prompt tokens the text encoders see, up to what the family's encoders take (its check refuses more,
+    # or its encoding stops at their length). None: the family's own length.
+    tokenizer_max_length: int | None = Field(None, ge=1)
     optimizer_config: str | None = None  # "key=value,key=value" passed to the optimizer
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)

@@ -87,7 +87,7 @@ class TrainingData:
         return len(self.plans)
 
     def load_batch(self, indices: Sequence[int], position: tuple[int, int] | None = None) -> dict[str, Any]:
-        """Tensors of one batch: latents float32, collated prompt tensors, SDXL sizes, captions.
+        """Tensors of one batch: latents float32, collated prompt tensors, each sample's sizes, captions.
 
         Latents are (B, C, H, W), or (B, C, T', H', W') for video families; "conditioning_latents"
         ((B, C, h, w), video (B, C, 1, h, w)) is there when the samples have conditioning.

@@ -48,6 +48,9 @@ LORA_TARGETS: tuple[str, ...] = (
     "feed_forward.out_layer",
 )
 
+# The longest Qwen prompt (tokenizer_max_length) the pipelines take.
+MAX_PROMPT_TOKENS = 1024
+
 # Sigma in [0, 1] -> the `timestep` the pipelines pass (FlowMatchEulerDiscreteScheduler timesteps).
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
 
@@ -479,5 +482,16 @@ class Kandinsky5Family(Family):
         if self.config.validation_guidance_rescale:
             refused["validation_guidance_rescale"] = (
                 "the Kandinsky 5 pipelines have no guidance rescale; set it to 0 or remove it"
+            )
+        return refused
+
+    def training_settings_refused(self) -> dict[str, str]:
+        """The pipelines take Qwen prompts of at most MAX_PROMPT_TOKENS tokens."""
+        refused = super().training_settings_refused()
+        asked = self.config.tokenizer_max_length
+        if asked is not None and asked > MAX_PROMPT_TOKENS:
+            refused["tokenizer_max_length"] = (
+                f"the Kandinsky 5 pipelines take prompts of at most {MAX_PROMPT_TOKENS} tokens; "
+                f"use {MAX_PROMPT_TOKENS} or less (or remove it for the pipelines' own length)"
             )
         return refused
