@@ -300,7 +300,9 @@ def test_crepa_without_a_token_grid_is_refused_at_set_up(dino_folder):
     from difftune.errors import ConfigError
 
     transformer = tiny_transformer()
-    with pytest.raises(ConfigError, match="crepa_enabled: .*remove crepa_enabled"):
+    with pytest.raises(
+        ConfigError, match="crepa_enabled: the family of Kandinsky5Transformer3DModel .*remove crepa_enabled"
+    ):
         Crepa(
             crepa_config(dino_folder), transformer, k5.find_visual_blocks(transformer), "cpu", token_grid=None
         )

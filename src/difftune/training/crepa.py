@@ -119,8 +119,8 @@ class Crepa:
     ):
         if token_grid is None:
             raise ConfigError(
-                "crepa_enabled: this denoiser's blocks do not hold its latents as frames of tokens for CREPA "
-                "to align; remove crepa_enabled"
+                f"crepa_enabled: the family of {type(transformer).__name__} does not say how its blocks hold the "
+                "latents as frames of tokens for CREPA to align; remove crepa_enabled"
             )
         self.token_grid = token_grid
         self.frames_per_latent = frames_per_latent

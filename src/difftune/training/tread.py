@@ -287,7 +287,8 @@ def apply_tread(
     """
     if block is None:
         raise ConfigError(
-            "tread_config: this denoiser has no blocks that TREAD can route tokens around; remove tread_config"
+            f"tread_config: the family of {type(transformer).__name__} names no blocks that TREAD can route "
+            "tokens around; remove tread_config"
         )
     owner = next(m for m in transformer.modules() if any(child is blocks for child in m.children()))
     router = TreadRouter(parse_routes(tread_config), len(blocks), generator)
