@@ -29,7 +29,7 @@ from difftune.data.video import (
     write_video,
 )
 from difftune.families.registry import KANDINSKY5_VIDEO
-from difftune.testing.videos import make_video, make_video_dataset, painted_frame_indices, render_frames
+from difftune.testing.videos import make_video, painted_frame_indices, render_frames
 
 CONTAINERS = [".mp4", ".webm", ".mkv", ".mov"]
 # the video family's temporal compression, read from its registry row
@@ -242,16 +242,3 @@ def test_write_video_round_trips_a_tensor(tmp_path: Path) -> None:
     info = probe_video(path)
     assert info.num_frames == 13 and info.fps == pytest.approx(12)
     assert painted_frame_indices(load_video_frames(path, 13), 13) == list(range(13))
-
-
-# --- synthetic dataset ------------------------------------------------------------------------
-
-
-def test_make_video_dataset_varies_size_rate_length_and_captions(tmp_path: Path) -> None:
-    paths = make_video_dataset(tmp_path, 8, seed=1)
-    assert len(paths) == 8 and {p.suffix for p in paths} == set(CONTAINERS)
-    infos = [probe_video(p) for p in paths]
-    assert all(17 <= info.num_frames <= 40 for info in infos)
-    assert len({(i.width, i.height) for i in infos}) > 1 and len({round(i.fps) for i in infos}) > 1
-    captions = [p.with_suffix(".txt").read_text(encoding="utf-8").split() for p in paths]
-    assert all(captions) and len({len(c) for c in captions}) > 2

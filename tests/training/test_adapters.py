@@ -12,13 +12,6 @@ from difftune.training.adapters import attach_lora, comfyui_dora_scales, export_
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from difftune.testing.sdxl import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
-
-
 def unet_inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     return dict(

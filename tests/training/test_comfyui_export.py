@@ -25,17 +25,8 @@ SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
-    from difftune.testing.kandinsky5_video import build_tiny_kandinsky5_video
-    from difftune.testing.sdxl import build_tiny_sdxl
-
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "sdxl": build_tiny_sdxl(root / "sdxl"),
-        "kandinsky5-image": build_tiny_kandinsky5_image(root / "k5i"),
-        "kandinsky5-video": build_tiny_kandinsky5_video(root / "k5v"),
-    }
+def folders(tiny_model) -> dict[str, Path]:
+    return {name: tiny_model(name) for name in ("sdxl", "kandinsky5-image", "kandinsky5-video")}
 
 
 def comfyui_key_map(family_name: str, denoiser: torch.nn.Module) -> dict[str, str]:

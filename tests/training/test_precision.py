@@ -9,19 +9,12 @@ from difftune.training.precision import fp32_module_names
 from difftune.training.setup import prepare_denoiser
 
 
-@pytest.fixture(scope="module")
-def t2i_folder(tmp_path_factory):
-    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
-
-    return build_tiny_kandinsky5_image(tmp_path_factory.mktemp("k5") / "t2i", seed=0)
-
-
 @pytest.mark.parametrize("model_type", ["lora", "full"])
-def test_fp32_modules_stay_fp32_and_run_outside_bf16_autocast(t2i_folder, model_type):
+def test_fp32_modules_stay_fp32_and_run_outside_bf16_autocast(tiny_k5_image, model_type):
     config = TrainConfig(
         model_family="kandinsky5-image",
         model_type=model_type,
-        pretrained_model_name_or_path=str(t2i_folder),
+        pretrained_model_name_or_path=str(tiny_k5_image),
         mixed_precision="bf16",
         gradient_checkpointing=False,
     )

@@ -16,13 +16,11 @@ from tests.config.helpers import IMAGES, TEXT, write_config
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
+def sdxl(tiny_sdxl):
+    """The tiny SDXL folder and its UNet."""
     from diffusers import UNet2DConditionModel
 
-    from difftune.testing.sdxl import build_tiny_sdxl
-
-    folder = build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
-    return folder, UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    return tiny_sdxl, UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
 
 
 def _batch(regularisation):
@@ -38,9 +36,9 @@ def _batch(regularisation):
     }
 
 
-def _trained(tiny_sdxl, tmp_path, model_type):
+def _trained(sdxl, tmp_path, model_type):
     """The family and a copy of the UNet with an adapter whose weights are set at random (not neutral)."""
-    folder, unet = tiny_sdxl
+    folder, unet = sdxl
     lycoris = tmp_path / "lycoris.json"
     lycoris.write_text(
         json.dumps({"algo": "lokr", "multiplier": 1.0, "linear_dim": 4, "linear_alpha": 1, "factor": 4})
@@ -65,9 +63,9 @@ def _trained(tiny_sdxl, tmp_path, model_type):
 
 
 @pytest.mark.parametrize("model_type", ["lora", "lycoris"])
-def test_a_regularisation_batch_target_is_the_base_model_prediction(tiny_sdxl, tmp_path, model_type):
-    family, components, denoiser = _trained(tiny_sdxl, tmp_path, model_type)
-    base = Components(tiny_sdxl[1], None, [], [], None)
+def test_a_regularisation_batch_target_is_the_base_model_prediction(sdxl, tmp_path, model_type):
+    family, components, denoiser = _trained(sdxl, tmp_path, model_type)
+    base = Components(sdxl[1], None, [], [], None)
     g = torch.Generator().manual_seed(5)
     noisy, noise_target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     timesteps = torch.tensor([100, 800])

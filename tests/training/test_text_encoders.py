@@ -9,13 +9,6 @@ from difftune.families import get_family
 from difftune.training.text_encoders import TextEncoderTraining, check_text_encoder_training
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from difftune.testing.sdxl import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
-
-
 def test_captions_are_encoded_with_gradients_into_the_encoders_lora_at_their_own_lr(tiny_sdxl):
     config = TrainConfig(
         model_family="sdxl",
