@@ -26,8 +26,8 @@ def sdxl_components(tiny_sdxl):
     )
 
 
-@pytest.mark.parametrize(("asked", "length"), [(None, 77), (16, 16), (200, 77)])
-def test_sdxl_prompts_have_the_asked_length_at_most_77(tiny_sdxl, sdxl_components, asked, length):
+@pytest.mark.parametrize(("asked", "length"), [(None, 77), (16, 16), (77, 77)])
+def test_sdxl_prompts_have_the_asked_length(tiny_sdxl, sdxl_components, asked, length):
     config = TrainConfig(
         model_family="sdxl", pretrained_model_name_or_path=str(tiny_sdxl), tokenizer_max_length=asked
     )
@@ -51,6 +51,21 @@ def test_sdxl_validation_gives_the_unet_prompts_of_the_trained_length(tiny_sdxl,
     finally:
         hook.remove()
     assert images[0].size == (64, 64) and seen and set(seen) == {16}
+
+
+def test_sdxl_refuses_a_prompt_longer_than_clip_takes_when_the_config_loads(tmp_path):
+    from difftune.config import ConfigError
+
+    def family(length):
+        return SDXLFamily(
+            TrainConfig(
+                model_family="sdxl", pretrained_model_name_or_path=str(tmp_path), tokenizer_max_length=length
+            )
+        )
+
+    family(77).check([])
+    with pytest.raises(ConfigError, match="'tokenizer_max_length' is 78, but .*at most 77 tokens; use 77"):
+        family(78).check([])
 
 
 @pytest.fixture(scope="module")

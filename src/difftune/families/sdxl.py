@@ -30,6 +30,7 @@ from difftune.families.vae_source import load_vae
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 MICRO_CONDITIONING_KEYS = ("original_sizes", "crop_coords", "target_sizes")
 ENCODE_CHUNK = 16  # prompts per text-encoder call
+MAX_PROMPT_TOKENS = 77  # CLIP's position embeddings: the longest prompt both text encoders take
 
 
 def _pairs(value: Any, key: str, batch_size: int) -> torch.Tensor:
@@ -112,7 +113,7 @@ class SDXLFamily(Family):
         return self._encode_texts(components.tokenizers, components.text_encoders, texts)
 
     def _prompt_tokens(self, tokenizer) -> int:
-        """Token positions per prompt: tokenizer_max_length, at most CLIP's 77 (its default)."""
+        """Token positions per prompt: tokenizer_max_length (at most 77, see `check`), else the tokenizer's."""
         asked = self.config.tokenizer_max_length
         return min(asked, tokenizer.model_max_length) if asked else tokenizer.model_max_length
 
@@ -367,6 +368,17 @@ class SDXLFamily(Family):
             output_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=self.lora_metadata()
         )
         return output_dir / "pytorch_lora_weights.safetensors"
+
+    def training_settings_refused(self) -> dict[str, str]:
+        """CLIP takes prompts of at most MAX_PROMPT_TOKENS tokens: a longer one is refused, not cut."""
+        refused = super().training_settings_refused()
+        asked = self.config.tokenizer_max_length
+        if asked is not None and asked > MAX_PROMPT_TOKENS:
+            refused["tokenizer_max_length"] = (
+                f"SDXL's CLIP text encoders take prompts of at most {MAX_PROMPT_TOKENS} tokens; "
+                f"use {MAX_PROMPT_TOKENS} or less (or remove it for CLIP's own {MAX_PROMPT_TOKENS})"
+            )
+        return refused
 
     @property
     def validation_pixel_multiple(self) -> int:
