@@ -10,23 +10,9 @@ from safetensors.torch import load_file
 
 from difftune import cli
 from difftune.configure import VRAM_TIERS_GB, build_files
+from difftune.families import registry
 
-FAMILIES = {  # family -> (tiny model builder, flavour)
-    "sdxl": ("difftune.testing.sdxl:build_tiny_sdxl", "base-1.0"),
-    "kandinsky5-image": ("difftune.testing.kandinsky5:build_tiny_kandinsky5_image", "t2i-lite-sft"),
-    "kandinsky5-video": ("difftune.testing.kandinsky5_video:build_tiny_kandinsky5_video", "t2v-lite-sft-5s"),
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    import importlib
-
-    models = {}
-    for family, (builder, _) in FAMILIES.items():
-        module, name = builder.split(":")
-        models[family] = getattr(importlib.import_module(module), name)(tmp_path_factory.mktemp(family))
-    return models
+FAMILIES = ("sdxl", "kandinsky5-image", "kandinsky5-video")  # each with its default flavour
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +30,7 @@ def _wizard_run(workdir: Path, family: str, tier: int, model: Path, data: Path) 
     """The wizard's files for `family` at `tier`, shrunk to a one-step run of the tiny model."""
     answers = {
         "model_family": family,
-        "model_flavour": FAMILIES[family][1],
+        "model_flavour": registry.spec(family).default_flavour,
         "model_type": "lora",
         "output_dir": str(workdir / "out"),
         "max_train_steps": 1,
@@ -79,9 +65,9 @@ def _wizard_run(workdir: Path, family: str, tier: int, model: Path, data: Path) 
 @pytest.mark.slow
 @pytest.mark.parametrize("tier", VRAM_TIERS_GB)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_wizard_tier_trains_to_a_saved_adapter(tmp_path, tiny_models, datasets, family, tier):
+def test_every_wizard_tier_trains_to_a_saved_adapter(tmp_path, tiny_model, datasets, family, tier):
     data = datasets["video" if family == "kandinsky5-video" else "image"]
-    config = _wizard_run(tmp_path, family, tier, tiny_models[family], data)
+    config = _wizard_run(tmp_path, family, tier, tiny_model(family), data)
 
     assert cli.main(["train", "--config", str(config)]) == 0
 

@@ -17,9 +17,7 @@ def train_command():
 @pytest.fixture()
 def workdir(tmp_path):
     from difftune.testing.images import make_image_dataset
-    from difftune.testing.sdxl import build_tiny_sdxl
 
-    build_tiny_sdxl(tmp_path / "models" / "sdxl")
     make_image_dataset(tmp_path / "datasets" / "shapes", n=4)
     (tmp_path / "config").mkdir()
     backends = [
@@ -47,7 +45,7 @@ def workdir(tmp_path):
 
 
 @pytest.mark.slow
-def test_form_to_first_validation_image_of_a_real_tiny_job(server, workdir):  # noqa: F811  (fixture)
+def test_form_to_first_validation_image_of_a_real_tiny_job(server, workdir, tiny_sdxl):  # noqa: F811  (fixture)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -59,7 +57,7 @@ def test_form_to_first_validation_image_of_a_real_tiny_job(server, workdir):  # 
             form = page.locator("#config-form")
             form.locator('[data-key="model_family"]').select_option("sdxl")
             form.locator('[data-key="model_type"]').select_option("lora")
-            form.locator('[data-key="pretrained_model_name_or_path"]').fill(str(workdir / "models" / "sdxl"))
+            form.locator('[data-key="pretrained_model_name_or_path"]').fill(str(tiny_sdxl))
             form.locator('[data-key="output_dir"]').fill("out")
             form.locator('[data-key="max_train_steps"]').fill("2")
             form.locator('[data-key="train_batch_size"]').fill("2")

@@ -42,37 +42,29 @@ def lycoris_file(tmp_path, family, algo, **extra):
     return path
 
 
-BUILDERS = {  # family -> (tiny model builder, stock pipeline class)
-    "sdxl": ("difftune.testing.sdxl:build_tiny_sdxl", "StableDiffusionXLPipeline"),
-    "kandinsky5-image": ("difftune.testing.kandinsky5:build_tiny_kandinsky5_image", "Kandinsky5T2IPipeline"),
-    "kandinsky5-video": (
-        "difftune.testing.kandinsky5_video:build_tiny_kandinsky5_video",
-        "Kandinsky5T2VPipeline",
-    ),
+PIPELINES = {  # family -> its stock pipeline class
+    "sdxl": "StableDiffusionXLPipeline",
+    "kandinsky5-image": "Kandinsky5T2IPipeline",
+    "kandinsky5-video": "Kandinsky5T2VPipeline",
 }
 
 
-@pytest.fixture(scope="module", params=list(BUILDERS))
+@pytest.fixture(scope="module", params=list(PIPELINES))
 def family(request):
     return request.param
 
 
 @pytest.fixture(scope="module")
-def stock(tmp_path_factory):
-    """stock(family) -> (model folder, stock diffusers pipeline), each built once per module."""
-    import importlib
-
+def stock(tiny_model):
+    """stock(family) -> (the session's tiny model folder, its stock diffusers pipeline loaded once per module)."""
     import diffusers
 
     built = {}
 
     def get(family):
         if family not in built:
-            builder, pipeline = BUILDERS[family]
-            module, name = builder.split(":")
-            folder = tmp_path_factory.mktemp("models") / family
-            getattr(importlib.import_module(module), name)(folder)
-            built[family] = folder, getattr(diffusers, pipeline).from_pretrained(folder)
+            folder = tiny_model(family)
+            built[family] = folder, getattr(diffusers, PIPELINES[family]).from_pretrained(folder)
         return built[family]
 
     return get
