@@ -56,7 +56,7 @@ OBJECTIVES = {
 def timesteps_for(name, objective, batch_size=3):
     if name == "epsilon":
         return torch.tensor([10, 500, 990])[:batch_size]
-    return torch.tensor([0.2, 0.5, 0.9])[:batch_size].clamp(max=getattr(objective, "t_max", 1.0) - 0.01)
+    return torch.tensor([0.2, 0.5, 0.9])[:batch_size].clamp(max=objective.t_max - 0.01)
 
 
 def rollout(name, perfect, cfg, step=0, seed=0):
@@ -78,6 +78,21 @@ def test_probability_one_rolls_out_and_a_perfect_model_lands_on_the_true_state(n
     # the sampler is exact for a perfect predictor: its rollout stays on the noising path
     noisy, reference, _ = rollout(name, perfect=True, cfg=config())
     torch.testing.assert_close(noisy, reference, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("steps", [1000, 50])
+def test_flow_rollouts_start_whole_steps_of_the_objectives_schedule_above_the_timestep(steps):
+    objective = FlowMatchingObjective(num_train_timesteps=steps)
+    latents, noise = data()
+    t = torch.tensor([0.2, 0.5, 0.7])
+    family = OracleFamily(latents, noise, "velocity", perfect=False)  # zero velocity: x stays at the start
+    sampler = ScheduledSampler(family, None, objective, config(), generator=torch.Generator().manual_seed(0))
+    noisy = sampler(None, latents, noise, t, {}, 0)
+    # x_s - x_t = (s - t)(noise - x0) with s = t + offset / steps, offset in 1..4
+    offsets = ((noisy - objective.add_noise(latents, noise, t)) / (noise - latents)).median(dim=1).values
+    offsets = offsets.flatten(1).median(dim=1).values * steps
+    torch.testing.assert_close(offsets, offsets.round(), atol=1e-2, rtol=0)
+    assert ((offsets.round() >= 1) & (offsets.round() <= 4)).all()
 
 
 @pytest.mark.parametrize("name", ["epsilon", "flow"])

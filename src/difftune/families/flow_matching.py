@@ -35,7 +35,11 @@ class FlowMatchingObjective(Objective):
     frames of a video), shift = exp(mu). With `snr_gamma` the velocity loss is weighted so that the
     x0 error is weighted by min(SNR, gamma) (Hang et al. 2023): sigma^2 * min(SNR, gamma), SNR =
     ((1 - sigma) / sigma)^2; `soft_min_snr` uses the soft minimum SNR * gamma / (SNR + gamma).
+    `num_train_timesteps` is the scheduler's count of steps over [0, 1] (the pipelines' sigma -> timestep
+    scale): one step is 1 / num_train_timesteps in sigma, as scheduled sampling's rollouts step.
     """
+
+    t_max = 1.0  # the noisiest sigma: pure noise
 
     def __init__(
         self,
@@ -46,6 +50,7 @@ class FlowMatchingObjective(Objective):
         auto_shift: bool = False,
         snr_gamma: float | None = None,
         soft_min_snr: bool = False,
+        num_train_timesteps: int = 1000,
     ):
         if shift <= 0:
             raise ValueError(f"flow_schedule_shift must be > 0, got {shift}")
@@ -56,10 +61,12 @@ class FlowMatchingObjective(Objective):
         self.auto_shift = bool(auto_shift)
         self.snr_gamma = snr_gamma
         self.soft_min_snr = bool(soft_min_snr)
+        self.num_train_timesteps = int(num_train_timesteps)
 
     @classmethod
-    def from_config(cls, config) -> FlowMatchingObjective:
-        """The objective a TrainConfig describes (flow_* keys, snr_gamma, use_soft_min_snr)."""
+    def from_config(cls, config, num_train_timesteps: int = 1000) -> FlowMatchingObjective:
+        """The objective a TrainConfig describes (flow_* keys, snr_gamma, use_soft_min_snr), on a scheduler
+        of `num_train_timesteps` steps."""
         beta = None
         if config.flow_use_beta_schedule:
             beta = (config.flow_beta_schedule_alpha, config.flow_beta_schedule_beta)
@@ -71,6 +78,7 @@ class FlowMatchingObjective(Objective):
             auto_shift=config.flow_schedule_auto_shift,
             snr_gamma=config.snr_gamma,
             soft_min_snr=config.use_soft_min_snr,
+            num_train_timesteps=num_train_timesteps,
         )
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:

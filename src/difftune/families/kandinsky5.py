@@ -402,7 +402,7 @@ class Kandinsky5Family(Family):
     # -- training -----------------------------------------------------------------------------
     def objective(self, components: Components) -> Objective:
         """Flow matching with the config's shift, schedule, sigmoid scale and min-SNR weighting."""
-        return FlowMatchingObjective.from_config(self.config)
+        return FlowMatchingObjective.from_config(self.config, self.num_train_timesteps(components))
 
     def num_train_timesteps(self, components: Components) -> int:
         """The scheduler's timestep scale (sigma -> timestep)."""

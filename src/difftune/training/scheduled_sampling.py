@@ -175,8 +175,7 @@ class _EulerStepper(_Stepper):
 
     def start(self, timesteps, offsets):
         objective = self.objective
-        top = getattr(objective, "t_max", 1.0)
-        unit = 1.0 / getattr(objective, "num_train_timesteps", 1000)
+        top, unit = objective.t_max, 1.0 / objective.num_train_timesteps
         start = (timesteps + offsets.to(timesteps.dtype) * unit).clamp(max=top)
         start = torch.maximum(start, timesteps)
         size = torch.where(offsets > 0, (start - timesteps) / offsets.clamp(min=1), torch.zeros_like(start))
