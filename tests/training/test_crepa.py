@@ -268,6 +268,22 @@ def test_drop_vae_encoder_frees_weights_and_keeps_decoding():
     assert drop_vae_encoder(vae) == 0
 
 
+def test_drop_vae_encoder_frees_the_parts_the_family_names_and_warns_when_the_vae_has_none():
+    from difftune.events import warnings_to
+    from difftune.testing.kandinsky5_video import tiny_hunyuan_video_vae
+
+    vae = tiny_hunyuan_video_vae()
+    quant_conv, encoder = (sum(p.numel() for p in m.parameters()) for m in (vae.quant_conv, vae.encoder))
+    assert drop_vae_encoder(vae, ("quant_conv",)) == quant_conv
+    assert sum(p.numel() for p in vae.encoder.parameters()) == encoder  # a part not named stays
+
+    seen = []
+    with warnings_to(lambda kind, data: seen.append((kind, data["message"]))):
+        assert drop_vae_encoder(torch.nn.Sequential(torch.nn.Linear(2, 2))) == 0
+    assert len(seen) == 1 and seen[0][0] == "warning"
+    assert "Sequential" in seen[0][1] and "encoder or quant_conv" in seen[0][1]
+
+
 def test_crepa_block_inside_a_tread_route_is_refused_once_negative_indices_resolve(dino_folder):
     from difftune.errors import ConfigError
 

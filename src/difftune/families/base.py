@@ -303,6 +303,11 @@ class Family(ABC):
         (the default): its block outputs cannot be read as frames."""
         return None
 
+    def vae_encoder_parts(self) -> tuple[str, ...]:
+        """Names of the VAE's submodules that only encode pixels, which crepa_drop_vae_encoder frees once
+        latents are cached. The default: diffusers' autoencoders' `encoder` and `quant_conv`."""
+        return ("encoder", "quant_conv")
+
     # -- output -------------------------------------------------------------------------------
     @abstractmethod
     def pipeline(self, components: Components, denoiser: torch.nn.Module):

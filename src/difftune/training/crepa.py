@@ -285,16 +285,27 @@ class _DroppedEncoder(nn.Module):
         )
 
 
-def drop_vae_encoder(vae: nn.Module) -> int:
-    """Free the VAE's encoder (and quant_conv) when training only from cached latents; returns parameters freed.
+def drop_vae_encoder(vae: nn.Module, parts: Sequence[str] = ("encoder", "quant_conv")) -> int:
+    """Free the VAE's submodules named `parts` (the family's `vae_encoder_parts`) when training only from
+    cached latents; returns parameters freed.
 
-    Decoding still works (CREPA decodes latents to frames); encoding raises a clear error.
+    Decoding still works (CREPA decodes latents to frames); encoding raises a clear error. A VAE with
+    none of `parts` frees nothing, which a `warning` event says.
     """
+    from difftune import events
+
+    children = dict(vae.named_children())
+    found = [name for name in parts if isinstance(children.get(name), nn.Module)]
+    if not found:
+        events.warn(
+            f"crepa_drop_vae_encoder: the VAE ({type(vae).__name__}) has no {' or '.join(parts)} to free, "
+            "so its encoder stays in memory; set crepa_drop_vae_encoder false to silence this"
+        )
+        return 0
     freed = 0
-    for name in ("encoder", "quant_conv"):
-        module = getattr(vae, name, None)
-        if isinstance(module, nn.Module) and not isinstance(module, _DroppedEncoder):
-            freed += sum(p.numel() for p in module.parameters())
+    for name in found:
+        if not isinstance(children[name], _DroppedEncoder):
+            freed += sum(p.numel() for p in children[name].parameters())
             setattr(vae, name, _DroppedEncoder())
     if freed and torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -93,7 +93,7 @@ class TrainingFeatures:
                 config, denoiser, blocks, device, token_grid=grid, frames_per_latent=frames
             )
             if config.crepa_drop_vae_encoder and components.vae is not None:
-                drop_vae_encoder(components.vae)
+                drop_vae_encoder(components.vae, family.vae_encoder_parts())
         return features
 
     def attach(self, model: torch.nn.Module, data) -> None:
