@@ -13,20 +13,23 @@ is resized (bilinear) to the transformer's token grid, both covering the whole f
 per-frame REPA. Latent frame f stands for pixel frame k*f, k the VAE's frames per latent (the last
 frame its causal VAE step saw).
 
-How the training loop uses it (a video family whose `token_grid` says how block tokens lay out frames):
+How a run uses it (`TrainingFeatures` in training/features.py, for a family whose `token_grid` says how
+block tokens lay out frames): `TrainingFeatures.build`, before the optimizer, hooks the block
 
-    crepa = Crepa(config, model, family.transformer_blocks(model), device,
+    crepa = Crepa(config, denoiser, family.transformer_blocks(denoiser), device,
                   token_grid=family.token_grid(), frames_per_latent=family.spec.frames_per_latent)
-    params = trainable_params + crepa.trainable_parameters()
-    ...
-    prediction = family.model_forward(components, denoiser, noisy, timesteps, batch)   # hook captures
-    frames = batch.get("pixels")                         # (B, 3, T, H, W) in [-1, 1], clean clip
-    if frames is None:                                   # cached latents: decode the clean latents
-        frames = family.decode_latents(components, latents)
-    loss = diffusion_loss + crepa.loss(frames, row_order=family.row_order(batch))
 
-`frames` may also hold one frame per latent frame (T == T'). Save `crepa.state_dict()` with the
-checkpoint for an exact resume; the projector is used only for the loss, not at inference.
+(with crepa_drop_vae_encoder it also frees the family's `vae_encoder_parts` through `drop_vae_encoder`),
+and `features.trainable_parameters()` gives its projector to the optimizer. The step's
+`family.model_forward(...)` fills the hook; `features.extra_loss(batch, latents)` then adds
+
+    crepa.loss(frames, row_order=family.row_order(batch))
+
+where `frames` are the batch's clean "pixels" (B, 3, T, H, W) in [-1, 1], or the clean latents decoded
+by the family when the latents come from the cache. `frames` may also hold one frame per latent frame
+(T == T'). `crepa.state_dict()` goes into every checkpoint under "crepa" (`features.state_dict()`) for
+an exact resume; `features.close()` removes the hook. The projector is used only for the loss, not at
+inference.
 """
 
 from __future__ import annotations
