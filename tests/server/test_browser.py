@@ -134,7 +134,7 @@ def test_configure_train_and_watch_in_browser(server, workdir, monkeypatch):
             )
             assert page.inner_text("#stat-loss") == "0.2000"
             assert page.inner_text("#stat-lr") == "1.00e-4"
-            assert page.locator("#loss-plot polyline").count() == 1
+            page.wait_for_selector("#loss-plot polyline")  # redrawn a moment after the last point
             page.wait_for_function(
                 "() => document.querySelector('#job-badge').textContent === 'finished'", timeout=20000
             )

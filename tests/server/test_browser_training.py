@@ -52,8 +52,9 @@ def test_a_failed_job_replaces_the_previous_run(page, workdir, monkeypatch):
     monkeypatch.setenv("FAKE_STEP_SECONDS", "0.1")
     page.click("#tabs button[data-tab=training]")
     page.click("#job-start")
-    wait_text(page, "#job-badge", "finished")
-    assert page.inner_text("#stat-step") == "3 / 3" and page.locator("#loss-plot polyline").count() == 1
+    wait_text(page, "#job-badge", "finished")  # the stream sends a job's end after all its events
+    assert page.inner_text("#stat-step") == "3 / 3"
+    page.wait_for_selector("#loss-plot polyline")  # the chart is redrawn a moment after the last point
     assert page.locator("#job-failure").is_hidden()
 
     monkeypatch.setenv("FAKE_FAIL_AT_STEP", "0")
@@ -81,6 +82,37 @@ def test_a_failed_job_replaces_the_previous_run(page, workdir, monkeypatch):
     page.wait_for_selector("#job-failure", state="visible")
     page.wait_for_function("() => document.querySelector('#log').textContent.includes('exited with code 2')")
     assert page.inner_text("#log") == log and page.inner_text("#stat-step") == "–"
+
+
+def test_lines_the_stream_shows_before_the_start_reply_stay_shown(page, workdir, monkeypatch):
+    # the reply to "start" is held back until the stream has shown the whole run: as on a busy machine,
+    # where the stream's first lines reach the page before that reply does
+    monkeypatch.setenv("FAKE_FAIL_AT_STEP", "0")
+    monkeypatch.setenv("FAKE_FAIL_MESSAGE", "config/config.json: 'learning_rate' is 5, use at most 1")
+    held = []
+    page.route("**/api/job/start", lambda route: held.append((route, route.fetch())))
+    page.click("#tabs button[data-tab=training]")
+    page.click("#job-start")
+    wait_text(page, "#job-badge", "failed")
+    page.wait_for_function("() => document.querySelector('#log').textContent.includes('exited with code 2')")
+    live = page.inner_text("#log")
+    assert live.startswith("$ ") and live.count("fake trainer: fresh start") == 1, live
+
+    route, reply = held.pop()
+    route.fulfill(response=reply)
+    page.wait_for_function(  # the page has taken the reply (or, wrongly, cleared the log on it)
+        "() => !document.querySelector('#job-start').disabled"
+        " || !document.querySelector('#log').textContent.includes('exited with code 2')"
+    )
+    assert page.inner_text("#log") == live and page.inner_text("#job-badge") == "failed"
+    assert page.locator("#job-failure").is_visible()
+
+    page.unroute("**/api/job/start")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#tabs button[data-tab=training]")
+    page.wait_for_function("() => document.querySelector('#log').textContent.includes('exited with code 2')")
+    assert page.inner_text("#log") == live
 
 
 def test_each_event_and_line_appears_once_and_validation_is_shown(page, workdir, monkeypatch):

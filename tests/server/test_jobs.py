@@ -138,9 +138,9 @@ def test_event_stream_replays_recent_events_and_hides_nan(make_client, workdir):
     lines.append({"type": "progress", "step": 11, "loss": float("nan")})
     (out / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines) + "not json\n")
     client = make_client()
-    with client.stream("GET", "/api/events", params={"backlog": 4, "max_seconds": 5}) as response:
+    with client.stream("GET", "/api/events", params={"backlog": 5, "max_seconds": 5}) as response:
         events = read_sse(response, lambda ev: any(e.get("step") == 11 for e in ev))
-    # the last 4 messages (a broken line is none)
+    # the last 5 messages: 4 events (a broken line is none), then the job's state, read before them
     assert [e["step"] for e in events if e["type"] == "progress"] == [8, 9, 10, 11]
     assert events[-1]["loss"] is None
     assert client.get("/api/loss").json()["loss"][-1] is None

@@ -24,10 +24,13 @@ def test_reconnect_gets_only_what_it_missed(make_client, workdir):
     client = make_client()
     last_id = None
     with client.stream("GET", "/api/events", params={"max_seconds": 5}) as response:
+        seen_step_3 = False
         for line in response.iter_lines():
             last_id = line[4:] if line.startswith("id: ") else last_id
-            if line.startswith("data: ") and json.loads(line[6:]).get("step") == 3:
-                break
+            if line.startswith("data: "):
+                seen_step_3 = seen_step_3 or json.loads(line[6:]).get("step") == 3
+                if seen_step_3 and json.loads(line[6:])["type"] == "job":  # the state, sent after the events
+                    break
     with events_path.open("a") as handle:
         handle.write(progress(4) + progress(5))
     headers = {"Last-Event-ID": last_id}
@@ -65,6 +68,26 @@ def test_a_new_job_replays_only_its_own_run(make_client, workdir, monkeypatch):
     assert "step 3 loss" not in "\n".join(log)
     # the loss series is the current run's
     assert client.get("/api/loss").json()["steps"] == [1]
+
+
+def test_an_ended_job_is_announced_after_its_last_line(workdir, train_command, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL_AT_STEP", "0")
+    runner = JobRunner(workdir, train_command)
+    runner.start(Path("config/config.json"), workdir / "out")
+    wait_for(lambda: runner.job.exit_code is not None, what="the job to fail")
+    hub = EventHub(runner, lambda: workdir / "out", poll_seconds=0.01)
+
+    async def one_read():  # the job ended before the first read, so one read finds all of it
+        async for chunk in hub.stream(None, max_seconds=0.3):
+            if '"failed"' in chunk and "[job exited" in chunk:
+                return chunk
+        return ""
+
+    text = asyncio.run(one_read())
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    kinds = [e["type"] if e["type"] != "joblog" else e["line"][:4] for e in events]
+    assert kinds[0] == "reset" and kinds[-1] == "job" and events[-1]["state"] == "failed", kinds
+    assert kinds[-2] == "[job" and kinds.count("job") == 1  # a page that shows "failed" has every line
 
 
 def test_all_pages_share_one_reader(tmp_path, monkeypatch):
@@ -110,8 +133,9 @@ def test_backlog_is_bounded(tmp_path):
     text = asyncio.run(first_chunks())
     events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
     assert [e["type"] for e in events[:2]] == ["reset", "job"]  # a new page: clean, then the job's state
-    assert [e["step"] for e in events if e["type"] == "progress"] == list(range(4901, 5001))
-    assert len(hub.messages) == 100
+    # the last 100 messages: the last 99 events, then the job's state (read before them, sent after)
+    assert [e["step"] for e in events if e["type"] == "progress"] == list(range(4902, 5001))
+    assert events[-1]["type"] == "job" and len(hub.messages) == 100
 
 
 def test_file_reads_happen_off_the_event_loop(tmp_path, monkeypatch):

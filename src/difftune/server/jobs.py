@@ -122,26 +122,34 @@ class JobRunner:
             os.killpg(job.process.pid, sig)
 
     def state(self) -> dict[str, Any]:
-        """{"state": idle|running|finished|failed|stopped, "pid", "exit_code", "command", ...}."""
-        job = self.job
-        if job is None:
-            return {"state": "idle", "pid": None, "exit_code": None, "command": None}
-        if job.exit_code is None:
-            name = "running"
-        elif job.stopped:
-            name = "stopped"
-        else:
-            name = "finished" if job.exit_code == 0 else "failed"
-        return {
-            "state": name,
-            "pid": job.process.pid,
-            "exit_code": job.exit_code,
-            "command": job.argv,
-            "started_at": job.started_at,
-            "output_dir": str(job.output_dir),
-            "log": str(job.log_path),
-            "reason": job.reason,
-        }
+        """The current job's state: see `job_state`."""
+        return job_state(self.job)
+
+
+def job_state(job: Job | None) -> dict[str, Any]:
+    """{"state": idle|running|finished|failed|stopped, "pid", "exit_code", "command", ...} of `job`.
+
+    A job's exit code is set only after its last line is in job.log, so whoever reads this state and
+    then the log has every line the job wrote.
+    """
+    if job is None:
+        return {"state": "idle", "pid": None, "exit_code": None, "command": None}
+    if job.exit_code is None:
+        name = "running"
+    elif job.stopped:
+        name = "stopped"
+    else:
+        name = "finished" if job.exit_code == 0 else "failed"
+    return {
+        "state": name,
+        "pid": job.process.pid,
+        "exit_code": job.exit_code,
+        "command": job.argv,
+        "started_at": job.started_at,
+        "output_dir": str(job.output_dir),
+        "log": str(job.log_path),
+        "reason": job.reason,
+    }
 
 
 def failure_reason(log_path: Path, start: int, code: int, tail_bytes: int = 64 << 10) -> str:

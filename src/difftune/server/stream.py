@@ -20,7 +20,7 @@ from typing import Any
 
 from fastapi import HTTPException
 
-from difftune.server.jobs import JobRunner
+from difftune.server.jobs import JobRunner, job_state
 from difftune.server.progress import LineTail, finite, parse_event
 
 KEEP_ALIVE_SECONDS = 15.0
@@ -69,7 +69,13 @@ class EventHub:
             return fresh
 
     def _read_new(self) -> list[dict[str, Any]]:
+        """A reset when the run changed, the run's new events and log lines, then its state if changed.
+
+        The state is taken before the files are read and sent after them: a page that shows a job as
+        ended already has every line the job wrote, in the order the job wrote them.
+        """
         job = self.runner.job
+        state = job_state(job)  # of the same job the files below belong to
         try:
             events_path = self.output_dir() / "events.jsonl"
         except HTTPException:  # config.json unreadable while no job runs: look again next time
@@ -83,13 +89,12 @@ class EventHub:
             self._log = LineTail(job.log_path, backlog, start=job.log_offset) if job else None
             self._state = None
             fresh.append({"type": "reset"})
-        state = self.runner.state()
-        if state != self._state:
-            self._state = state
-            fresh.append({"type": "job", **state})
         fresh += [event for event in map(parse_event, self._events.read_new()) if event]
         if self._log is not None:
             fresh += [{"type": "joblog", "line": line} for line in self._log.read_new()]
+        if state != self._state:
+            self._state = state
+            fresh.append({"type": "job", **state})
         return fresh
 
     def _publish(self, fresh: list[dict[str, Any]]) -> None:

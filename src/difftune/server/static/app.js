@@ -272,12 +272,19 @@ async function browse(path) {
 }
 
 // -- training --------------------------------------------------------------------------------------
-// What the tab shows is the current run only: a new job, or a new connection, clears it first.
+// What the tab shows is the current run only, and only the event stream changes it: the stream's reset
+// (a new job, or a new connection) clears it, then the stream replays the run from its first line. A
+// reply to the page's own requests may come after lines the stream already delivered, so no reply
+// clears the run or sets the job's state.
 let lastError = null; // the message of the run's error event
 let drawTimer = null;
 let lossLoading = false;
+let runNumber = 0; // counts resets: a loss series asked for before the last reset is dropped
+let jobStateName = "idle";
+let actionPending = false;
 
 function clearRun() {
+  runNumber += 1;
   totalSteps = null;
   lastError = null;
   lossPoints.clear();
@@ -293,13 +300,19 @@ function showFailure(reason) {
   $("job-failure-reason").textContent = reason || "";
 }
 
+// While the page's own start/resume/stop request is on its way, no second one can be sent.
+function updateJobButtons() {
+  $("job-start").disabled = $("job-resume").disabled = actionPending || jobStateName === "running";
+  $("job-stop").disabled = actionPending || jobStateName !== "running";
+}
+
 function setJobState(state) {
   const text = state.state + (state.exit_code != null ? ` (exit code ${state.exit_code})` : "");
   $("job-badge").textContent = state.state;
   $("job-badge").className = "badge " + state.state;
   $("job-status").textContent = text;
-  $("job-start").disabled = $("job-resume").disabled = state.state === "running";
-  $("job-stop").disabled = state.state !== "running";
+  jobStateName = state.state;
+  updateJobButtons();
   if (state.state === "failed") {
     showFailure(state.reason || lastError || `the job exited with code ${state.exit_code}`);
     $("stat-phase").textContent = "failed";
@@ -312,11 +325,11 @@ function setJobState(state) {
 }
 
 async function jobAction(action) {
-  const result = await api("POST", `/api/job/${action}`);
-  if (result.ok) {
-    if (action !== "stop") clearRun();
-    setJobState(result.data);
-  } else $("job-status").textContent = result.data && result.data.detail
+  $("job-status").textContent = action === "stop" ? "stopping…" : "starting…"; // the stream says when
+  actionPending = true;
+  updateJobButtons();
+  const result = await api("POST", `/api/job/${action}`).finally(() => { actionPending = false; updateJobButtons(); });
+  if (!result.ok) $("job-status").textContent = result.data && result.data.detail
     ? (Array.isArray(result.data.detail) ? result.data.detail.map((e) => `${e.key}: ${e.message}`).join("; ") : result.data.detail)
     : "error " + result.status;
 }
@@ -387,9 +400,10 @@ function drawLoss() {
 
 // The current run's loss, averaged down by the server; points that came in meanwhile are kept.
 async function loadLoss() {
+  const run = runNumber;
   lossLoading = true;
   const result = await api("GET", "/api/loss?points=1000").finally(() => { lossLoading = false; });
-  if (!result.ok) return;
+  if (!result.ok || run !== runNumber) return;
   const fresh = new Map();
   result.data.steps.forEach((s, i) => { if (result.data.loss[i] != null) fresh.set(s, result.data.loss[i]); });
   const last = result.data.steps.length ? result.data.steps[result.data.steps.length - 1] : -Infinity;
@@ -400,8 +414,12 @@ async function loadLoss() {
 }
 
 // -- gallery ----------------------------------------------------------------------------------------
+let galleryAsked = 0; // replies can come out of order: only the latest request's reply is shown
+
 async function loadGallery() {
+  const asked = ++galleryAsked;
   const result = await api("GET", "/api/validation");
+  if (asked !== galleryAsked) return;
   if (!result.ok) { $("gallery-note").textContent = result.data ? result.data.detail : "error"; return; }
   $("gallery-note").textContent = result.data.steps.length ? "" : "no validation samples yet in " + result.data.output_dir;
   $("gallery").replaceChildren(...result.data.steps.map((entry) => el("section", { class: "step" },
