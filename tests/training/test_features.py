@@ -15,7 +15,7 @@ from tests.training.test_crepa import clip_frames, crepa_config, forward, prompt
 
 dino_folder = test_crepa.dino_folder  # the tiny DINOv2 fixture
 
-NO_EVAL_DATA = SimpleNamespace(held_out_batches=[])
+NO_EVAL_DATA = SimpleNamespace(held_out_batches=[], regularisation_datasets=set())
 
 
 def _features(config, transformer) -> TrainingFeatures:

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from difftune.config import ConfigError, load_config
 from difftune.config.schema import TrainConfig
 from difftune.families import get_family
 from difftune.families.base import Components
+from difftune.training.features import TrainingFeatures
 from difftune.training.prior import PriorPreservation
 from difftune.training.setup import prepare_denoiser
 from tests.config.helpers import IMAGES, TEXT, write_config
@@ -36,7 +38,7 @@ def _batch(regularisation):
     }
 
 
-def _trained(sdxl, tmp_path, model_type):
+def _trained(sdxl, tmp_path, model_type, **settings):
     """The family and a copy of the UNet with an adapter whose weights are set at random (not neutral)."""
     folder, unet = sdxl
     lycoris = tmp_path / "lycoris.json"
@@ -50,6 +52,7 @@ def _trained(sdxl, tmp_path, model_type):
         lycoris_config=str(lycoris),
         gradient_checkpointing=False,
         lora_rank=4,
+        **settings,
     )
     family = get_family(config)
     components = Components(copy.deepcopy(unet), None, [], [], None)
@@ -83,6 +86,26 @@ def test_a_regularisation_batch_target_is_the_base_model_prediction(sdxl, tmp_pa
     assert not torch.allclose(trained[0], expected[0], atol=1e-3)
     assert prior.weights(batch, "cpu").tolist() == [0.5, 1.0]
     assert prior.weights(_batch([False, False]), "cpu") is None
+
+
+def test_a_run_with_regularisation_data_gets_its_targets_and_weights_from_its_features(sdxl, tmp_path):
+    family, components, denoiser = _trained(sdxl, tmp_path, "lora", prior_loss_weight=0.25)
+    g = torch.Generator().manual_seed(5)
+    noisy, noise_target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    timesteps, batch = torch.tensor([100, 800]), _batch([False, True])
+    features = TrainingFeatures.build(family, components, None, family.config, None, "cpu", torch.Generator())
+    features.attach(denoiser, SimpleNamespace(held_out_batches=[], regularisation_datasets={"men"}))
+
+    target = features.target(noisy, timesteps, batch, noise_target)
+
+    expected = PriorPreservation(family, components, denoiser, "lora", weight=0.25)
+    torch.testing.assert_close(target, expected.target(noisy, timesteps, batch, noise_target))
+    assert torch.equal(target[0], noise_target[0]) and not torch.equal(target[1], noise_target[1])
+    assert features.sample_weights(batch, "cpu").tolist() == [1.0, 0.25]
+    without = TrainingFeatures.build(family, components, None, family.config, None, "cpu", torch.Generator())
+    without.attach(denoiser, SimpleNamespace(held_out_batches=[], regularisation_datasets=set()))
+    assert without.target(noisy, timesteps, batch, noise_target) is noise_target
+    assert without.sample_weights(batch, "cpu") is None
 
 
 def test_regularisation_data_needs_an_adapter(tmp_path, monkeypatch):

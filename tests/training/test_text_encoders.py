@@ -6,6 +6,7 @@ import torch
 from difftune.config import ConfigError
 from difftune.config.schema import TrainConfig
 from difftune.families import get_family
+from difftune.training.features import TrainingFeatures
 from difftune.training.text_encoders import TextEncoderTraining, check_text_encoder_training
 
 
@@ -43,6 +44,39 @@ def test_captions_are_encoded_with_gradients_into_the_encoders_lora_at_their_own
     assert [group["lr"] for group in optimizer.param_groups] == [1e-4, 5e-5]
     layers = training.layers()
     assert len(layers) == 2 and all(any("lora_A" in k for k in layer) for layer in layers)
+
+
+def test_the_text_encoders_lora_is_a_feature_whose_checkpoint_state_keeps_its_key(tiny_sdxl):
+    config = TrainConfig(
+        model_family="sdxl",
+        model_type="lora",
+        pretrained_model_name_or_path=str(tiny_sdxl),
+        train_text_encoder=True,
+        lora_rank=4,
+    )
+    family = get_family(config)
+
+    def features() -> TrainingFeatures:
+        components = family.load(torch.device("cpu"), torch.float32)
+        return TrainingFeatures.build(family, components, None, config, None, "cpu", torch.Generator())
+
+    trained = features()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in trained.text_encoders.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=g))
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    trained.add_parameter_groups(optimizer, lr_scale=2.0)
+    assert optimizer.param_groups[1]["lr"] == 2.0 * config.learning_rate
+    state = trained.state_dict()
+    assert list(state) == ["text_encoder_lora"]  # the key checkpoints of earlier runs hold
+
+    resumed = features()
+    resumed.load_state_dict(state)
+    for before, after in zip(trained.text_encoders.layers(), resumed.text_encoders.layers()):
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    batch = resumed.encode_batch({"captions": ["a red circle"], "prompt_embeds": None})
+    assert batch["prompt_embeds"].requires_grad
 
 
 def test_train_text_encoder_is_refused_where_it_is_not_built():

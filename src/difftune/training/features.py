@@ -1,19 +1,23 @@
-"""Optional parts of a run (input perturbation, scheduled sampling, CREPA, TREAD, EMA, eval loss, CLIP
-score, Hub upload) as one object the recipe calls at named points.
+"""Optional parts of a run (input perturbation, scheduled sampling, CREPA, text-encoder training, TREAD,
+EMA, prior preservation, eval loss, CLIP score, Hub upload) as one object the recipe calls at named
+points.
 
-Built in two phases, because the optimizer needs CREPA's projector and EMA needs the model as
-accelerate prepared it:
+Built in two phases, because the optimizer needs CREPA's projector and the text encoders' LoRA, and
+EMA and prior preservation need the model as accelerate prepared it:
 
-- `TrainingFeatures.build(...)`, before the optimizer: input perturbation, scheduled sampling and
-  CREPA (its hooks go on the denoiser; `trainable_parameters()` gives its projector to the optimizer).
+- `TrainingFeatures.build(...)`, before the optimizer: input perturbation, scheduled sampling, CREPA
+  (its hooks go on the denoiser; `trainable_parameters()` gives its projector to the optimizer) and
+  the text encoders' LoRA (train_text_encoder; `add_parameter_groups` gives it a group of its own).
 - `attach(model, data)`, after accelerate's prepare and the checkpoint's weights: TREAD, EMA (which
-  starts from the weights it averages) and the evaluator.
+  starts from the weights it averages), prior preservation (regularisation datasets) and the evaluator.
 
-Then `load_state_dict(state.extra)` restores what a checkpoint holds of them ("ema", "crepa"), and
-`state_dict()` is what the next checkpoint stores.
+Then `load_state_dict(state.extra)` restores what a checkpoint holds of them ("ema", "crepa",
+"text_encoder_lora"), and `state_dict()` is what the next checkpoint stores.
 
 The step calls `noisy_inputs` (the denoiser's input: add_noise of the perturbed noise, or the
-rollout), `extra_loss` (CREPA's term) and `after_optimizer_step` (EMA); the run calls
+rollout), `target` (regularisation rows: the base model's prediction), `encode_batch` (the captions
+through the trained text encoders), `sample_weights` (prior_loss_weight), `extra_loss` (CREPA's term),
+`average_gradients` (before clipping) and `after_optimizer_step` (EMA); the run calls
 `validation_weights`, `after_validation`, `maybe_evaluate`, `finish` and `close`.
 """
 
@@ -44,8 +48,10 @@ class TrainingFeatures:
     process_index: int = 0
     scheduled_sampler: Any = None
     crepa: Any = None
+    text_encoders: Any = None  # TextEncoderTraining (train_text_encoder)
     tread: Any = None
     ema: Any = None
+    prior: Any = None  # PriorPreservation (regularisation datasets)
     evaluator: Any = None
 
     @classmethod
@@ -61,7 +67,8 @@ class TrainingFeatures:
         num_processes: int = 1,
         process_index: int = 0,
     ) -> TrainingFeatures:
-        """The features the optimizer must know of, set up before it: scheduled sampling and CREPA.
+        """The features the optimizer must know of, set up before it: scheduled sampling, CREPA and the
+        text encoders' LoRA.
 
         `denoiser` is the trained model before accelerate's prepare (CREPA hooks one of its blocks);
         `generator` draws the perturbation and the rollouts, for the rows `process_index` holds of a
@@ -94,10 +101,15 @@ class TrainingFeatures:
             )
             if config.crepa_drop_vae_encoder and components.vae is not None:
                 drop_vae_encoder(components.vae, family.vae_encoder_parts())
+        if config.train_text_encoder:
+            from difftune.training.text_encoders import TextEncoderTraining
+
+            features.text_encoders = TextEncoderTraining(family, components, config)
         return features
 
     def attach(self, model: torch.nn.Module, data) -> None:
-        """The features of the prepared model (with a resumed run's weights): TREAD, EMA, the evaluator."""
+        """The features of the prepared model (with a resumed run's weights): TREAD, EMA, prior
+        preservation (when `data` holds regularisation datasets), the evaluator."""
         config = self.config
         if config.tread_config:
             from difftune.training.tread import apply_tread
@@ -111,6 +123,12 @@ class TrainingFeatures:
             from difftune.training.ema import EMAModel
 
             self.ema = EMAModel(model, config.ema_decay, config.ema_device)
+        if data.regularisation_datasets:
+            from difftune.training.prior import PriorPreservation
+
+            self.prior = PriorPreservation(
+                self.family, self.components, model, config.model_type, config.prior_loss_weight
+            )
         # an eval dataset turns the eval loss on (at every validation unless eval_steps_interval says)
         if config.eval_steps_interval or config.evaluation_type != "none" or data.held_out_batches:
             from difftune.training.evaluation import Evaluator
@@ -120,6 +138,12 @@ class TrainingFeatures:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """What the features train beside the denoiser (CREPA's projector): give it to the optimizer."""
         return self.crepa.trainable_parameters() if self.crepa is not None else []
+
+    def add_parameter_groups(self, optimizer: torch.optim.Optimizer, lr_scale: float) -> None:
+        """What the features train at a learning rate of their own: the text encoders' LoRA, at
+        text_encoder_lr x `lr_scale` (the scaling the denoiser's learning rate got)."""
+        if self.text_encoders is not None:
+            self.text_encoders.add_to(optimizer, lr_scale)
 
     def noisy_inputs(
         self,
@@ -143,6 +167,22 @@ class TrainingFeatures:
             return self.objective.add_noise(latents, noise, timesteps)
         return self.scheduled_sampler(model, latents, noise, timesteps, batch, step)
 
+    def target(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict[str, Any], target: torch.Tensor
+    ) -> torch.Tensor:
+        """The objective's `target` (B, ...), with regularisation rows replaced by the base model's own
+        prediction on `noisy` (prior preservation; from the batch's cached prompts, before the trained pass
+        so that CREPA's hook sees that one)."""
+        return target if self.prior is None else self.prior.target(noisy, timesteps, batch, target)
+
+    def encode_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch the denoiser sees: with train_text_encoder its captions encoded now, with gradients."""
+        return batch if self.text_encoders is None else self.text_encoders.encode(batch)
+
+    def sample_weights(self, batch: dict[str, Any], device) -> torch.Tensor | None:
+        """(B,) loss weights (prior_loss_weight on regularisation rows), or None for uniform ones."""
+        return None if self.prior is None else self.prior.weights(batch, device)
+
     def extra_loss(self, batch: dict[str, Any], latents: torch.Tensor) -> torch.Tensor | float:
         """What the features add to the diffusion loss after the forward pass: CREPA's term (0.0 without
         CREPA), from the batch's clean frames or the clean latents decoded."""
@@ -154,18 +194,26 @@ class TrainingFeatures:
                 frames = self.family.decode_latents(self.components, latents)
         return self.crepa.loss(frames, row_order=self.family.row_order(batch))
 
+    def average_gradients(self, accelerator) -> None:
+        """Before clipping: average over processes the gradients DDP does not (the text encoders')."""
+        if self.text_encoders is not None:
+            self.text_encoders.average_gradients(accelerator)
+
     def after_optimizer_step(self, model: torch.nn.Module, step: int) -> None:
         """After optimizer step `step` (counted from 1): the EMA update, every ema_update_interval steps."""
         if self.ema is not None and step % (self.config.ema_update_interval or 1) == 0:
             self.ema.update(model)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint stores for these features: "ema" (the average), "crepa" (the projector)."""
+        """What a checkpoint stores for these features: "ema" (the average), "crepa" (the projector),
+        "text_encoder_lora" (the text encoders' LoRA weights)."""
         state: dict[str, Any] = {}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         if self.crepa is not None:
             state["crepa"] = self.crepa.state_dict()
+        if self.text_encoders is not None:
+            state |= self.text_encoders.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -175,6 +223,8 @@ class TrainingFeatures:
             self.ema.load_state_dict(state["ema"])
         if self.crepa is not None and state.get("crepa"):
             self.crepa.load_state_dict(state["crepa"])
+        if self.text_encoders is not None:
+            self.text_encoders.load_state_dict(state)
 
     def validation_weights(self, model: torch.nn.Module) -> list[tuple[str, Any]]:
         """(file-name suffix, weights context) of each validation pass, as ema_validation says: the trained

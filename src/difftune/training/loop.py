@@ -49,7 +49,6 @@ from difftune.training.optim import (
     use_averaged_weights,
     use_training_weights,
 )
-from difftune.training.prior import build_prior
 from difftune.training.setup import (
     build_accelerator,
     check_adapter_targets,
@@ -66,7 +65,7 @@ from difftune.training.setup import (
     text_cache_dir,
     weight_dtype_for,
 )
-from difftune.training.text_encoders import build_text_encoder_training, check_text_encoder_training
+from difftune.training.text_encoders import check_text_encoder_training
 from difftune.validation.schedule import Validation, maybe_validate
 
 
@@ -122,8 +121,6 @@ class Run:
     optimizer: Any
     lr_scheduler: Any
     features: TrainingFeatures
-    text_encoders: Any
-    prior: Any
     validation: Validation
     noise_generator: torch.Generator
     loss_kind: LossKind
@@ -203,7 +200,7 @@ def _setup(loaded: LoadedConfig, accelerator, bus: EventBus) -> Run:
     sharded = shard_if_configured(denoiser, config, accelerator.num_processes, bus.emit)  # FSDP2
     objective = family.objective(components)
     noise_generator = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
-    features = TrainingFeatures.build(  # scheduled sampling, CREPA: what the optimizer must know of
+    features = TrainingFeatures.build(  # scheduled sampling, CREPA, text encoders: what the optimizer trains
         family,
         components,
         objective,
@@ -214,14 +211,12 @@ def _setup(loaded: LoadedConfig, accelerator, bus: EventBus) -> Run:
         accelerator.num_processes,
         accelerator.process_index,
     )
-    text_encoders = build_text_encoder_training(family, components, config)  # train_text_encoder
     optimizer = build_optimizer(
         list(denoiser.parameters()) + features.trainable_parameters(), config, accelerator.num_processes
     )
-    if text_encoders is not None:
-        text_encoders.add_to(
-            optimizer, scaled_learning_rate(config, accelerator.num_processes) / config.learning_rate
-        )
+    features.add_parameter_groups(
+        optimizer, scaled_learning_rate(config, accelerator.num_processes) / config.learning_rate
+    )
     steps_per_epoch = max(1, data.sampler.batches_per_epoch // config.gradient_accumulation_steps)
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     lr_scheduler = build_lr_scheduler(optimizer, config, total_steps)
@@ -229,7 +224,6 @@ def _setup(loaded: LoadedConfig, accelerator, bus: EventBus) -> Run:
     use_training_weights(optimizer, config)
     model = accelerator.unwrap_model(denoiser)
 
-    prior = build_prior(family, components, model, config, loaded.datasets)
     validation = Validation(
         family,
         components,
@@ -256,8 +250,6 @@ def _setup(loaded: LoadedConfig, accelerator, bus: EventBus) -> Run:
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         features=features,
-        text_encoders=text_encoders,
-        prior=prior,
         validation=validation,
         noise_generator=noise_generator,
         loss_kind=LossKind.from_config(config),
@@ -271,20 +263,18 @@ def _setup(loaded: LoadedConfig, accelerator, bus: EventBus) -> Run:
 
 def _resume(run: Run) -> TrainerState:
     """The checkpoint's weights, optimizer, schedule, sampler and generator; then the features of the
-    prepared, resumed model (TREAD, EMA, evaluator) and their checkpoint state."""
+    prepared, resumed model (TREAD, EMA, prior preservation, evaluator) and their checkpoint state."""
     state = TrainerState()
     if run.resume_path is not None:
         checkpoint = read_checkpoint(run.resume_path)
         state = apply_checkpoint(checkpoint, run.model, run.optimizer, run.lr_scheduler)
         run.noise_generator.set_state(state.noise_generator)
         run.data.sampler.load_state_dict(state.sampler)
-        if run.text_encoders is not None:
-            run.text_encoders.load_state_dict(state.extra)
         run.bus.emit("log", {"message": f"resumed from {run.resume_path} at step {state.global_step}"})
     elif run.config.resume_from_checkpoint:
         run.bus.emit("log", {"message": "no checkpoint to resume from yet; starting at step 0"})
     run.features.attach(run.model, run.data)  # EMA starts from the resumed weights
-    run.features.load_state_dict(state.extra)  # "ema", "crepa"
+    run.features.load_state_dict(state.extra)  # "ema", "crepa", "text_encoder_lora"
     return state
 
 
@@ -315,14 +305,10 @@ def _steps(run: Run, state: TrainerState, stop_after_steps: int | None) -> Train
             with accelerator.autocast():
                 noisy = features.noisy_inputs(model, latents, noise, timesteps, batch, state.global_step)
                 target = run.objective.target(latents, noise, timesteps)
-                # regularisation rows: the base model's own prediction, from the cached prompts (the base
-                # text encoders'), before the trained pass so that CREPA sees that one
-                if run.prior is not None:
-                    target = run.prior.target(noisy, timesteps, batch, target)
-                if run.text_encoders is not None:  # train_text_encoder: the captions encoded now
-                    batch = run.text_encoders.encode(batch)
+                target = features.target(noisy, timesteps, batch, target)  # prior preservation's rows
+                batch = features.encode_batch(batch)  # train_text_encoder: the captions encoded now
                 prediction = run.family.model_forward(run.components, run.denoiser, noisy, timesteps, batch)
-            sample_weights = run.prior.weights(batch, prediction.device) if run.prior is not None else None
+            sample_weights = features.sample_weights(batch, prediction.device)  # prior_loss_weight
             loss = diffusion_loss(
                 run.family,
                 run.objective,
@@ -361,8 +347,7 @@ def _steps(run: Run, state: TrainerState, stop_after_steps: int | None) -> Train
 def _clip_and_step(run: Run) -> None:
     """Clip the gradients once they are whole (the last micro-batch), then the optimizer and schedule step."""
     if run.accelerator.sync_gradients:
-        if run.text_encoders is not None:
-            run.text_encoders.average_gradients(run.accelerator)
+        run.features.average_gradients(run.accelerator)  # the text encoders' (DDP averages the denoiser's)
         clip_gradients(run.accelerator, run.optimizer, run.config)
     run.optimizer.step()
     step_lr_schedule(run.lr_scheduler, run.optimizer, run.accelerator.sync_gradients)
@@ -395,7 +380,6 @@ def _maybe_checkpoint(run: Run, state: TrainerState) -> None:
     state.sampler = run.data.sampler.state_dict()
     state.noise_generator = run.noise_generator.get_state()
     state.extra = run.features.state_dict()
-    state.extra |= run.text_encoders.state_dict() if run.text_encoders else {}
     trainable, optimizer_state = checkpoint_parts(run.model, run.optimizer)  # gathered under FSDP2
     if not run.accelerator.is_main_process:
         return
@@ -428,10 +412,8 @@ def _finish(run: Run, state: TrainerState, result: TrainResult, loaded: LoadedCo
         full_state = full_trainable_state(model) if run.sharded else None
         if accelerator.is_main_process:
             result.lora_path, result.model_path = save_final_weights(
-                run.family, model, config, output_dir, full_state
+                run.family, model, config, output_dir, full_state, run.features.text_encoders
             )
-            if run.text_encoders is not None:
-                run.text_encoders.save(result.lora_path)
             saved = str(result.lora_path or result.model_path)
             bus.emit("saved", {"step": state.global_step, "path": saved})
         result.validation_paths += maybe_validate(run.validation, state.global_step, final=True)

@@ -33,7 +33,8 @@ def adapter_disabled(model: torch.nn.Module, model_type: str) -> Iterator[None]:
 
 
 class PriorPreservation:
-    """Targets and weights of regularisation rows; built when some dataset is regularisation data."""
+    """Targets and weights of regularisation rows; a run's features build it when some dataset is
+    regularisation data (`TrainingFeatures.attach`)."""
 
     def __init__(self, family, components, model: torch.nn.Module, model_type: str, weight: float) -> None:
         self.family = family
@@ -61,12 +62,3 @@ class PriorPreservation:
             return None
         ones = torch.ones(rows.shape, device=device)
         return torch.where(rows.to(device), ones * self.weight, ones)
-
-
-def build_prior(family, components, model: torch.nn.Module, config, datasets) -> PriorPreservation | None:
-    """PriorPreservation when an enabled training dataset is regularisation data, else None."""
-    if not any(
-        d.is_regularisation_data and not d.disabled and d.dataset_type in ("image", "video") for d in datasets
-    ):
-        return None
-    return PriorPreservation(family, components, model, config.model_type, config.prior_loss_weight)

@@ -226,10 +226,13 @@ def save_final_weights(
     config: TrainConfig,
     output_dir: Path,
     full_state: dict[str, torch.Tensor] | None = None,
+    text_encoders=None,
 ) -> tuple[Path | None, Path | None]:
     """pytorch_lora_weights.safetensors for LoRA (plus the ComfyUI layout on request), else the model.
 
     `full_state`: the gathered trainable weights of a sharded (FSDP2) model, written instead of its shards.
+    `text_encoders`: the trained text encoders' LoRA (TextEncoderTraining), written into the same file
+    before the ComfyUI export reads it.
     """
     from difftune.training.distributed import lora_from_full_state, save_full_model
 
@@ -245,6 +248,8 @@ def save_final_weights(
 
         lora = lora_state_dict(model) if full_state is None else lora_from_full_state(model, full_state)
         path = family.save_lora(output_dir, lora)
+        if text_encoders is not None:
+            text_encoders.save(path)
         if config.lora_format == "comfyui":
             export_comfyui(
                 path,

@@ -5,7 +5,8 @@ gradients, instead of reading the text cache; the encoders' LoRA weights train i
 parameter group at `text_encoder_lr` (default learning_rate), follow the same schedule, are averaged
 over processes like the denoiser's gradients, are stored in checkpoints, and are saved into
 pytorch_lora_weights.safetensors in the pipeline's layout (SDXL: "text_encoder." and "text_encoder_2."
-keys), so the stock pipeline's load_lora_weights loads them. Validation runs with them.
+keys), so the stock pipeline's load_lora_weights loads them. Validation runs with them. The run's
+features (`TrainingFeatures`) build it and call it at their named points.
 """
 
 from __future__ import annotations
@@ -109,8 +110,3 @@ class TextEncoderTraining:
     def save(self, lora_file: Path) -> None:
         """Add the encoders' LoRA layers to the saved pytorch_lora_weights file."""
         self.family.save_text_encoder_lora(lora_file, self.layers(), self.metadata)
-
-
-def build_text_encoder_training(family, components, config) -> TextEncoderTraining | None:
-    """TextEncoderTraining when train_text_encoder, else None."""
-    return TextEncoderTraining(family, components, config) if config.train_text_encoder else None
