@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -10,10 +12,8 @@ PROMPTS = ["a red cat", "a much longer prompt about a small brown dog sitting in
 
 
 @pytest.fixture(scope="module")
-def t2i_folder(tmp_path_factory):
-    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
-
-    return build_tiny_kandinsky5_image(tmp_path_factory.mktemp("k5") / "t2i", seed=0)
+def t2i_folder(tiny_model):
+    return tiny_model("kandinsky5-image")
 
 
 def make_family(folder, **overrides) -> Kandinsky5ImageFamily:
@@ -29,9 +29,9 @@ def make_family(folder, **overrides) -> Kandinsky5ImageFamily:
 
 
 @pytest.fixture(scope="module")
-def loaded(t2i_folder):
-    family = make_family(t2i_folder)
-    return family, family.load(torch.device("cpu"), torch.float32)
+def loaded(t2i_folder, tiny_components):
+    """The family and the session's components of the folder, loaded by `family.load`."""
+    return make_family(t2i_folder), tiny_components("kandinsky5-image")
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +170,9 @@ def add_lora(family, transformer):
     return [p for n, p in transformer.named_parameters() if "lora_" in n]
 
 
-def test_lora_targets_and_nonzero_grads(t2i_folder):
+def test_lora_targets_and_nonzero_grads(t2i_folder, tiny_components):
     family = make_family(t2i_folder)
-    components = family.load(torch.device("cpu"), torch.float32)
+    components = tiny_components("kandinsky5-image", fresh_denoiser=True)
     transformer = components.denoiser
     transformer.requires_grad_(False)
     lora_params = add_lora(family, transformer)
@@ -195,13 +195,14 @@ def test_lora_targets_and_nonzero_grads(t2i_folder):
     assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
 
 
-def test_trained_lora_saves_and_loads_in_stock_pipeline(t2i_folder, tmp_path):
+def test_trained_lora_saves_and_loads_in_stock_pipeline(
+    t2i_folder, tiny_components, stock_pipeline, tmp_path
+):
     """lora_alpha != lora_rank: the stock pipeline must scale the loaded adapter as the trainer did."""
-    from diffusers import Kandinsky5T2IPipeline
     from peft.utils import get_peft_model_state_dict
 
     family = make_family(t2i_folder, lora_rank=4, lora_alpha=16)
-    components = family.load(torch.device("cpu"), torch.float32)
+    components = tiny_components("kandinsky5-image", fresh_denoiser=True)
     transformer = components.denoiser
     transformer.requires_grad_(False)
     optimizer = torch.optim.AdamW(add_lora(family, transformer), lr=1e-2)
@@ -228,7 +229,10 @@ def test_trained_lora_saves_and_loads_in_stock_pipeline(t2i_folder, tmp_path):
 
     assert all(k.startswith("transformer.") for k in load_file(path))
 
-    stock = Kandinsky5T2IPipeline.from_pretrained(t2i_folder)
+    # The stock pipeline as from_pretrained loaded it, with its own transformer to load the adapter into.
+    stock = type(stock_pipeline)(
+        **{**stock_pipeline.components, "transformer": copy.deepcopy(stock_pipeline.transformer)}
+    )
     sigmas = torch.tensor([0.4, 0.6])
     noisy = objective.add_noise(latents, noise, sigmas)
     with torch.no_grad():
@@ -267,15 +271,12 @@ def test_i2i_needs_a_conditioning_dataset():
     t2i.check([images])  # text-to-image needs none
 
 
-def test_i2i_model_forward_and_generate(tmp_path):
+def test_i2i_model_forward_and_generate(tiny_model, tiny_components):
     from PIL import Image
 
-    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
-
-    folder = build_tiny_kandinsky5_image(tmp_path / "i2i", seed=1, i2i=True)
-    family = make_family(folder)
+    family = make_family(tiny_model("kandinsky5-image", i2i=True))
     assert family.is_i2i
-    components = family.load(torch.device("cpu"), torch.float32)
+    components = tiny_components("kandinsky5-image", i2i=True)
     source = Image.new("RGB", (96, 64), (200, 30, 30))
     with pytest.raises(ValueError, match="source image"):
         family.encode_prompts(components, PROMPTS)
@@ -303,7 +304,9 @@ def test_i2i_model_forward_and_generate(tmp_path):
     assert images[0].size == (96, 64)
 
 
-def test_cached_i2i_prompt_embeddings_equal_the_stock_pipeline_with_a_real_processor(tmp_path):
+def test_cached_i2i_prompt_embeddings_equal_the_stock_pipeline_with_a_real_processor(
+    tiny_model, tiny_components, tmp_path
+):
     """The I2I folder holds a Qwen2-VL processor (PIL image processor, tiny vision tower): the source
     image goes through the vision tower into the prompt embeddings, in the cache as in the pipeline."""
     from diffusers import Kandinsky5I2IPipeline
@@ -312,11 +315,10 @@ def test_cached_i2i_prompt_embeddings_equal_the_stock_pipeline_with_a_real_proce
     from difftune.cache.text import TextEmbedCache
     from difftune.data.conditioning import encode_image_prompts, prompt_key
     from difftune.families.qwen_processor import load_qwen2_vl_processor
-    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
 
-    folder = build_tiny_kandinsky5_image(tmp_path / "i2i", seed=0, i2i=True)
+    folder = tiny_model("kandinsky5-image", i2i=True)
     family = make_family(folder, model_flavour="i2i-lite-sft")
-    components = family.load(torch.device("cpu"), torch.float32)
+    components = tiny_components("kandinsky5-image", i2i=True)
     assert type(components.tokenizers[0].image_processor).__name__ == "Qwen2VLImageProcessorPil"
     red, blue = Image.new("RGB", (96, 64), (200, 30, 30)), Image.new("RGB", (96, 64), (30, 30, 200))
     cache = TextEmbedCache(tmp_path / "cache", family.cache_identity())

@@ -156,7 +156,7 @@ def build_tiny_kandinsky5_image(path: str | Path, seed: int = 0, i2i: bool = Fal
     from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5I2IPipeline, Kandinsky5T2IPipeline
 
     from difftune.families.qwen_processor import PROCESSOR_CLASS
-    from difftune.testing.qwen import qwen2_tokenizer, qwen2_vl_processor
+    from difftune.testing.qwen import qwen2_tokenizer, qwen2_vl_processor, write_qwen2_tokenizer_files
     from difftune.testing.tokenizers import clip_tokenizer
 
     path = Path(path)
@@ -173,6 +173,7 @@ def build_tiny_kandinsky5_image(path: str | Path, seed: int = 0, i2i: bool = Fal
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
     )
     pipeline.save_pretrained(path)
+    write_qwen2_tokenizer_files(path / "tokenizer")  # a form that loads fast, see difftune.testing.qwen
     if i2i:  # the Hub layout: the tokenizer folder also holds the image processor, named a processor
         qwen2_vl_processor().image_processor.save_pretrained(path / "tokenizer")
         index_file = path / "model_index.json"

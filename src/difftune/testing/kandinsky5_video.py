@@ -58,7 +58,7 @@ def build_tiny_kandinsky5_video(path: str | Path, seed: int = 0, i2v: bool = Fal
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5I2VPipeline, Kandinsky5T2VPipeline
 
-    from difftune.testing.qwen import qwen2_tokenizer
+    from difftune.testing.qwen import qwen2_tokenizer, write_qwen2_tokenizer_files
     from difftune.testing.tokenizers import clip_tokenizer
 
     path = Path(path)
@@ -75,4 +75,5 @@ def build_tiny_kandinsky5_video(path: str | Path, seed: int = 0, i2v: bool = Fal
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
     )
     pipeline.save_pretrained(path)
+    write_qwen2_tokenizer_files(path / "tokenizer")  # a form that loads fast, see difftune.testing.qwen
     return path
