@@ -66,9 +66,9 @@ def test_tiny_model_loads_with_frozen_encoders(family_name, tiny_model):
     assert sum(p.numel() for p in components.denoiser.parameters()) < 5_000_000
 
 
-def test_prompt_pixel_and_prediction_shapes(family_name, tiny_model):
+def test_prompt_pixel_and_prediction_shapes(family_name, tiny_model, tiny_components):
     family = make_family(family_name, tiny_model)
-    components = family.load(CPU, torch.float32)
+    components = tiny_components(family_name)
     embeds = family.encode_prompts(components, PROMPTS)
     assert len(embeds) == len(PROMPTS) and all(embed.keys() == embeds[0].keys() for embed in embeds)
     pixels = pixels_for(family)
@@ -83,10 +83,10 @@ def test_prompt_pixel_and_prediction_shapes(family_name, tiny_model):
 
 
 def test_one_lora_step_lowers_the_loss_and_the_saved_adapter_loads_in_the_stock_pipeline(
-    family_name, tiny_model, tmp_path
+    family_name, tiny_model, tiny_components, tmp_path
 ):
     family = make_family(family_name, tiny_model)
-    components = family.load(CPU, torch.float32)
+    components = tiny_components(family_name, fresh_denoiser=True)
     attach_lora(components.denoiser, family, family.config)
     objective = family.objective(components)
     batch = batch_for(family, components)
@@ -105,7 +105,7 @@ def test_one_lora_step_lowers_the_loss_and_the_saved_adapter_loads_in_the_stock_
     assert float(after) < float(before.detach())
 
     family.save_lora(tmp_path, lora_state_dict(components.denoiser))
-    stock = family.load(CPU, torch.float32)
+    stock = tiny_components(family_name, fresh_denoiser=True)  # as loaded, without the adapter
     family.pipeline(stock, stock.denoiser).load_lora_weights(tmp_path)
     with torch.no_grad():
         noisy = objective.add_noise(batch["latents"], noise, timesteps)
@@ -114,9 +114,9 @@ def test_one_lora_step_lowers_the_loss_and_the_saved_adapter_loads_in_the_stock_
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)
 
 
-def test_generate_returns_the_asked_size(family_name, tiny_model, tmp_path):
+def test_generate_returns_the_asked_size(family_name, tiny_model, tiny_components, tmp_path):
     family = make_family(family_name, tiny_model)
-    components = family.load(CPU, torch.float32)
+    components = tiny_components(family_name)
     pipeline = family.pipeline(components, components.denoiser)
     frames = family.spec.frames_per_latent + 1 if family.is_video else None
     request = GenerationRequest("a red circle", SIZE, SIZE // 2, 1, 2.0, torch.Generator(), num_frames=frames)
@@ -134,7 +134,7 @@ def test_check_refuses_a_validation_size_off_the_pixel_grid(family_name, tiny_mo
     assert isinstance(family.check([]), list)
 
 
-def test_tread_routes_tokens_while_training_or_is_refused_at_load(family_name, tiny_model):
+def test_tread_routes_tokens_while_training_or_is_refused_at_load(family_name, tiny_model, tiny_components):
     family = make_family(family_name, tiny_model, tread_config={"routes": [ROUTE]})
     block = family.routable_block()
     if block is None:
@@ -142,7 +142,7 @@ def test_tread_routes_tokens_while_training_or_is_refused_at_load(family_name, t
             family.check([])
         return
     assert isinstance(family.check([]), list)
-    components = family.load(CPU, torch.float32)
+    components = tiny_components(family_name, fresh_denoiser=True)
     denoiser = components.denoiser.train()
     batch = batch_for(family, components)
     timesteps = family.objective(components).sample_timesteps(2, torch.Generator().manual_seed(0), CPU)
@@ -162,7 +162,7 @@ def test_tread_routes_tokens_while_training_or_is_refused_at_load(family_name, t
 
 
 def test_token_grid_cell_holds_the_token_of_that_latent_patch_or_crepa_is_refused_at_load(
-    family_name, tiny_model
+    family_name, tiny_model, tiny_components
 ):
     family = make_family(family_name, tiny_model, crepa_enabled=True)
     grid = family.token_grid()
@@ -173,7 +173,7 @@ def test_token_grid_cell_holds_the_token_of_that_latent_patch_or_crepa_is_refuse
             family.check([])
         return
     assert isinstance(family.check([]), list)
-    components = family.load(CPU, torch.float32)
+    components = tiny_components(family_name, fresh_denoiser=True)
     denoiser = components.denoiser
     batch = batch_for(family, components)
     timesteps = family.objective(components).sample_timesteps(2, torch.Generator().manual_seed(0), CPU)
