@@ -9,7 +9,11 @@ with ".lora_down.weight" (= lora_A), ".lora_up.weight" (= lora_B), ".alpha" (a s
 trained lora_alpha) and, for DoRA, ".dora_scale" (one value per output feature, shaped (out, 1)).
 ComfyUI maps "lora_unet_<diffusers module>" for SDXL (through its table of diffusers UNet names) and
 for Kandinsky 5 (whose module names in ComfyUI are diffusers' own); diffusers reads the SDXL layout
-back through its non-diffusers LoRA converter.
+back through its non-diffusers LoRA converter. Text-encoder weights (train_text_encoder, saved under
+"text_encoder." and "text_encoder_2.") take kohya's SDXL names "lora_te1_<module path>" (CLIP-L) and
+"lora_te2_<module path>" (CLIP-G), e.g. "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": the
+path in a CLIP text model checkpoint, under "text_model." (which transformers 5's CLIPTextModel leaves
+out of its module paths, and so of the saved keys, while CLIPTextModelWithProjection keeps it).
 
 DoRA: peft scales the adapted weight W + dW by m / ||W + dW|| (row norms), while ComfyUI scales it by
 dora_scale / ||W|| when dora_scale has one value per output row; the export therefore writes
@@ -30,6 +34,9 @@ if TYPE_CHECKING:
     from difftune.families.base import Family
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # where diffusers stores the LoraConfig in safetensors
+# kohya's name of each text encoder of a diffusers LoRA file, by its key prefix there (SDXL's two CLIPs)
+TEXT_ENCODER_NAMES = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+CLIP_ROOT = "text_model."  # where a CLIP checkpoint's (and so kohya's) module paths start
 _PEFT_SUFFIXES = {
     ".lora_A.weight": ".lora_down.weight",
     ".lora_B.weight": ".lora_up.weight",
@@ -67,8 +74,9 @@ def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().contiguous() for key, value in state.items()}
 
 
-def _read_lora_file(lora_file: Path, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and the denoiser's LoraConfig metadata (its keys without the "<prefix>." they are saved under)."""
+def _read_lora_file(lora_file: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Tensors and each part's LoraConfig metadata: {"unet": {...}, "text_encoder": {...}}, by the
+    "<part>." prefix the file's keys and metadata carry."""
     from safetensors import safe_open
 
     tensors = {}
@@ -76,11 +84,11 @@ def _read_lora_file(lora_file: Path, prefix: str) -> tuple[dict[str, torch.Tenso
         metadata = handle.metadata() or {}
         for key in handle.keys():
             tensors[key] = handle.get_tensor(key)
-    packed = json.loads(metadata.get(ADAPTER_METADATA_KEY, "{}"))
-    config = {
-        key.removeprefix(f"{prefix}."): value for key, value in packed.items() if key.startswith(f"{prefix}.")
-    }
-    return tensors, config
+    configs: dict[str, dict] = {}
+    for key, value in json.loads(metadata.get(ADAPTER_METADATA_KEY, "{}")).items():
+        part, _, name = key.partition(".")
+        configs.setdefault(part, {})[name] = value
+    return tensors, configs
 
 
 def _module_alpha(module: str, rank: int, config: dict) -> float:
@@ -117,18 +125,25 @@ def export_comfyui(
 ) -> Path:
     """Rewrite a pytorch_lora_weights.safetensors in the ComfyUI / kohya key layout; returns out_file.
 
-    `prefix` is the key prefix of the denoiser's weights in the file (`Family.adapter_prefix`). A DoRA
-    file needs `dora_scales` (from `comfyui_dora_scales` of the trained denoiser), since ComfyUI's
-    DoRA normalisation needs the base weights' norms.
+    `prefix` is the key prefix of the denoiser's weights in the file (`Family.adapter_prefix`), exported
+    as "lora_unet_"; the text encoders' ("text_encoder.", "text_encoder_2.") as TEXT_ENCODER_NAMES say.
+    A DoRA file needs `dora_scales` (from `comfyui_dora_scales` of the trained denoiser), since
+    ComfyUI's DoRA normalisation needs the base weights' norms.
     """
     from safetensors.torch import save_file
 
     lora_file, out_file = Path(lora_file), Path(out_file)
-    tensors, config = _read_lora_file(lora_file, prefix)
+    tensors, configs = _read_lora_file(lora_file)
+    names = {prefix: "lora_unet"} | TEXT_ENCODER_NAMES
     exported: dict[str, torch.Tensor] = {}
     ranks: set[int] = set()
     for key, value in tensors.items():
-        module_key = key.removeprefix(f"{prefix}.")
+        part, _, module_key = key.partition(".")
+        if part not in names:
+            raise ValueError(
+                f"{lora_file}: key '{key}' belongs to no part the ComfyUI export knows ({', '.join(names)}); "
+                "export needs a file written by save_lora"
+            )
         suffix = next((s for s in _PEFT_SUFFIXES if module_key.endswith(s)), None)
         if suffix is None:
             raise ValueError(
@@ -136,9 +151,10 @@ def export_comfyui(
                 "lora_magnitude_vector); export needs a file written by save_lora"
             )
         module = module_key[: -len(suffix)]
-        name = f"lora_unet_{module.replace('.', '_')}"
+        path = module if part == prefix or module.startswith(CLIP_ROOT) else CLIP_ROOT + module
+        name = f"{names[part]}_{path.replace('.', '_')}"
         if suffix == ".lora_magnitude_vector":
-            if dora_scales is None or module not in dora_scales:
+            if part != prefix or dora_scales is None or module not in dora_scales:
                 raise ValueError(
                     f"{lora_file}: '{key}' is a DoRA magnitude; exporting it for ComfyUI needs the trained "
                     "model's dora_scales (comfyui_dora_scales), which save_final_weights passes"
@@ -148,14 +164,14 @@ def export_comfyui(
         if suffix == ".lora_A.weight":
             rank = value.shape[0]
             ranks.add(rank)
-            exported[name + ".alpha"] = torch.tensor(_module_alpha(module, rank, config))
+            exported[name + ".alpha"] = torch.tensor(_module_alpha(module, rank, configs.get(part, {})))
     if not ranks:
         raise ValueError(f"{lora_file}: no LoRA weights (lora_A) found to export")
     out_file.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(max(ranks)),
-        "ss_network_alpha": str(config.get("lora_alpha", max(ranks))),
+        "ss_network_alpha": str(configs.get(prefix, {}).get("lora_alpha", max(ranks))),
     }
     save_file(exported, str(out_file), metadata=metadata)
     return out_file
