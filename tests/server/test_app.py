@@ -282,3 +282,75 @@ def test_a_missing_lycoris_file_is_written_only_as_json_inside_the_working_folde
     assert response.json()["detail"][0]["key"] == "lycoris_config"
     target = Path(where) if Path(where).is_absolute() else workdir / where
     assert not target.exists()
+
+
+# -- the loader's warnings ----------------------------------------------------------------------------
+def test_saving_the_config_answers_with_the_warnings_a_run_starts_with(make_client, workdir):
+    # a cosmetic key of the original tool, a key given twice, and a video dataset whose frame count the
+    # family's VAE cannot take (a warning of the whole load: config and datasets together)
+    clips = {"id": "clips", "type": "local", "dataset_type": "video", "instance_data_dir": "datasets/cats"}
+    clips["video"] = {"num_frames": 48}
+    (workdir / "config" / "multidatabackend.json").write_text(json.dumps([clips]))
+    body = '{"model_family": "kandinsky5-video", "model_type": "lora", "output_dir": "out", '
+    body += '"disable_tf32": true, "max_train_steps": 2, "max_train_steps": 3}'
+    response = make_client().put("/api/config", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    warnings = response.json()["warnings"]
+    assert any(
+        w.startswith("config/config.json: the key 'max_train_steps' is given 2 times") for w in warnings
+    ), warnings
+    assert any(w.startswith("config/config.json: 'disable_tf32'") and "ignores" in w for w in warnings)
+    assert any(
+        w.startswith("config/multidatabackend.json, dataset 'clips' (index 0): 'video.num_frames' is 48")
+        and "training on 45 frames instead" in w
+        for w in warnings
+    ), warnings
+    assert len(warnings) == len(set(warnings)) == 3
+    assert json.loads((workdir / "config" / "config.json").read_text())["max_train_steps"] == 3
+
+
+def test_the_config_file_is_served_with_its_warnings(make_client, workdir):
+    (workdir / "config" / "config.json").write_text(
+        '{"model_family": "sdxl", "model_type": "lora", "output_dir": "out", "output_dir": "out2"}'
+    )
+    warnings = make_client().get("/api/config").json()["warnings"]
+    assert warnings == [
+        "config/config.json: the key 'output_dir' is given 2 times in one object; only the last value is "
+        "used, so remove the others"
+    ]
+
+
+def test_saving_the_datasets_answers_with_the_warnings_a_run_starts_with(make_client, workdir):
+    config = {"model_family": "kandinsky5-video", "model_type": "lora", "output_dir": "out"}
+    (workdir / "config" / "config.json").write_text(json.dumps(config))
+    clips = {"id": "clips", "type": "local", "dataset_type": "video", "instance_data_dir": "datasets/cats"}
+    response = make_client().put("/api/datasets", json=[{**clips, "video": {"num_frames": 30}}])
+    assert response.status_code == 200, response.text
+    assert [w for w in response.json()["warnings"] if "num_frames" in w] == [
+        "config/multidatabackend.json, dataset 'clips' (index 0): 'video.num_frames' is 30, but "
+        "kandinsky5-video needs (frames - 1) divisible by 4 (its VAE compresses time 4x); training on 29 "
+        "frames instead"
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, use_dora, says",
+    [
+        ('{"algo": "lokr",, }', False, "config/lycoris_config.json, line 1, column 17: not valid JSON"),
+        # a check across the two files, as `difftune train` makes it
+        (
+            '{"algo": "lokr", "multiplier": 1, "linear_dim": 4, "linear_alpha": 1}',
+            True,
+            "config/lycoris_config.json: use_dora is a LoRA setting",
+        ),
+    ],
+)
+def test_the_form_checks_the_lycoris_file_as_a_run_does(make_client, workdir, text, use_dora, says):
+    (workdir / "config" / "lycoris_config.json").write_text(text)
+    before = (workdir / "config" / "config.json").read_text()
+    config = {"model_family": "sdxl", "model_type": "lycoris", "use_dora": use_dora}
+    response = make_client().put("/api/config", json=config)
+    assert response.status_code == 422
+    error = response.json()["detail"][0]
+    assert error["key"] == "lycoris_config" and error["message"].startswith(says), error
+    assert (workdir / "config" / "config.json").read_text() == before

@@ -48,6 +48,49 @@ def test_config_tab_shows_help_defaults_and_allowed_values_by_group(page):
     assert len(helps) > 100 and all(helps)
 
 
+def test_config_tab_shows_the_loaders_warnings_on_load_and_after_saving(page, workdir):
+    config = workdir / "config" / "config.json"
+    config.write_text(
+        '{"model_family": "sdxl", "model_type": "lora", "output_dir": "out", "output_dir": "out", '
+        '"disable_tf32": true}'
+    )
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    shown = page.locator("#config-warnings li").all_inner_texts()
+    assert shown[0] == (
+        "warning: config/config.json: the key 'output_dir' is given 2 times in one object; only the last "
+        "value is used, so remove the others"
+    )
+    assert len(shown) == 2 and shown[1].startswith("warning: config/config.json: 'disable_tf32' is a setting")
+
+    page.click("#config-save")  # the saved file keeps neither, but the save says what was ignored
+    page.wait_for_function("() => document.querySelector('#config-status').textContent.startsWith('saved')")
+    shown = page.locator("#config-warnings li").all_inner_texts()
+    assert len(shown) == 1 and "'disable_tf32'" in shown[0] and "ignores" in shown[0]
+    assert "disable_tf32" not in json.loads(config.read_text())
+
+    # a warning's text is shown as text: a key that looks like markup stays words on the page
+    config.write_text('{"model_family": "sdxl", "<img src=x id=injected>": 1, "<img src=x id=injected>": 2}')
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.wait_for_selector("#config-warnings li")
+    assert "the key '<img src=x id=injected>' is given 2 times" in page.inner_text("#config-warnings")
+    assert page.locator("#injected").count() == 0
+
+
+def test_config_tab_names_a_broken_lycoris_file(page, workdir):
+    (workdir / "config" / "lycoris_config.json").write_text('{"algo": "lokr",, }')
+    page.locator('#config-form [data-key="model_type"]').select_option("lycoris")
+    page.click("#config-save")
+    page.wait_for_selector("#config-errors li")
+    assert page.inner_text("#config-errors").startswith(
+        "config/config.json: lycoris_config: config/lycoris_config.json, line 1, column 17: not valid JSON"
+    )
+    assert page.locator(".field.invalid [data-key=lycoris_config]").count() == 1
+    assert page.inner_text("#config-status") == "not saved"
+    assert json.loads((workdir / "config" / "config.json").read_text())["model_type"] == "lora"
+
+
 def test_a_failed_job_replaces_the_previous_run(page, workdir, monkeypatch):
     monkeypatch.setenv("FAKE_STEP_SECONDS", "0.1")
     page.click("#tabs button[data-tab=training]")

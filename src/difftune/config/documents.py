@@ -12,19 +12,23 @@ from difftune.errors import ConfigError
 MAX_JSON_DEPTH = 32
 
 
-def read_document(path: Path, what: str = "config", warnings: list[str] | None = None) -> Any:
+def read_document(
+    path: Path, what: str = "config", warnings: list[str] | None = None, folder: Path | None = None
+) -> Any:
     """Parse a JSON or TOML file; syntax errors name the file, line and column.
 
-    A key given twice in one JSON object is added to `warnings` (JSON keeps the last value silently).
+    A relative `path` is read from `folder` (None: the working directory); messages name `path` as
+    given. A key given twice in one JSON object is added to `warnings` (JSON keeps the last value silently).
     """
-    if not path.is_file():
+    file = path if folder is None or path.is_absolute() else folder / path
+    if not file.is_file():
         raise ConfigError(
             f"{path}: {what} file not found (relative paths are read from the working directory "
-            f"{Path.cwd()}); create it (`difftune configure` writes one) or point to it"
+            f"{folder or Path.cwd()}); create it (`difftune configure` writes one) or point to it"
             + (" with --config PATH" if what == "config" else f" with the '{what}' key")
         )
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: not a text file ({exc.reason} at byte {exc.start}); the {what} file must be UTF-8 JSON"
@@ -32,7 +36,7 @@ def read_document(path: Path, what: str = "config", warnings: list[str] | None =
     if path.suffix.lower() == ".toml":
         document = _parse_toml(path, text)
     else:
-        document = _parse_json(path, text, warnings if warnings is not None else [])
+        document = parse_json(path, text, warnings if warnings is not None else [])
     if _deeper_than(document, MAX_JSON_DEPTH):
         raise ConfigError(
             f"{path}: nested more than {MAX_JSON_DEPTH} levels deep; settings files need only a few "
@@ -41,7 +45,8 @@ def read_document(path: Path, what: str = "config", warnings: list[str] | None =
     return document
 
 
-def _parse_json(path: Path, text: str, warnings: list[str]) -> Any:
+def parse_json(path: Path, text: str, warnings: list[str]) -> Any:
+    """JSON `text` of the file `path` (named in messages); a key given twice in an object is a warning."""
     repeated: dict[str, int] = {}
 
     def keep_last(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -49,21 +49,26 @@ def load_config(
     overrides: dict[str, Any] | None = None,
     *,
     data_config_path: str | Path | None = None,
+    folder: Path | None = None,
 ) -> LoadedConfig:
     """Read, check and type a config file (default config/config.json) and its data backend config.
 
     `overrides` (e.g. from `parse_cli_overrides`) replace the file's values, with the same aliasing
-    and checks. Raises ConfigError listing every problem found.
+    and checks. Relative paths (the config, data backend and LyCORIS files) are read from `folder`,
+    None meaning the working directory, as `difftune train` reads them; messages name them as given.
+    Raises ConfigError listing every problem found.
     """
     source = Path(path) if path is not None else _default_config_path()
     warnings: list[str] = []
-    document = read_document(source, warnings=warnings)
+    document = read_document(source, warnings=warnings, folder=folder)
     if not isinstance(document, dict):
         raise ConfigError(
             f'{source}: must hold one JSON object of settings ({{"key": value, ...}}), '
             f"found {validate.describe_kind(document)}"
         )
-    settings = check_train_settings(document, str(source), overrides, data_config_path, warnings)
+    settings = check_train_settings(
+        document, str(source), overrides, data_config_path, warnings, folder=folder
+    )
     _raise_if_any(settings.problems)
     train, inline_datasets = settings.train, settings.inline_datasets
     assert train is not None
@@ -72,7 +77,9 @@ def load_config(
         data_source, raw_datasets, data_where = None, inline_datasets, f"{source} ({INLINE_DATASETS_KEY})"
     else:
         data_source = Path(train.data_backend_config)
-        raw_datasets = read_document(data_source, what="data_backend_config", warnings=warnings)
+        raw_datasets = read_document(
+            data_source, what="data_backend_config", warnings=warnings, folder=folder
+        )
         data_where = str(data_source)
     all_datasets = _load_datasets(raw_datasets, data_where, train, warnings)
     warnings += _family_check(train, all_datasets, source)
@@ -106,11 +113,13 @@ def check_train_settings(
     data_config_path: str | Path | None = None,
     warnings: list[str] | None = None,
     read_lycoris_file: bool = True,
+    folder: Path | None = None,
 ) -> TrainSettings:
     """Read the train settings of a config document (`source` names it in messages); never raises.
 
     `load_config` and the web form both take this path, so they accept and refuse the same keys.
-    `read_lycoris_file` False leaves the lycoris_config file to the caller (the form writes a missing one).
+    `read_lycoris_file` False leaves the lycoris_config file to the caller (the form writes a missing
+    one first); a relative lycoris_config is read from `folder` (None: the working directory).
     """
     warnings = [] if warnings is None else warnings
     problems: list[str] = []
@@ -157,7 +166,7 @@ def check_train_settings(
         train = resolve_memory_settings(train, origin, warnings, problems)
         problems.extend(_package_problems(train, origin))
     if train is not None and train.model_type == "lycoris" and read_lycoris_file:
-        problems.extend(_lycoris_problems(train, warnings))
+        problems.extend(_lycoris_problems(train, warnings, folder))
     if problems or family is None:
         train = None
     return TrainSettings(train, given, inline_datasets, warnings, problems)
@@ -367,12 +376,12 @@ def _missing_package(precision: str) -> str | None:
     return None if found else package
 
 
-def _lycoris_problems(train: TrainConfig, warnings: list[str]) -> list[str]:
+def _lycoris_problems(train: TrainConfig, warnings: list[str], folder: Path | None) -> list[str]:
     """The lycoris_config file of a LyCORIS run, read and checked against the rest of the config."""
     from difftune.config.lycoris import check_lycoris_run, read_lycoris_config
 
     try:
-        settings = read_lycoris_config(train.lycoris_config)
+        settings = read_lycoris_config(train.lycoris_config, folder)
     except ConfigError as exc:
         return [str(exc)]
     if train.lora_format == "comfyui":

@@ -112,12 +112,15 @@ _HINTS = {
 }
 
 
-def read_lycoris_config(path: str | Path) -> LycorisSettings:
-    """Parse and check a lycoris_config file; a ConfigError names the file, the key and the fix."""
+def read_lycoris_config(path: str | Path, folder: Path | None = None) -> LycorisSettings:
+    """Parse and check a lycoris_config file; a ConfigError names the file, the key and the fix.
+
+    A relative `path` is read from `folder` (None: the working directory).
+    """
     from difftune.config.documents import read_document
 
     path = Path(path)
-    document = read_document(path, what="lycoris_config")
+    document = read_document(path, what="lycoris_config", folder=folder)
     if not isinstance(document, dict):
         raise ConfigError(
             f'{path}: must hold one JSON object ({{"algo": "lokr", "multiplier": 1.0, '

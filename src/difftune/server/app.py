@@ -49,6 +49,7 @@ from difftune.server.files import list_folder, resolve_inside, thumbnail_png, us
 from difftune.server.forms import (
     check_train,
     normalize_keys,
+    run_warnings,
     schema_groups,
     validate_datasets,
     validate_train,
@@ -163,23 +164,29 @@ def create_app(
 
     @app.get("/api/config")
     def get_config() -> dict[str, Any]:
+        exists = (workdir / CONFIG_FILE).is_file()
         return {
             "file": CONFIG_FILE.as_posix(),
-            "exists": (workdir / CONFIG_FILE).is_file(),
+            "exists": exists,
             "config": read_json(CONFIG_FILE, {}),
+            "warnings": run_warnings(workdir, CONFIG_FILE) if exists else [],
         }
 
     @app.put("/api/config")
     async def put_config(request: Request) -> Response:
-        body = parse_body(await request.body(), CONFIG_FILE)
-        config, errors, warnings = check_train(body)  # the loader of `difftune train`
+        body_warnings: list[str] = []
+        body = parse_body(await request.body(), CONFIG_FILE, body_warnings)
+        config, errors, _ = check_train(body)  # the loader of `difftune train`
         errors = non_finite(body) or errors or resume_outside_output_dir(config, workdir)
-        errors = errors or lycoris_settings(config, workdir)
+        errors = errors or write_missing_lycoris_file(config, workdir)
+        if not errors:  # now that every file it names is there: all of its checks, as the run makes them
+            config, errors, _ = await run_in_threadpool(check_train, body, workdir)
         errors = errors or await run_in_threadpool(
             save_config_file, workdir / CONFIG_FILE, config, validate_train
         )
         if errors:
             return _unprocessable(CONFIG_FILE, errors)
+        warnings = body_warnings + await run_in_threadpool(run_warnings, workdir, CONFIG_FILE, body)
         return JSONResponse({"file": CONFIG_FILE.as_posix(), "config": config, "warnings": warnings})
 
     @app.get("/api/datasets")
@@ -200,7 +207,8 @@ def create_app(
         )
         if errors:
             return _unprocessable(DATASETS_FILE, errors)
-        return JSONResponse({"file": DATASETS_FILE.as_posix(), "datasets": entries})
+        warnings = await run_in_threadpool(run_warnings, workdir, CONFIG_FILE)
+        return JSONResponse({"file": DATASETS_FILE.as_posix(), "datasets": entries, "warnings": warnings})
 
     # -- dataset browser --------------------------------------------------------------------------
     @app.get("/api/datasets/{dataset_id}/files")
@@ -319,16 +327,14 @@ def resume_outside_output_dir(config: dict[str, Any], workdir: Path) -> list[dic
     return [{"key": "resume_from_checkpoint", "value": value, "message": message}]
 
 
-def lycoris_settings(config: dict[str, Any], workdir: Path) -> list[dict[str, Any]]:
-    """For a LyCORIS run: the lycoris_config file's problems as form errors; a missing file is written
-    with the wizard's LoKr settings for the family (as `difftune configure` does), so the run trains."""
+def write_missing_lycoris_file(config: dict[str, Any], workdir: Path) -> list[dict[str, Any]]:
+    """For a LyCORIS run whose lycoris_config file is missing: write it with the wizard's LoKr settings
+    for the family (as `difftune configure` does), so the run trains; an error when it may not."""
     lycoris = config.get("model_type") == "lycoris" or (
         config.get("model_type") == "lora" and str(config.get("lora_type", "")).lower() == "lycoris"
     )
     if not lycoris:
         return []
-    from difftune.config import ConfigError
-    from difftune.config.lycoris import read_lycoris_config
     from difftune.configure import LYCORIS_FILE, lycoris_file
 
     value = str(config.get("lycoris_config") or LYCORIS_FILE.as_posix())
@@ -342,10 +348,6 @@ def lycoris_settings(config: dict[str, Any], workdir: Path) -> list[dict[str, An
             )
             return [{"key": "lycoris_config", "value": value, "message": message}]
         replace_atomically(path, json.dumps(lycoris_file(str(config["model_family"])), indent=2) + "\n")
-    try:
-        read_lycoris_config(path)
-    except ConfigError as exc:
-        return [{"key": "lycoris_config", "value": value, "message": str(exc)}]
     return []
 
 

@@ -18,6 +18,9 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from difftune.config.documents import parse_json
+from difftune.errors import ConfigError
+
 # (parsed body) -> (the values to save, errors as [{"key", "value", "message"}])
 Validator = Callable[[Any], tuple[Any, list[dict[str, Any]]]]
 
@@ -40,14 +43,17 @@ def non_finite(value: Any, key: str = "") -> list[dict[str, Any]]:
     return []
 
 
-def parse_body(raw: bytes, file: Path) -> Any:
-    """A request body as JSON; 400 naming `file` when it is not JSON or is nested too deeply."""
+def parse_body(raw: bytes, file: Path, warnings: list[str] | None = None) -> Any:
+    """A request body as JSON; 400 naming `file` when it is not JSON or is nested too deeply.
+
+    A key given twice in one object is added to `warnings`, as the loader reports it in a file.
+    """
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return parse_json(file, raw.decode("utf-8"), [] if warnings is None else warnings)
+    except UnicodeDecodeError as exc:
         raise HTTPException(400, f"the body for {file.as_posix()} is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise HTTPException(400, f"the body for {file.as_posix()} is nested too deeply") from None
+    except ConfigError as exc:
+        raise HTTPException(400, f"the body for {exc}") from None
 
 
 def read_config_file(path: Path, shown: Path, empty: Any) -> Any:

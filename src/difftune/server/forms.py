@@ -11,16 +11,19 @@ from __future__ import annotations
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from difftune.config.documents import read_document
 from difftune.config.keys import TRAIN_ALIASES
-from difftune.config.load import check_train_settings, dataset_entry_values
+from difftune.config.load import check_train_settings, dataset_entry_values, load_config
 from difftune.config.schema import CaptionShuffle, DatasetConfig, TrainConfig, VideoConfig
 from difftune.config.validate import canonical_keys, prepare_values, validate_model
+from difftune.errors import ConfigError
 from difftune.families import registry
 from difftune.server.fieldhelp import CAPTION_SHUFFLE_HELP, DATASET_HELP, TRAIN_HELP, VIDEO_HELP
 
@@ -150,19 +153,30 @@ def normalize_keys(raw: dict[str, Any]) -> dict[str, Any]:
     return canonical_keys(raw, TRAIN_ALIASES, frozenset(TrainConfig.model_fields), "form", [])
 
 
-def check_train(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+def check_train(
+    raw: Any, folder: Path | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
     """Check a config.json body as `difftune train` does; returns (the settings it gives, typed; errors;
-    the loader's warnings). Original-tool keys come back translated (lora_type -> model_type)."""
+    the loader's warnings). Original-tool keys come back translated (lora_type -> model_type).
+
+    With `folder` (the working folder of the run) the lycoris_config file is read from it and checked
+    as the run checks it; without, it is not read (the form writes a missing one first).
+    """
     if not isinstance(raw, dict):
         return (
             {},
             [{"key": "", "value": None, "message": "config.json must be a JSON object of key: value"}],
             [],
         )
-    settings = check_train_settings(raw, _SOURCE, read_lycoris_file=False)
+    settings = check_train_settings(raw, _SOURCE, read_lycoris_file=folder is not None, folder=folder)
     if settings.train is None:
         given = {**{str(k).lstrip("-"): v for k, v in raw.items()}, **normalize_keys(raw)}
-        return {}, [_problem(message, given) for message in settings.problems], settings.warnings
+        lycoris_file = str(given.get("lycoris_config") or TrainConfig.model_fields["lycoris_config"].default)
+        errors = [_problem(message, given) for message in settings.problems]
+        for error in errors:  # the LyCORIS file's own messages begin by naming it: shown at its field
+            if lycoris_file in error["message"].split(": ", 1)[0]:
+                error.update(key="lycoris_config", value=lycoris_file)
+        return {}, errors, settings.warnings
     config = settings.train.model_dump(include=settings.given, mode="json")
     return config, [], [w.removeprefix(f"{_SOURCE}: ") for w in settings.warnings]
 
@@ -171,6 +185,26 @@ def validate_train(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`check_train` without the warnings (what the validate-first save calls)."""
     config, errors, _ = check_train(raw)
     return config, errors
+
+
+def run_warnings(folder: Path, config_file: Path, document: Any = None) -> list[str]:
+    """The warnings `difftune train` starts with for the config in `folder`, each naming its file.
+
+    `document` is the config as sent (its keys the saved file may drop, such as ignored ones, warn
+    too), else the file's. Then the whole load of the saved files: datasets and the family's checks.
+    When the datasets do not load (yet), only the config's warnings: what stops the load is for the
+    Datasets tab (and the run) to report.
+    """
+    warnings: list[str] = []
+    try:
+        if document is None:
+            document = read_document(config_file, warnings=warnings, folder=folder)
+        if isinstance(document, dict):
+            check_train_settings(document, config_file.as_posix(), warnings=warnings, folder=folder)
+        warnings += load_config(config_file, folder=folder).warnings
+    except ConfigError:
+        pass
+    return list(dict.fromkeys(warnings))  # the file's own warnings come again with the whole load
 
 
 _SOURCE = "config.json"

@@ -50,6 +50,11 @@ function showErrors(listId, payload) {
   }
 }
 
+// The loader's warnings (what `difftune train` would start with), each naming its file; text only.
+function showWarnings(listId, warnings) {
+  $(listId).replaceChildren(...(warnings || []).map((text) => el("li", {}, "warning: " + text)));
+}
+
 function normalizeKeys(raw) {
   const out = {};
   for (const [key, value] of Object.entries(raw || {})) {
@@ -171,6 +176,7 @@ async function loadConfig() {
   loadedConfig = normalizeKeys(result.data.config);
   buildConfigForm();
   $("config-status").textContent = result.data.exists ? "" : "no config yet: fill in and save";
+  showWarnings("config-warnings", result.data.warnings);
 }
 
 async function saveConfig() {
@@ -179,9 +185,11 @@ async function saveConfig() {
     loadedConfig = result.data.config;
     showErrors("config-errors", null);
     $("config-status").textContent = "saved " + result.data.file;
+    showWarnings("config-warnings", result.data.warnings);
   } else {
     $("config-status").textContent = "not saved";
     showErrors("config-errors", result.data);
+    showWarnings("config-warnings", null);
   }
 }
 
@@ -234,9 +242,11 @@ async function saveDatasets() {
     renderDatasets();
     showErrors("datasets-errors", null);
     $("datasets-status").textContent = "saved " + result.data.file;
+    showWarnings("datasets-warnings", result.data.warnings);
   } else {
     $("datasets-status").textContent = "not saved";
     showErrors("datasets-errors", result.data);
+    showWarnings("datasets-warnings", null);
   }
 }
 
