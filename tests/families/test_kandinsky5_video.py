@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -12,17 +14,13 @@ FRAMES, WIDTH, HEIGHT = 9, 48, 32  # 9 frames -> 3 latent frames; 48x32 -> 6x4 l
 
 
 @pytest.fixture(scope="module")
-def t2v_folder(tmp_path_factory):
-    from difftune.testing.kandinsky5_video import build_tiny_kandinsky5_video
-
-    return build_tiny_kandinsky5_video(tmp_path_factory.mktemp("k5v") / "t2v", seed=0)
+def t2v_folder(tiny_model):
+    return tiny_model("kandinsky5-video")
 
 
 @pytest.fixture(scope="module")
-def i2v_folder(tmp_path_factory):
-    from difftune.testing.kandinsky5_video import build_tiny_kandinsky5_video
-
-    return build_tiny_kandinsky5_video(tmp_path_factory.mktemp("k5v") / "i2v", seed=1, i2v=True)
+def i2v_folder(tiny_model):
+    return tiny_model("kandinsky5-video", i2v=True)
 
 
 def make_family(folder, **overrides) -> Kandinsky5VideoFamily:
@@ -38,9 +36,9 @@ def make_family(folder, **overrides) -> Kandinsky5VideoFamily:
 
 
 @pytest.fixture(scope="module")
-def loaded(t2v_folder):
-    family = make_family(t2v_folder)
-    return family, family.load(torch.device("cpu"), torch.float32)
+def loaded(t2v_folder, tiny_components):
+    """The family and the session's components of the folder, loaded by `family.load`."""
+    return make_family(t2v_folder), tiny_components("kandinsky5-video")
 
 
 @pytest.fixture(scope="module")
@@ -163,14 +161,14 @@ def add_lora(family, transformer):
     return [p for n, p in transformer.named_parameters() if "lora_" in n]
 
 
-def test_t2v_lora_trains_and_loads_in_stock_pipeline(t2v_folder, video_pixels, tmp_path):
+def test_t2v_lora_trains_and_loads_in_stock_pipeline(t2v_folder, tiny_components, video_pixels, tmp_path):
     """lora_alpha != lora_rank: the stock pipeline must scale the loaded adapter as the trainer did."""
     from diffusers import Kandinsky5T2VPipeline
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
     family = make_family(t2v_folder, lora_rank=4, lora_alpha=16)
-    components = family.load(torch.device("cpu"), torch.float32)
+    components = tiny_components("kandinsky5-video", fresh_denoiser=True)
     transformer = components.denoiser
     transformer.requires_grad_(False)
     optimizer = torch.optim.AdamW(add_lora(family, transformer), lr=1e-2)
@@ -208,10 +206,10 @@ def test_t2v_lora_trains_and_loads_in_stock_pipeline(t2v_folder, video_pixels, t
     assert (before - trained).abs().max() > 1e-3
 
 
-def test_i2v_conditions_on_the_first_frame_and_masks_it(i2v_folder, video_pixels):
+def test_i2v_conditions_on_the_first_frame_and_masks_it(i2v_folder, tiny_components, video_pixels):
     family = make_family(i2v_folder)
     assert family.is_i2v
-    components = family.load(torch.device("cpu"), torch.float32)
+    components = tiny_components("kandinsky5-video", fresh_denoiser=True, i2v=True)  # gets gradients
     transformer = components.denoiser
     latents = family.encode_pixels(components, video_pixels)
     batch = make_batch(family, components, latents)
@@ -265,10 +263,10 @@ def test_i2v_conditions_on_the_first_frame_and_masks_it(i2v_folder, video_pixels
     assert prediction.grad[:, :, 1:].abs().min() > 0
 
 
-def test_i2v_without_conditioning_latents_uses_the_first_latent_frame(i2v_folder):
+def test_i2v_without_conditioning_latents_uses_the_first_latent_frame(i2v_folder, tiny_components):
     events = []
     family = Kandinsky5VideoFamily(make_family(i2v_folder).config, lambda kind, data: events.append(data))
-    components = family.load(torch.device("cpu"), torch.float32)
+    components = tiny_components("kandinsky5-video", i2v=True)
     latents = torch.randn(2, 16, 3, 4, 6)
     batch = make_batch(family, components, latents)
     sigmas = torch.tensor([0.5, 0.5])
@@ -336,12 +334,12 @@ def test_generate_and_save_validation_writes_an_mp4(loaded, tmp_path):
         )
 
 
-def test_i2v_generate_without_an_image_makes_its_own_first_frame(i2v_folder):
+def test_i2v_generate_without_an_image_makes_its_own_first_frame(i2v_folder, tiny_components):
     import numpy as np
     from PIL import Image
 
     family = make_family(i2v_folder, validation_num_video_frames=17)
-    components = family.load(torch.device("cpu"), torch.float32)
+    components = tiny_components("kandinsky5-video", i2v=True)
     pipeline = family.pipeline(components, components.denoiser)
     settings = dict(
         prompt="a dog runs", width=WIDTH, height=HEIGHT, num_inference_steps=2, guidance_scale=1.0
@@ -368,7 +366,8 @@ def test_i2v_folder_refuses_image_datasets_before_training(i2v_folder):
 
     family = make_family(i2v_folder)  # the default t2v flavour, but an I2V pipeline folder
     stills = DatasetConfig(id="stills", dataset_type="image", instance_data_dir="i")
-    with pytest.raises(ConfigError, match="dataset 'stills' is an image dataset, but the model '.*i2v'"):
+    refusal = f"dataset 'stills' is an image dataset, but the model '{re.escape(str(i2v_folder))}'"
+    with pytest.raises(ConfigError, match=refusal):
         family.check([stills])
     make_family(i2v_folder, model_flavour="t2v-lite-sft-5s", pretrained_model_name_or_path=None).check(
         [stills]

@@ -12,18 +12,9 @@ CPU = torch.device("cpu")
 LONG_PROMPT = " ".join(["a small red wooden house beside a wide blue river under a cloudy sky"] * 6)
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from difftune.testing.sdxl import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
-
-
-@pytest.fixture(scope="module")
-def sdxl_components(tiny_sdxl):
-    return SDXLFamily(TrainConfig(model_family="sdxl", pretrained_model_name_or_path=str(tiny_sdxl))).load(
-        CPU, torch.float32
-    )
+@pytest.fixture
+def sdxl_components(tiny_components):
+    return tiny_components("sdxl", fresh_denoiser=True)  # a hook goes on the denoiser
 
 
 @pytest.mark.parametrize(("asked", "length"), [(None, 77), (16, 16), (77, 77)])
@@ -69,10 +60,8 @@ def test_sdxl_refuses_a_prompt_longer_than_clip_takes_when_the_config_loads(tmp_
 
 
 @pytest.fixture(scope="module")
-def k5_folder(tmp_path_factory):
-    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
-
-    return build_tiny_kandinsky5_image(tmp_path_factory.mktemp("k5") / "t2i", seed=0)
+def k5_folder(tiny_model):
+    return tiny_model("kandinsky5-image")
 
 
 def _k5(folder, **overrides) -> Kandinsky5ImageFamily:
@@ -81,8 +70,8 @@ def _k5(folder, **overrides) -> Kandinsky5ImageFamily:
     )
 
 
-def test_kandinsky5_qwen_prompt_follows_tokenizer_max_length(k5_folder):
-    components = _k5(k5_folder).load(CPU, torch.float32)
+def test_kandinsky5_qwen_prompt_follows_tokenizer_max_length(k5_folder, tiny_components):
+    components = tiny_components("kandinsky5-image")
     [full] = _k5(k5_folder).encode_prompts(components, [LONG_PROMPT])
     [short] = _k5(k5_folder, tokenizer_max_length=24).encode_prompts(components, [LONG_PROMPT])
     assert full["prompt_embeds_qwen"].shape[0] > 24

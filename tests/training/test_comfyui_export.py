@@ -91,7 +91,9 @@ def apply_like_comfyui(family_name: str, denoiser: torch.nn.Module, exported: di
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("family_name", ["sdxl", "kandinsky5-image", "kandinsky5-video"])
-def test_comfyui_export_applies_like_the_trained_adapter(tmp_path, folders, family_name, use_dora):
+def test_comfyui_export_applies_like_the_trained_adapter(
+    tmp_path, folders, tiny_components, family_name, use_dora
+):
     config = TrainConfig(
         model_type="lora",
         model_family=family_name,
@@ -102,7 +104,7 @@ def test_comfyui_export_applies_like_the_trained_adapter(tmp_path, folders, fami
         lora_format="comfyui",
     )
     family = family_class(family_name)(config)
-    trained = family.load(torch.device("cpu"), torch.float32).denoiser
+    trained = tiny_components(family_name, fresh_denoiser=True).denoiser
     trained.requires_grad_(False)
     attach_lora(trained, family, config)
     generator = torch.Generator().manual_seed(0)
@@ -119,7 +121,7 @@ def test_comfyui_export_applies_like_the_trained_adapter(tmp_path, folders, fami
     assert {v.item() for k, v in exported.items() if k.endswith(".alpha")} == {16.0}
     assert any(k.endswith(".dora_scale") for k in exported) == use_dora
 
-    fresh = family.load(torch.device("cpu"), torch.float32).denoiser
+    fresh = tiny_components(family_name, fresh_denoiser=True).denoiser  # as loaded, without the adapter
     before = {name: value.clone() for name, value in fresh.state_dict().items()}
     applied = apply_like_comfyui(family_name, fresh, exported)
     wrapped = [module for module in trained.modules() if isinstance(module, LoraLayer)]
