@@ -212,9 +212,14 @@ def build(case: Case, tiny: bool) -> torch.nn.Module:
     return model
 
 
-def to_bf16(model: torch.nn.Module) -> torch.nn.Module:
-    """bf16 weights, except the modules the model class keeps in fp32 (Kandinsky 5's modulation)."""
+def to_bf16(model: torch.nn.Module, family: str) -> torch.nn.Module:
+    """bf16 weights, except the modules the model class keeps in fp32 (Kandinsky 5's modulation) and
+    those the family keeps fp32 for their fp32 inputs (`fp32_weight_modules`), as `difftune train` does."""
+    from difftune.config.schema import TrainConfig
+    from difftune.families import family_class
+
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    keep += family_class(family)(TrainConfig(model_family=family)).fp32_weight_modules()
     for name, module in model.named_modules():
         if keep and any(part in keep for part in name.split(".")):
             continue
@@ -262,7 +267,7 @@ def count_flops(case: Case, batch: int = 1, tiny: bool = False, device: str = "m
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device(device):
-        model = to_bf16(build(case, tiny))
+        model = to_bf16(build(case, tiny), case.family)
     add_lora(model, case.family)
     model.train()
     kwargs = inputs(case, model, batch, tiny, device, torch.bfloat16)
@@ -276,7 +281,7 @@ def prepare(case: Case, setting: str, tiny: bool, device: torch.device) -> tuple
     from difftune.training.memory import enable_group_offload, quantize_module
 
     with torch.device("cpu" if "group-offload" in setting else device):
-        model = to_bf16(build(case, tiny))
+        model = to_bf16(build(case, tiny), case.family)
     if "int8" in setting:
         quantize_module(model, "int8-torchao", device=device)
     trainable = add_lora(model, case.family)

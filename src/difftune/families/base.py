@@ -362,6 +362,12 @@ class Family(ABC):
         layout the pipeline's load_lora_weights reads. Only families with text_encoder_lora_targets."""
         raise NotImplementedError(f"{self.name} does not train its text encoders")
 
+    def fp32_weight_modules(self) -> tuple[str, ...]:
+        """Names (a path part) of denoiser modules whose weights stay fp32 beside bf16 ones because the
+        model calls them with fp32 inputs: a norm whose weight's dtype differs from its input's misses
+        the fused kernel. None by default."""
+        return ()
+
     def denoiser_block_count(self) -> int | None:
         """How many transformer blocks the denoiser has (the list TREAD and CREPA index), read from the
         model's config without loading weights; None when that is not known before the load."""

@@ -416,6 +416,11 @@ class Kandinsky5Family(Family):
         """Attention (query, key, value, out) and feed-forward projections; modulation layers excluded."""
         return list(LORA_TARGETS)
 
+    def fp32_weight_modules(self) -> tuple[str, ...]:
+        """The attention's query and key RMSNorms, which the diffusers processor calls on fp32 queries and
+        keys (`attn.query_norm(query.float())`)."""
+        return ("query_norm", "key_norm")
+
     def denoiser_block_count(self) -> int | None:
         """The transformer's visual blocks, from its config.json."""
         return visual_block_count(self.model_id())

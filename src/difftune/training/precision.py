@@ -4,6 +4,10 @@ diffusers models list them in `_keep_in_fp32_modules` (Kandinsky 5: the time emb
 modulation, whose outputs scale and shift each block). `from_pretrained(torch_dtype=bf16)` leaves
 them in fp32; casting the whole denoiser to the weight dtype, or running it under bf16 autocast,
 would compute them in bf16 again. `keep_fp32_modules` undoes both.
+
+A family also names modules the model calls with fp32 inputs (`Family.fp32_weight_modules`, Kandinsky
+5's query and key norms); `keep_fp32_weights` keeps their weights fp32 too, so that input and weight
+match and the fused kernel runs.
 """
 
 from __future__ import annotations
@@ -30,6 +34,14 @@ def keep_fp32_modules(denoiser: torch.nn.Module) -> list[str]:
         module.to(dtype=torch.float32)
         if not isinstance(module.forward, functools.partial):  # wrapped once, even if called again
             module.forward = functools.partial(_fp32_forward, module.forward)
+    return names
+
+
+def keep_fp32_weights(model: torch.nn.Module, parts: tuple[str, ...]) -> list[str]:
+    """Cast the modules with a path part in `parts` to fp32 (their forward unchanged); returns their names."""
+    names = [name for name, _ in model.named_modules() if name and set(parts) & set(name.split("."))]
+    for name in names:
+        model.get_submodule(name).to(dtype=torch.float32)
     return names
 
 

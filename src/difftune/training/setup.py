@@ -152,14 +152,15 @@ def prepare_denoiser(
     """Make the denoiser trainable: a LoRA or LyCORIS adapter on the frozen (optionally quantised) base,
     or every weight; then gradient checkpointing, the attention backend and group offload as the
     config says. `emit` receives the adapter's warnings. The modules the model keeps in fp32
-    (`_keep_in_fp32_modules`) stay fp32 and run outside autocast."""
+    (`_keep_in_fp32_modules`) stay fp32 and run outside autocast; those the family names in
+    `fp32_weight_modules` keep fp32 weights."""
     from difftune.training.memory import (
         apply_offload,
         enable_checkpointing,
         quantize_module,
         set_attention_backend,
     )
-    from difftune.training.precision import keep_fp32_modules
+    from difftune.training.precision import keep_fp32_modules, keep_fp32_weights
 
     denoiser = components.denoiser
     if config.model_type in ("lora", "lycoris"):
@@ -167,6 +168,7 @@ def prepare_denoiser(
         if next(denoiser.parameters()).dtype != weight_dtype:
             denoiser.to(dtype=weight_dtype)
         keep_fp32_modules(denoiser)
+        keep_fp32_weights(denoiser, family.fp32_weight_modules())
         quantised = config.base_model_precision != "no_change"
         if quantised:
             quantize_module(denoiser, config.base_model_precision, device=device)
