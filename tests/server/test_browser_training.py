@@ -158,6 +158,23 @@ def test_lines_the_stream_shows_before_the_start_reply_stay_shown(page, workdir,
     assert page.inner_text("#log") == live
 
 
+def test_a_reload_shows_the_lines_of_a_run_longer_than_the_event_backlog(page, workdir, monkeypatch):
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0")
+    config = workdir / "config" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_train_steps": 600}))
+    page.click("#tabs button[data-tab=training]")
+    page.click("#job-start")
+    wait_text(page, "#job-badge", "finished")
+    live = page.inner_text("#log")
+    assert live.startswith("$ ") and "step 600 loss" in live  # 600 progress events, as many lines
+
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#tabs button[data-tab=training]")
+    page.wait_for_function("() => document.querySelector('#log').textContent.includes('exited with code 0')")
+    assert page.inner_text("#log") == live
+
+
 def test_each_event_and_line_appears_once_and_validation_is_shown(page, workdir, monkeypatch):
     monkeypatch.setenv("FAKE_STEP_SECONDS", "0.2")
     monkeypatch.setenv("FAKE_VALIDATION_SECONDS", "3")

@@ -90,6 +90,26 @@ def test_an_ended_job_is_announced_after_its_last_line(workdir, train_command, m
     assert kinds[-2] == "[job" and kinds.count("job") == 1  # a page that shows "failed" has every line
 
 
+def test_a_new_page_gets_the_log_lines_a_page_that_watched_holds(workdir, train_command):
+    set_config(workdir, max_train_steps=40)  # 40 progress events push the log lines out of the backlog
+    runner = JobRunner(workdir, train_command)
+    runner.start(Path("config/config.json"), workdir / "out")
+    wait_for(lambda: runner.job.exit_code is not None, what="the job to end")
+    hub = EventHub(runner, lambda: workdir / "out", poll_seconds=0.01, backlog=10, log_lines=30)
+
+    async def page():
+        chunks = []
+        async for chunk in hub.stream(None, max_seconds=0.5):
+            chunks.append(chunk)
+        return "".join(chunks)
+
+    events = [json.loads(line[6:]) for line in asyncio.run(page()).splitlines() if line.startswith("data: ")]
+    assert events[0] == {"type": "reset", "log_lines": 30}  # a page keeps as many lines as are replayed
+    log = (workdir / "out" / "job.log").read_text().splitlines()
+    assert [e["line"] for e in events if e["type"] == "joblog"] == log[-30:]
+    assert events[-1]["state"] == "finished" and len(hub.messages) == 10  # the other messages stay bounded
+
+
 def test_all_pages_share_one_reader(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()

@@ -1,8 +1,10 @@
 """Server-sent events for every open page at once: one reader of the run's files, a bounded backlog.
 
 One task follows the current run's events.jsonl and job log (reading off the event loop) and the
-job's state, and keeps the last `backlog` messages, already encoded, in memory. A page that connects
-gets that backlog; one that reconnects (EventSource sends Last-Event-ID) gets only what it missed.
+job's state, and keeps the last `backlog` messages, already encoded, in memory, and besides them the
+last `log_lines` lines of the job's log. A page that connects gets both, which are the lines a page
+that watched the whole run holds (it keeps as many, as the reset tells it); one that reconnects
+(EventSource sends Last-Event-ID) gets only what it missed.
 When a new job starts, the backlog starts again with it, so a page never shows an older run's lines
 as the current one's.
 """
@@ -10,6 +12,7 @@ as the current one's.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import secrets
 import threading
@@ -40,10 +43,12 @@ class EventHub:
         output_dir: Callable[[], Path],
         poll_seconds: float = 0.25,
         backlog: int = 500,
+        log_lines: int = 2000,
     ) -> None:
         self.runner, self.output_dir, self.poll_seconds = runner, output_dir, poll_seconds
         self.epoch = secrets.token_hex(4)  # ids of another server process never match ours
         self.messages: deque[tuple[int, str]] = deque(maxlen=backlog)
+        self.log_messages: deque[tuple[int, str]] = deque(maxlen=log_lines)  # the joblog ones, kept longer
         self.seq = 0
         self.clients = 0
         self._run_key: tuple[Any, ...] | None = None
@@ -84,11 +89,12 @@ class EventHub:
         fresh: list[dict[str, Any]] = []
         if key != self._run_key:  # a new run (or the first look): start over from its beginning
             self._run_key = key
-            backlog = self.messages.maxlen
-            self._events = LineTail(events_path, backlog, start=job.events_offset if job else 0)
-            self._log = LineTail(job.log_path, backlog, start=job.log_offset) if job else None
+            self._events = LineTail(events_path, self.messages.maxlen, start=job.events_offset if job else 0)
+            self._log = (
+                LineTail(job.log_path, self.log_messages.maxlen, start=job.log_offset) if job else None
+            )
             self._state = None
-            fresh.append({"type": "reset"})
+            fresh.append(self._reset())
         fresh += [event for event in map(parse_event, self._events.read_new()) if event]
         if self._log is not None:
             fresh += [{"type": "joblog", "line": line} for line in self._log.read_new()]
@@ -102,9 +108,12 @@ class EventHub:
         for data in fresh:
             if data["type"] == "reset":
                 self.messages.clear()
+                self.log_messages.clear()
             self.seq += 1
             encoded.append(encode(f"{self.epoch}-{self.seq}", data))
             self.messages.append((self.seq, encoded[-1]))
+            if data["type"] == "joblog":
+                self.log_messages.append((self.seq, encoded[-1]))
         # what every page that was up to date gets: joined once, not once per page
         self._latest = (before, "".join(encoded))
         wake, self._wake = self._wake, asyncio.Event()
@@ -130,7 +139,12 @@ class EventHub:
             return []
         if last_seq and last_seq == self._latest[0]:
             return [self._latest[1]]
-        return [message for seq, message in self.messages if seq > last_seq]
+        kept = heapq.merge(self.log_messages, self.messages)  # both in order; a line may be in both
+        return list({seq: message for seq, message in kept if seq > last_seq}.values())
+
+    def _reset(self) -> dict[str, Any]:
+        """A reset: the page clears the run and keeps at most this many log lines from now on."""
+        return {"type": "reset", "log_lines": self.log_messages.maxlen}
 
     async def stream(
         self, last_event_id: str | None, max_seconds: float | None = None, backlog: int | None = None
@@ -149,7 +163,7 @@ class EventHub:
             yield "retry: 2000\n\n"
             if last_seq == 0:  # a new page (or one from before a restart): it starts clean, then the
                 # job's state (which may have scrolled out of the backlog), then the backlog
-                yield encode(f"{self.epoch}-0", {"type": "reset"}) + encode(
+                yield encode(f"{self.epoch}-0", self._reset()) + encode(
                     f"{self.epoch}-0", {"type": "job", **self.runner.state()}
                 )
             while loop.time() < deadline:

@@ -291,6 +291,7 @@ let drawTimer = null;
 let lossLoading = false;
 let runNumber = 0; // counts resets: a loss series asked for before the last reset is dropped
 let jobStateName = "idle";
+let logLines = 2000; // the server's reset says how many log lines it replays: the page keeps as many
 let actionPending = false;
 
 function clearRun() {
@@ -348,7 +349,7 @@ function appendLog(line) {
   const log = $("log");
   const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
   log.append(line + "\n");
-  while (log.childNodes.length > 2000) log.removeChild(log.firstChild);
+  while (log.childNodes.length > logLines) log.removeChild(log.firstChild);
   if (atBottom) log.scrollTop = log.scrollHeight;
 }
 
@@ -448,7 +449,7 @@ function connectEvents() {
   const source = new EventSource("/api/events");
   source.onmessage = (message) => {
     const event = JSON.parse(message.data);
-    if (event.type === "reset") { clearRun(); loadLoss(); }
+    if (event.type === "reset") { logLines = event.log_lines || logLines; clearRun(); loadLoss(); }
     else if (event.type === "joblog") appendLog(event.line);
     else if (event.type === "job") { setJobState(event); if (event.state !== "running") loadGallery(); }
     else if (event.type === "start") totalSteps = event.total_steps || null;
