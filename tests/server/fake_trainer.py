@@ -5,7 +5,7 @@ max_train_steps; from the environment: FAKE_STEP_SECONDS (pause per step), FAKE_
 sleeping grandchild and write its pid there, to check that stopping reaches the whole process group),
 FAKE_FAIL_AT_STEP and FAKE_FAIL_MESSAGE (print `difftune: MESSAGE` and exit 2 at that step; 0: before
 the first, as a config error does),
-FAKE_VALIDATION_SECONDS (how long validation at step 1 takes).
+FAKE_VALIDATION_UNTIL_FILE (validation at step 1 lasts until that file exists, a minute at most).
 """
 
 import json
@@ -67,7 +67,10 @@ for step in range(1, steps + 1):
         fail()
     if step == 1:
         emit(type="validation_start", step=step, prompts=1)
-        time.sleep(float(os.environ.get("FAKE_VALIDATION_SECONDS", "0")))
+        until = os.environ.get("FAKE_VALIDATION_UNTIL_FILE")
+        deadline = time.monotonic() + 60
+        while until and not Path(until).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         folder = output_dir / "validation" / str(step)
         folder.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (32, 24), (200, 30, 30)).save(folder / "sample_0.png")

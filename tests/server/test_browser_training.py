@@ -175,15 +175,17 @@ def test_a_reload_shows_the_lines_of_a_run_longer_than_the_event_backlog(page, w
     assert page.inner_text("#log") == live
 
 
-def test_each_event_and_line_appears_once_and_validation_is_shown(page, workdir, monkeypatch):
+def test_each_event_and_line_appears_once_and_validation_is_shown(page, workdir, monkeypatch, tmp_path):
     monkeypatch.setenv("FAKE_STEP_SECONDS", "0.2")
-    monkeypatch.setenv("FAKE_VALIDATION_SECONDS", "3")
+    validated = tmp_path / "validation may end"  # validation lasts until the page has been looked at
+    monkeypatch.setenv("FAKE_VALIDATION_UNTIL_FILE", str(validated))
     config = workdir / "config" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "max_train_steps": 2}))
     page.click("#tabs button[data-tab=training]")
     page.click("#job-start")
     wait_text(page, "#stat-phase", "validating (step 1)")
     assert page.inner_text("#stat-eta") == "validating…" and page.inner_text("#stat-step") == "1 / 2"
+    validated.touch()
     wait_text(page, "#job-badge", "finished")
     assert page.inner_text("#stat-phase") == "finished" and page.inner_text("#stat-step") == "2 / 2"
     log = page.inner_text("#log").splitlines()
