@@ -195,14 +195,6 @@ CASES = {
 SETTINGS = ("bf16", "checkpointing", "int8-torchao", "group-offload", "int8+group-offload", "compile")
 
 
-def lora_targets(family: str) -> list[str]:
-    """The modules `difftune train` wraps in a LoRA for this family (its `lora_targets`)."""
-    from difftune.config.schema import TrainConfig
-    from difftune.families import family_class
-
-    return family_class(family)(TrainConfig(model_family=family)).lora_targets()
-
-
 def build(case: Case, tiny: bool) -> torch.nn.Module:
     """The denoiser with random weights, on the current default device (use `with torch.device(...)`)."""
     import diffusers
@@ -230,16 +222,15 @@ def to_bf16(model: torch.nn.Module, family: str) -> torch.nn.Module:
 
 
 def add_lora(model: torch.nn.Module, family: str, rank: int = 16) -> list[torch.nn.Parameter]:
-    """LoRA as `difftune train` attaches it (fp32 adapter weights); returns the trainable parameters."""
-    from peft import LoraConfig
+    """LoRA as `difftune train` attaches it (the family's targets, fp32 adapter weights); returns the
+    trainable parameters."""
+    from difftune.config.schema import TrainConfig
+    from difftune.families import family_class
+    from difftune.training.adapters import attach_lora
 
-    model.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=lora_targets(family))
-    )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.data = p.data.float()
-    return trainable
+    config = TrainConfig(model_family=family, lora_rank=rank)
+    attach_lora(model, family_class(family)(config), config)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def inputs(case: Case, model: torch.nn.Module, batch: int, tiny: bool, device, dtype) -> dict:

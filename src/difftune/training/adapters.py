@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,10 +61,21 @@ def attach_lora(denoiser: torch.nn.Module, family: Family, config: TrainConfig) 
         init_lora_weights="gaussian",
         target_modules=family.lora_targets(),
     )
-    denoiser.add_adapter(lora_config)
+    add_lora_adapter(denoiser, lora_config)
     for parameter in denoiser.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.to(torch.float32)
+
+
+def add_lora_adapter(model: torch.nn.Module, lora_config) -> None:
+    """The model's `add_adapter(lora_config)` (peft), without the notice peft's LoRA layer on a
+    torchao-quantised base gives that its merge() would need the quantisation recipe: difftune never
+    merges a LoRA into a quantised base (the adapter is saved on its own), so no one has to act on it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"TorchaoLoraLinear was instantiated without `get_apply_tensor_subclass`"
+        )
+        model.add_adapter(lora_config)
 
 
 def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
