@@ -586,3 +586,20 @@ def test_an_image_to_image_flavour_without_a_conditioning_dataset_is_refused_at_
     config = {"model_family": "kandinsky5-image", "model_flavour": "i2i-lite-sft", "model_type": "lora"}
     with pytest.raises(ConfigError, match='needs a dataset with "dataset_type": "conditioning"'):
         load_config(write_config(workdir, config))
+
+
+def test_a_folder_other_than_the_working_directory_holds_the_files_a_config_names(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    lycoris = {"algo": "lokr", "multiplier": 1, "linear_dim": 4, "linear_alpha": 1}
+    write_config(project, {**SDXL, "model_type": "lycoris", "output_dir": "out"})
+    (project / "config" / "lycoris_config.json").write_text(json.dumps(lycoris))
+    monkeypatch.chdir(tmp_path)  # none of the files is here
+    loaded = load_config("config/config.json", folder=project)
+    assert [d.id for d in loaded.datasets] == ["my-images", "text-embeds"]
+    assert loaded.train.model_type == "lycoris"
+
+    (project / "config" / "lycoris_config.json").write_text('{"algo": "lokr",, }')
+    with pytest.raises(ConfigError) as error:  # named as the config names it
+        load_config("config/config.json", folder=project)
+    assert str(error.value).startswith("config/lycoris_config.json, line 1, column 17: not valid JSON")
