@@ -14,21 +14,14 @@ from difftune.families.sdxl import SDXLFamily
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from difftune.testing.sdxl import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
-
-
 def make_config(model_dir, **overrides) -> TrainConfig:
     return TrainConfig(model_family="sdxl", pretrained_model_name_or_path=str(model_dir), **overrides)
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_sdxl):
-    family = SDXLFamily(make_config(tiny_sdxl, seed=3))
-    return family, family.load(CPU, torch.float32)
+def loaded(tiny_sdxl, tiny_components):
+    """The family and the session's components of the tiny model, loaded by `family.load`."""
+    return SDXLFamily(make_config(tiny_sdxl, seed=3)), tiny_components("sdxl")
 
 
 def micro_conditioning(batch_size, height=64, width=64, top=0, left=0):
@@ -75,12 +68,6 @@ def test_registry_and_tiny_model_load_small_and_frozen(tiny_sdxl, loaded):
         "leading",
         1,
     )
-
-
-def test_vae_runs_in_fp32_when_weights_are_bf16(tiny_sdxl):
-    components = SDXLFamily(make_config(tiny_sdxl)).load(CPU, torch.bfloat16)
-    assert components.vae.dtype == torch.float32
-    assert components.denoiser.dtype == torch.bfloat16 and components.text_encoders[1].dtype == torch.bfloat16
 
 
 def test_encode_prompts_equal_the_pipelines_encode_prompt(loaded):
@@ -178,9 +165,11 @@ def test_lora_targets_exist_in_the_unet(loaded):
         assert any(n.endswith("." + target) for n in names), target
 
 
-def test_generate_gives_images_of_the_asked_size_in_mixed_dtypes(tiny_sdxl):
+def test_bf16_weights_keep_the_vae_in_fp32_and_generate_images_of_the_asked_size(tiny_sdxl):
     family = SDXLFamily(make_config(tiny_sdxl))
-    components = family.load(CPU, torch.bfloat16)  # fp32 VAE beside bf16 UNet and text encoders
+    components = family.load(CPU, torch.bfloat16)
+    assert components.vae.dtype == torch.float32
+    assert components.denoiser.dtype == torch.bfloat16 and components.text_encoders[1].dtype == torch.bfloat16
     pipeline = family.pipeline(components, components.denoiser)
     request = GenerationRequest("a red circle", 64, 128, 2, 5.0, torch.Generator().manual_seed(0), "blurry")
     images = family.generate(pipeline, request)

@@ -12,13 +12,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from difftune.testing.sdxl import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
-
-
-@pytest.fixture(scope="module")
 def other_model(tmp_path_factory):
     """A second model folder whose vae/ holds a VAE with other weights than the base model's."""
     from difftune.testing.sdxl import tiny_sdxl_vae

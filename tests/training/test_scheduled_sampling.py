@@ -169,13 +169,6 @@ def test_a_unipc_setting_warns_that_steps_are_first_order():
     assert [kind for kind, _ in got] == ["warning"] and "first-order" in got[0][1]["message"]
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from difftune.testing.sdxl import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
-
-
 @pytest.mark.slow
 def test_a_training_run_with_rollouts_lowers_the_loss(tmp_path, tiny_sdxl):
     from difftune.testing.images import make_image_dataset

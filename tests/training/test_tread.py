@@ -285,12 +285,10 @@ def test_training_with_tread_lowers_the_loss():
     handle.remove()
 
 
-def test_tiny_pipeline_transformer_routes_with_negative_indices(tmp_path):
+def test_tiny_pipeline_transformer_routes_with_negative_indices(tiny_k5_image):
     from diffusers import Kandinsky5Transformer3DModel
 
-    from difftune.testing.kandinsky5 import build_tiny_kandinsky5_image
-
-    folder = build_tiny_kandinsky5_image(tmp_path / "k5")
+    folder = tiny_k5_image
     transformer = Kandinsky5Transformer3DModel.from_pretrained(folder / "transformer").train()
     handle = apply_tread(
         transformer,
