@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from contextlib import contextmanager
 from typing import Any
@@ -63,6 +64,11 @@ def build_optimizer(
     if name == "ao-adamw8bit":
         from torchao.optim import AdamW8bit
 
+        # torch.compile notes once that torchao's 8-bit state tensors have no stable hash, so its compiled
+        # step is not cached across processes: torchao's to change, nothing a run can act on
+        warnings.filterwarnings(
+            "ignore", message="OptimState8bit does not implement _stable_hash_for_caching"
+        )
         options = dict(lr=lr, betas=betas, eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
         return AdamW8bit(params, **{**options, **extra})
     if name in BITSANDBYTES:
