@@ -8,6 +8,7 @@ with `i2i=True`) and with `Kandinsky5ImageFamily.load`. Tokenizers are the real 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def build_tiny_kandinsky5_image(path: str | Path, seed: int = 0, i2i: bool = Fal
     from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5I2IPipeline, Kandinsky5T2IPipeline
 
     from difftune.families.qwen_processor import PROCESSOR_CLASS
-    from difftune.testing.qwen import qwen2_tokenizer, qwen2_vl_processor, write_qwen2_tokenizer_files
+    from difftune.testing.qwen import qwen2_vl_image_processor, write_qwen2_tokenizer_files
     from difftune.testing.tokenizers import clip_tokenizer
 
     path = Path(path)
@@ -167,17 +168,39 @@ def build_tiny_kandinsky5_image(path: str | Path, seed: int = 0, i2i: bool = Fal
         transformer=tiny_kandinsky5_transformer(seed, i2i=i2i),
         vae=tiny_flux_vae(seed),
         text_encoder=tiny_qwen25_vl(seed),
-        tokenizer=qwen2_tokenizer(),
+        tokenizer=None,  # written below, in the form that loads fast (see difftune.testing.qwen)
         text_encoder_2=tiny_clip_text_model(seed),
         tokenizer_2=tokenizer_2,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
     )
-    pipeline.save_pretrained(path)
-    write_qwen2_tokenizer_files(path / "tokenizer")  # a form that loads fast, see difftune.testing.qwen
+    save_without_tokenizer(pipeline, path)
+    write_qwen2_tokenizer_files(path / "tokenizer")
+    tokenizer_class = "Qwen2Tokenizer"
     if i2i:  # the Hub layout: the tokenizer folder also holds the image processor, named a processor
-        qwen2_vl_processor().image_processor.save_pretrained(path / "tokenizer")
-        index_file = path / "model_index.json"
-        index = json.loads(index_file.read_text())
-        index["tokenizer"] = ["transformers", PROCESSOR_CLASS]
-        index_file.write_text(json.dumps(index, indent=2))
+        qwen2_vl_image_processor().save_pretrained(path / "tokenizer")
+        tokenizer_class = PROCESSOR_CLASS
+    name_tokenizer_class(path, tokenizer_class)
     return path
+
+
+def save_without_tokenizer(pipeline, path: Path) -> None:
+    """`pipeline.save_pretrained(path)` of a pipeline whose `tokenizer` is None (written apart), without
+    diffusers' warning that it cannot save None."""
+
+    def not_the_tokenizer(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("self.tokenizer=None ")
+
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    logger.addFilter(not_the_tokenizer)
+    try:
+        pipeline.save_pretrained(path)
+    finally:
+        logger.removeFilter(not_the_tokenizer)
+
+
+def name_tokenizer_class(path: Path, class_name: str) -> None:
+    """Name the transformers class of the folder's `tokenizer` in its model_index.json."""
+    index_file = path / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["tokenizer"] = ["transformers", class_name]
+    index_file.write_text(json.dumps(index, indent=2))

@@ -18,6 +18,8 @@ import torch
 from difftune.families.registry import KANDINSKY5_VIDEO
 from difftune.testing.kandinsky5 import (
     LATENT_CHANNELS,
+    name_tokenizer_class,
+    save_without_tokenizer,
     tiny_clip_text_model,
     tiny_kandinsky5_transformer,
     tiny_qwen25_vl,
@@ -58,7 +60,7 @@ def build_tiny_kandinsky5_video(path: str | Path, seed: int = 0, i2v: bool = Fal
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5I2VPipeline, Kandinsky5T2VPipeline
 
-    from difftune.testing.qwen import qwen2_tokenizer, write_qwen2_tokenizer_files
+    from difftune.testing.qwen import write_qwen2_tokenizer_files
     from difftune.testing.tokenizers import clip_tokenizer
 
     path = Path(path)
@@ -69,11 +71,12 @@ def build_tiny_kandinsky5_video(path: str | Path, seed: int = 0, i2v: bool = Fal
         transformer=tiny_kandinsky5_transformer(seed, i2i=i2v),
         vae=tiny_hunyuan_video_vae(seed),
         text_encoder=tiny_qwen25_vl(seed),
-        tokenizer=qwen2_tokenizer(),
+        tokenizer=None,  # written below, in the form that loads fast (see difftune.testing.qwen)
         text_encoder_2=tiny_clip_text_model(seed),
         tokenizer_2=tokenizer_2,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
     )
-    pipeline.save_pretrained(path)
-    write_qwen2_tokenizer_files(path / "tokenizer")  # a form that loads fast, see difftune.testing.qwen
+    save_without_tokenizer(pipeline, path)
+    write_qwen2_tokenizer_files(path / "tokenizer")
+    name_tokenizer_class(path, "Qwen2Tokenizer")
     return path

@@ -14,7 +14,7 @@ Python (twice when the config lists no added tokens) and then rebuilds the BPE f
 from __future__ import annotations
 
 import json
-import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -101,26 +101,32 @@ def qwen2_tokenizer(model_max_length: int = 32768):
 
 
 def write_qwen2_tokenizer_files(path: Path, model_max_length: int = 32768) -> Path:
-    """Write `qwen2_tokenizer()` under `path` (replacing what is there) as vocab.json, merges.txt and a
-    tokenizer_config.json with its added tokens; `Qwen2Tokenizer.from_pretrained(path)` loads it."""
+    """Write `qwen2_tokenizer()` under `path` as vocab.json, merges.txt and a tokenizer_config.json with
+    its added tokens; `Qwen2Tokenizer.from_pretrained(path)` loads it. Returns `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for name, data in _tokenizer_files(model_max_length).items():
+        (path / name).write_bytes(data)
+    return path
+
+
+@lru_cache(maxsize=2)
+def _tokenizer_files(model_max_length: int) -> dict[str, bytes]:
+    """The files `write_qwen2_tokenizer_files` writes, made once per process (each model build writes them)."""
     tokenizer = qwen2_tokenizer(model_max_length)
     vocab, merges = _vocab_and_merges()
-    path = Path(path)
-    shutil.rmtree(path, ignore_errors=True)
-    tokenizer.save_pretrained(path)  # the config; its tokenizer.json is replaced by the two files below
-    (path / "tokenizer.json").unlink()
-    (path / "vocab.json").write_text(
-        json.dumps(_with_added_tokens(vocab), ensure_ascii=False), encoding="utf-8"
-    )
-    lines = (" ".join(pair) for pair in merges)
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
-    config_file = path / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)  # for the config; tokenizer.json gives way to the two files below
+        config = json.loads((Path(scratch) / "tokenizer_config.json").read_text(encoding="utf-8"))
     config["added_tokens_decoder"] = {
         str(token_id): token.__getstate__() for token_id, token in tokenizer.added_tokens_decoder.items()
     }
-    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+    merges_text = "#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n"
+    return {
+        "vocab.json": json.dumps(_with_added_tokens(vocab), ensure_ascii=False).encode("utf-8"),
+        "merges.txt": merges_text.encode("utf-8"),
+        "tokenizer_config.json": (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
+    }
 
 
 def qwen2_vl_processor(model_max_length: int = 32768):
@@ -129,9 +135,13 @@ def qwen2_vl_processor(model_max_length: int = 32768):
     The image processor is the PIL one (no torchvision) with Qwen2.5-VL's patch, merge and temporal
     sizes (14, 2, 2); there is no video processor, which only torchvision provides.
     """
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     from difftune.families.qwen_processor import qwen2_vl_processor_without_video
 
-    image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2)
-    return qwen2_vl_processor_without_video(image_processor, qwen2_tokenizer(model_max_length))
+    return qwen2_vl_processor_without_video(qwen2_vl_image_processor(), qwen2_tokenizer(model_max_length))
+
+
+def qwen2_vl_image_processor():
+    """Qwen2.5-VL's image processor, the PIL one, with its patch, merge and temporal sizes (14, 2, 2)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2)
