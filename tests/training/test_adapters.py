@@ -1,5 +1,7 @@
 """LoRA on the tiny SDXL: train a little, save, load into a stock pipeline, export to ComfyUI."""
 
+import copy
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -30,12 +32,11 @@ def predict(unet, inputs):
         return unet(**inputs, return_dict=False)[0]
 
 
-def trained_lora(tiny_sdxl, **overrides):
+def trained_lora(tiny_sdxl, tiny_components, **overrides):
     """SDXL family and UNet with a LoRA trained for a few SGD steps towards random targets."""
     config = TrainConfig(model_family="sdxl", pretrained_model_name_or_path=str(tiny_sdxl), **overrides)
     family = SDXLFamily(config)
-    components = family.load(CPU, torch.float32)
-    unet = components.denoiser
+    unet = tiny_components("sdxl", fresh_denoiser=True).denoiser
     unet.requires_grad_(False)
     attach_lora(unet, family, config)
     trainable = [p for p in unet.parameters() if p.requires_grad]
@@ -54,16 +55,22 @@ def trained_lora(tiny_sdxl, **overrides):
     return family, unet
 
 
-def fresh_pipeline(tiny_sdxl):
+@pytest.fixture(scope="module")
+def stock_pipeline(tiny_sdxl):
     from diffusers import StableDiffusionXLPipeline
 
     return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
 
 
-def test_attach_lora_wraps_only_the_attention_projections(tiny_sdxl):
+def fresh_pipeline(stock_pipeline):
+    """The stock pipeline as from_pretrained loaded it, with its own UNet to load an adapter into."""
+    return type(stock_pipeline)(**{**stock_pipeline.components, "unet": copy.deepcopy(stock_pipeline.unet)})
+
+
+def test_attach_lora_wraps_only_the_attention_projections(tiny_sdxl, tiny_components):
     config = TrainConfig(model_family="sdxl", pretrained_model_name_or_path=str(tiny_sdxl), lora_rank=4)
     family = SDXLFamily(config)
-    unet = family.load(CPU, torch.float32).denoiser
+    unet = tiny_components("sdxl", fresh_denoiser=True).denoiser
     before = predict(unet, unet_inputs())
     unet.requires_grad_(False)
     attach_lora(unet, family, config)
@@ -89,23 +96,25 @@ def test_adapter_trains_in_fp32_on_bf16_weights(tiny_sdxl):
     assert all(p.dtype == torch.bfloat16 for p in frozen)
 
 
-def test_saved_lora_loads_in_a_stock_pipeline_with_the_same_output(tiny_sdxl, tmp_path):
-    family, unet = trained_lora(tiny_sdxl, lora_rank=4, lora_alpha=8)
+def test_saved_lora_loads_in_a_stock_pipeline_with_the_same_output(
+    tiny_sdxl, tiny_components, stock_pipeline, tmp_path
+):
+    family, unet = trained_lora(tiny_sdxl, tiny_components, lora_rank=4, lora_alpha=8)
     path = family.save_lora(tmp_path, lora_state_dict(unet))
     assert path == tmp_path / "pytorch_lora_weights.safetensors"
     assert all(k.startswith("unet.") for k in load_file(str(path)))
     inputs = unet_inputs(3)
     expected = predict(unet, inputs)
 
-    pipeline = fresh_pipeline(tiny_sdxl)
+    pipeline = fresh_pipeline(stock_pipeline)
     without = predict(pipeline.unet, inputs)
     pipeline.load_lora_weights(tmp_path)
     torch.testing.assert_close(predict(pipeline.unet, inputs), expected, atol=1e-4, rtol=0)
     assert (without - expected).abs().max() > 1e-2
 
 
-def test_comfyui_export_round_trips_through_diffusers(tiny_sdxl, tmp_path):
-    family, unet = trained_lora(tiny_sdxl, lora_rank=4, lora_alpha=2)
+def test_comfyui_export_round_trips_through_diffusers(tiny_sdxl, tiny_components, stock_pipeline, tmp_path):
+    family, unet = trained_lora(tiny_sdxl, tiny_components, lora_rank=4, lora_alpha=2)
     path = family.save_lora(tmp_path, lora_state_dict(unet))
     exported = export_comfyui(path, tmp_path / "comfy.safetensors", family.adapter_prefix)
     with safe_open(str(exported), framework="pt") as handle:
@@ -119,16 +128,16 @@ def test_comfyui_export_round_trips_through_diffusers(tiny_sdxl, tmp_path):
     assert alpha.item() == 2.0
     assert len(keys) == 3 * len(load_file(str(path))) // 2
     inputs = unet_inputs(4)
-    pipeline = fresh_pipeline(tiny_sdxl)
+    pipeline = fresh_pipeline(stock_pipeline)
     pipeline.load_lora_weights(str(exported))
     torch.testing.assert_close(predict(pipeline.unet, inputs), predict(unet, inputs), atol=1e-4, rtol=0)
 
 
-def test_dora_saves_and_loads_with_its_magnitudes(tiny_sdxl, tmp_path):
-    family, unet = trained_lora(tiny_sdxl, lora_rank=2, use_dora=True)
+def test_dora_saves_and_loads_with_its_magnitudes(tiny_sdxl, tiny_components, stock_pipeline, tmp_path):
+    family, unet = trained_lora(tiny_sdxl, tiny_components, lora_rank=2, use_dora=True)
     path = family.save_lora(tmp_path, lora_state_dict(unet))
     assert any("lora_magnitude_vector" in k for k in load_file(str(path)))
-    pipeline = fresh_pipeline(tiny_sdxl)
+    pipeline = fresh_pipeline(stock_pipeline)
     pipeline.load_lora_weights(tmp_path)
     inputs = unet_inputs(5)
     torch.testing.assert_close(predict(pipeline.unet, inputs), predict(unet, inputs), atol=1e-4, rtol=0)

@@ -14,7 +14,7 @@ from difftune.training.adapters import attach_lora
 from difftune.validation.generate import file_stem, run_validation
 
 
-def test_every_prompt_at_every_size_and_the_denoiser_unchanged(tiny_sdxl, tmp_path):
+def test_every_prompt_at_every_size_and_the_denoiser_unchanged(tiny_sdxl, tiny_components, tmp_path):
     library = tmp_path / "library.json"
     library.write_text(json.dumps({"blue square": "a blue square"}))
     config = TrainConfig(
@@ -29,7 +29,7 @@ def test_every_prompt_at_every_size_and_the_denoiser_unchanged(tiny_sdxl, tmp_pa
         seed=5,
     )
     family = SDXLFamily(config)
-    components = family.load(torch.device("cpu"), torch.float32)
+    components = tiny_components("sdxl", fresh_denoiser=True)
     unet = components.denoiser.requires_grad_(False)
     attach_lora(unet, family, config)
     unet.train()
@@ -67,7 +67,7 @@ def test_every_prompt_at_every_size_and_the_denoiser_unchanged(tiny_sdxl, tmp_pa
     assert list(first.getdata()) == list(second.getdata())  # same seed -> same image at every step
 
 
-def test_more_images_per_prompt_get_numbered_files(tiny_sdxl, tmp_path):
+def test_more_images_per_prompt_get_numbered_files(tiny_sdxl, tiny_components, tmp_path):
     config = TrainConfig(
         model_family="sdxl",
         pretrained_model_name_or_path=str(tiny_sdxl),
@@ -77,7 +77,7 @@ def test_more_images_per_prompt_get_numbered_files(tiny_sdxl, tmp_path):
         num_validation_images=2,
     )
     family = SDXLFamily(config)
-    components = family.load(torch.device("cpu"), torch.float32)
+    components = tiny_components("sdxl", fresh_denoiser=True)
     paths = run_validation(family, components, components.denoiser, config, 1, tmp_path, lambda *_: None)
     assert [p.name for p in paths] == ["validation-64x64-0.png", "validation-64x64-1.png"]
     assert list(Image.open(paths[0]).getdata()) != list(Image.open(paths[1]).getdata())
@@ -88,7 +88,7 @@ def test_file_stem_makes_names_safe():
     assert file_stem("../..") == "prompt"
 
 
-def test_previews_of_each_prompt_and_size_get_their_own_files(tiny_sdxl, tmp_path):
+def test_previews_of_each_prompt_and_size_get_their_own_files(tiny_sdxl, tiny_components, tmp_path):
     config = TrainConfig(
         model_family="sdxl",
         pretrained_model_name_or_path=str(tiny_sdxl),
@@ -100,7 +100,7 @@ def test_previews_of_each_prompt_and_size_get_their_own_files(tiny_sdxl, tmp_pat
         lora_rank=2,
     )
     family = SDXLFamily(config)
-    components = family.load(torch.device("cpu"), torch.float32)
+    components = tiny_components("sdxl", fresh_denoiser=True)
     events = []
     run_validation(
         family, components, components.denoiser, config, 3, tmp_path, lambda k, d: events.append((k, d))
@@ -136,7 +136,9 @@ NON_DEFAULT_VALIDATION = {
 
 
 @pytest.mark.parametrize("name", list(registry.FAMILIES))
-def test_every_validation_setting_is_honoured_or_refused_by_each_family(name, tiny_model, tmp_path):
+def test_every_validation_setting_is_honoured_or_refused_by_each_family(
+    name, tiny_model, tiny_components, tmp_path
+):
     from difftune.data.video import probe_video
 
     settings = dict(model_family=name, pretrained_model_name_or_path=str(tiny_model(name)), seed=1)
@@ -150,7 +152,7 @@ def test_every_validation_setting_is_honoured_or_refused_by_each_family(name, ti
     config = TrainConfig(**settings, **honoured)
     family = family_class(name)(config)
     assert family.check([]) is not None
-    components = family.load(torch.device("cpu"), torch.float32)
+    components = tiny_components(name, fresh_denoiser=True)
     events = []
     paths = run_validation(
         family, components, components.denoiser, config, 1, tmp_path, lambda kind, data: events.append(data)
