@@ -6,8 +6,8 @@ The file holds the arguments of LyCORIS's `create_lycoris` and an optional `appl
      "apply_preset": {"target_module": ["Attention", "FeedForward"],
                       "module_algo_map": {"FeedForward": {"factor": 8}}}}
 
-`target_module` names diffusers classes (`Attention`, `FeedForward` in the SDXL UNet;
-`Kandinsky5Attention`, `Kandinsky5FeedForward` in the Kandinsky 5 transformers); every Linear (and
+`target_module` names diffusers classes of the denoiser's modules (README's LyCORIS section lists each
+family's attention and feed-forward classes; `difftune configure` writes them); every Linear (and
 Conv) layer inside a matching module gets an adapter. `module_algo_map` overrides the algorithm
 or its options per class. Kept free of torch so that loading a config stays fast.
 """

@@ -83,8 +83,10 @@ _SPEED = cosmetic("speed, memory or storage tuning with the same maths; difftune
 _CHECKPOINTS = cosmetic("when and where checkpoints are written; use checkpointing_steps")
 
 _TEXT_ENCODER = (
-    "difftune trains the text encoders with train_text_encoder (SDXL, LoRA) for the whole run; remove it"
+    "difftune trains the text encoders with train_text_encoder (LoRA, families whose text encoders train) "
+    "for the whole run; remove it"
 )
+_REFINER = "difftune trains base models, never a refiner model; remove it"
 _CONTROL = "difftune trains no ControlNet or control adapter; remove it"
 _LORA_INIT = "difftune initialises adapters as peft does; remove it"
 _DATA_FILTER = (
@@ -118,11 +120,11 @@ TRAIN_KEYS: dict[str, Status] = {
         "point pretrained_model_name_or_path at a diffusers folder with the standard layout"
     ),
     "pretrained_t5_model_name_or_path": _OTHER_FAMILY,
-    "refiner_training": refused("difftune trains the SDXL base model only; remove it"),
-    "refiner_training_invert_schedule": refused("difftune trains the SDXL base model only; remove it"),
-    "refiner_training_strength": refused("difftune trains the SDXL base model only; remove it"),
-    "sdxl_refiner_uses_full_range": refused("difftune trains the SDXL base model only; remove it"),
-    "data_aesthetic_score": refused("difftune trains the SDXL base model only; remove it"),
+    "refiner_training": refused(_REFINER),
+    "refiner_training_invert_schedule": refused(_REFINER),
+    "refiner_training_strength": refused(_REFINER),
+    "sdxl_refiner_uses_full_range": refused(_REFINER),
+    "data_aesthetic_score": refused(_REFINER),
     "controlnet": refused(_CONTROL),
     "control": refused(_CONTROL),
     "controlnet_custom_config": refused(_CONTROL),

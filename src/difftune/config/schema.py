@@ -203,7 +203,7 @@ class TrainConfig(_Strict):
     lora_alpha: float | None = Field(None, gt=0)  # defaults to lora_rank
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     use_dora: bool = False
-    train_text_encoder: bool = False  # LoRA on the text encoders too (SDXL), see training/text_encoders.py
+    train_text_encoder: bool = False  # LoRA on the text encoders too (Family.text_encoder_lora_targets), see training/text_encoders.py
     text_encoder_lr: float | None = Field(None, gt=0)  # their learning rate (None: learning_rate)
     lora_format: Literal["diffusers", "comfyui"] = "diffusers"  # comfyui also writes the kohya layout
 
@@ -234,7 +234,7 @@ class TrainConfig(_Strict):
     timestep_bias_end: int = Field(1000, ge=0, le=1000)
     timestep_bias_portion: float = Field(0.25, gt=0, le=1)
     tread_config: dict[str, Any] | None = None
-    # Diff2Flow (SDXL): flow-matching time and inputs mapped onto the diffusion schedule
+    # Diff2Flow (DDPM-style families): flow-matching time and inputs mapped onto the diffusion schedule
     diff2flow_enabled: bool = False
     diff2flow_loss: bool = False  # regress the velocity (noise - x0) instead of the native target
 

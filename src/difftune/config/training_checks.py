@@ -93,7 +93,7 @@ FLOW_KEYS = {
 
 
 def flow_key_problems(train: TrainConfig, origin: dict[str, str]) -> list[str]:
-    """flow_* keys set on a DDPM-style model (SDXL, Diff2Flow included), whose timesteps they do not shape."""
+    """flow_* keys set on a DDPM-style model (its row's flow_matching False, Diff2Flow included), whose timesteps they do not shape."""
     problems = []
     for key, neutral in FLOW_KEYS.items():
         value = getattr(train, key)

@@ -49,7 +49,7 @@ class SamplePlan:
 
     @property
     def crop_top_left(self) -> tuple[int, int]:
-        """(top, left) of the kept window in the resized image, as SDXL's crop_coords want it."""
+        """(top, left) of the kept window in the resized image, as a family's crop conditioning takes it."""
         return (self.crop_box[1], self.crop_box[0])
 
 

@@ -13,7 +13,7 @@ latent grid (`mask_weights`), and the loss counts only the latent cells whose ma
 black, on a `masked_loss_probability` share of batches.
 
 Image-to-video datasets without linked conditioning take the first frame of each clip instead.
-Families whose prompt embeddings hold the source image (Kandinsky 5 I2I) cache one text entry per
+Families whose prompt embeddings hold the source image (`conditioning` "prompt_image") cache one text entry per
 (caption, conditioning image), under `prompt_key`.
 """
 

@@ -39,6 +39,16 @@ def _nowhere(event_type: str, data: dict[str, Any]) -> None:
     """The event sink of a family used outside a run (tests, one-off scripts)."""
 
 
+@dataclass(frozen=True)
+class KohyaTextEncoder:
+    """How the ComfyUI / kohya LoRA layout names the modules of one text encoder: "<name>_<module path,
+    dots as underscores>", the path as in the encoder's own checkpoint, which starts at `module_root`
+    (prepended when the module names that peft saves leave it out)."""
+
+    name: str
+    module_root: str = ""
+
+
 @dataclass
 class Components:
     """The loaded parts of a model. `denoiser` is the module that is trained (UNet or transformer)."""
@@ -347,6 +357,11 @@ class Family(ABC):
         """Module names a LoRA wraps in each text encoder (train_text_encoder); [] when the family does
         not train its text encoders."""
         return []
+
+    def kohya_text_encoders(self) -> dict[str, KohyaTextEncoder]:
+        """The ComfyUI / kohya name of each text encoder whose LoRA a saved file may hold, by the encoder's
+        key prefix in pytorch_lora_weights.safetensors; {} when the family does not train its text encoders."""
+        return {}
 
     def encode_prompts_with_gradients(
         self, components: Components, texts: list[str]

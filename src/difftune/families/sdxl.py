@@ -23,7 +23,7 @@ import torch
 
 from difftune.errors import ConfigError
 from difftune.families import registry
-from difftune.families.base import Components, Family, GenerationRequest, Objective
+from difftune.families.base import Components, Family, GenerationRequest, KohyaTextEncoder, Objective
 from difftune.families.objectives import Diff2FlowObjective, EpsilonObjective
 from difftune.families.vae_source import load_vae
 
@@ -322,6 +322,15 @@ class SDXLFamily(Family):
     def text_encoder_lora_targets(self) -> list[str]:
         """The CLIP attention projections of both text encoders, as diffusers' SDXL DreamBooth script."""
         return ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+    def kohya_text_encoders(self) -> dict[str, KohyaTextEncoder]:
+        """kohya's "lora_te1" (CLIP-L) and "lora_te2" (CLIP-G), with module paths from "text_model." as in a
+        CLIP checkpoint (transformers 5's CLIPTextModel leaves it out of its module names, and so of the
+        saved keys, while CLIPTextModelWithProjection keeps it)."""
+        return {
+            "text_encoder": KohyaTextEncoder("lora_te1", "text_model."),
+            "text_encoder_2": KohyaTextEncoder("lora_te2", "text_model."),
+        }
 
     def encode_prompts_with_gradients(
         self, components: Components, texts: list[str]

@@ -7,13 +7,10 @@ as they are; the LoraConfig (rank, alpha, targets) travels in the file's metadat
 The ComfyUI / kohya layout names each wrapped module "lora_unet_<module path, dots as underscores>"
 with ".lora_down.weight" (= lora_A), ".lora_up.weight" (= lora_B), ".alpha" (a scalar tensor, the
 trained lora_alpha) and, for DoRA, ".dora_scale" (one value per output feature, shaped (out, 1)).
-ComfyUI maps "lora_unet_<diffusers module>" for SDXL (through its table of diffusers UNet names) and
-for Kandinsky 5 (whose module names in ComfyUI are diffusers' own); diffusers reads the SDXL layout
-back through its non-diffusers LoRA converter. Text-encoder weights (train_text_encoder, saved under
-"text_encoder." and "text_encoder_2.") take kohya's SDXL names "lora_te1_<module path>" (CLIP-L) and
-"lora_te2_<module path>" (CLIP-G), e.g. "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": the
-path in a CLIP text model checkpoint, under "text_model." (which transformers 5's CLIPTextModel leaves
-out of its module paths, and so of the saved keys, while CLIPTextModelWithProjection keeps it).
+"lora_unet" is the layout's name for the denoiser of every family, UNet or transformer; ComfyUI maps
+the diffusers module names of each family it knows, and diffusers reads the layout back through its
+non-diffusers LoRA converter. Text-encoder weights (train_text_encoder) take the names the family
+gives them (`Family.kohya_text_encoders`), e.g. "lora_te1_text_model_encoder_layers_0_self_attn_q_proj".
 
 DoRA: peft scales the adapted weight W + dW by m / ||W + dW|| (row norms), while ComfyUI scales it by
 dora_scale / ||W|| when dora_scale has one value per output row; the export therefore writes
@@ -31,13 +28,13 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from difftune.config.schema import TrainConfig
-    from difftune.families.base import Family
+    from difftune.families.base import Family, KohyaTextEncoder
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # where diffusers stores the LoraConfig in safetensors
-# kohya's name of each text encoder of a diffusers LoRA file, by its key prefix there (SDXL's two CLIPs)
-TEXT_ENCODER_NAMES = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-CLIP_ROOT = "text_model."  # where a CLIP checkpoint's (and so kohya's) module paths start
+DENOISER_NAME = "lora_unet"  # the ComfyUI / kohya layout's name for the denoiser, whatever the family
 _PEFT_SUFFIXES = {
     ".lora_A.weight": ".lora_down.weight",
     ".lora_B.weight": ".lora_up.weight",
@@ -133,12 +130,13 @@ def export_comfyui(
     lora_file: Path,
     out_file: Path,
     prefix: str,
+    text_encoders: Mapping[str, KohyaTextEncoder] | None = None,
     dora_scales: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Rewrite a pytorch_lora_weights.safetensors in the ComfyUI / kohya key layout; returns out_file.
 
     `prefix` is the key prefix of the denoiser's weights in the file (`Family.adapter_prefix`), exported
-    as "lora_unet_"; the text encoders' ("text_encoder.", "text_encoder_2.") as TEXT_ENCODER_NAMES say.
+    as "lora_unet_"; the text encoders' as `text_encoders` (`Family.kohya_text_encoders`) name them.
     A DoRA file needs `dora_scales` (from `comfyui_dora_scales` of the trained denoiser), since
     ComfyUI's DoRA normalisation needs the base weights' norms.
     """
@@ -146,7 +144,8 @@ def export_comfyui(
 
     lora_file, out_file = Path(lora_file), Path(out_file)
     tensors, configs = _read_lora_file(lora_file)
-    names = {prefix: "lora_unet"} | TEXT_ENCODER_NAMES
+    encoders = dict(text_encoders or {})
+    names = {prefix: DENOISER_NAME} | {part: encoder.name for part, encoder in encoders.items()}
     exported: dict[str, torch.Tensor] = {}
     ranks: set[int] = set()
     for key, value in tensors.items():
@@ -163,7 +162,8 @@ def export_comfyui(
                 "lora_magnitude_vector); export needs a file written by save_lora"
             )
         module = module_key[: -len(suffix)]
-        path = module if part == prefix or module.startswith(CLIP_ROOT) else CLIP_ROOT + module
+        root = "" if part == prefix else encoders[part].module_root
+        path = module if module.startswith(root) else root + module
         name = f"{names[part]}_{path.replace('.', '_')}"
         if suffix == ".lora_magnitude_vector":
             if part != prefix or dora_scales is None or module not in dora_scales:

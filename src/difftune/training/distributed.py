@@ -6,8 +6,8 @@ walks the same sampler over batches of n * B (one bucket each) and takes its own
 its rows (`global_rows` below). The gradients DDP (or FSDP2) averages are then those of one process
 training with train_batch_size n * B, so the final weights match it up to float rounding.
 
-FSDP2 (fsdp_enable, fsdp_version 2) shards every block of the denoiser's top-level block lists (the
-UNet's down/up blocks, the Kandinsky 5 text and visual transformer blocks) and then the root with
+FSDP2 (fsdp_enable, fsdp_version 2) shards every block of the denoiser's top-level block lists (each
+ModuleList child: a UNet-style denoiser's down/up blocks, a transformer's block lists) and then the root with
 torch.distributed.fsdp.fully_shard. Checkpoints and exported weights hold full (gathered) tensors,
 so a checkpoint written under FSDP2 resumes under FSDP2 (or without it) and the LoRA file loads like any
 other: `checkpoint_parts` gathers what save_checkpoint writes, `apply_checkpoint` scatters it back.

@@ -1,12 +1,12 @@
 """Modules a model keeps in fp32 under mixed precision, as its pipeline and its original code run them.
 
-diffusers models list them in `_keep_in_fp32_modules` (Kandinsky 5: the time embeddings and every
-modulation, whose outputs scale and shift each block). `from_pretrained(torch_dtype=bf16)` leaves
+diffusers models list them in `_keep_in_fp32_modules` (such as time embeddings and the modulations
+whose outputs scale and shift each block). `from_pretrained(torch_dtype=bf16)` leaves
 them in fp32; casting the whole denoiser to the weight dtype, or running it under bf16 autocast,
 would compute them in bf16 again. `keep_fp32_modules` undoes both.
 
-A family also names modules the model calls with fp32 inputs (`Family.fp32_weight_modules`, Kandinsky
-5's query and key norms); `keep_fp32_weights` keeps their weights fp32 too, so that input and weight
+A family also names modules the model calls with fp32 inputs (`Family.fp32_weight_modules`, such
+as query and key norms); `keep_fp32_weights` keeps their weights fp32 too, so that input and weight
 match and the fused kernel runs.
 """
 

@@ -201,7 +201,7 @@ def prepare_denoiser(
     if config.enable_group_offload:
         apply_offload(denoiser, config, device or torch.device("cpu"))
     if config.compile_model:
-        denoiser.compile()  # in place: the module stays the pipeline's UNet/transformer
+        denoiser.compile()  # in place: the module stays the pipeline's denoiser
     denoiser.train()
     return denoiser
 
@@ -257,6 +257,7 @@ def save_final_weights(
                 path,
                 output_dir / "pytorch_lora_weights_comfyui.safetensors",
                 family.adapter_prefix,
+                text_encoders=family.kohya_text_encoders(),
                 dora_scales=comfyui_dora_scales(model) if config.use_dora else None,
             )
         return path, None

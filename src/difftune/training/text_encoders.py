@@ -4,9 +4,10 @@ With it, each step encodes the batch's captions (after caption dropout) with the
 gradients, instead of reading the text cache; the encoders' LoRA weights train in their own optimizer
 parameter group at `text_encoder_lr` (default learning_rate), follow the same schedule, are averaged
 over processes like the denoiser's gradients, are stored in checkpoints, and are saved into
-pytorch_lora_weights.safetensors in the pipeline's layout (SDXL: "text_encoder." and "text_encoder_2."
-keys), so the stock pipeline's load_lora_weights loads them. Validation runs with them. The run's
-features (`TrainingFeatures`) build it and call it at their named points.
+pytorch_lora_weights.safetensors in the pipeline's layout (`Family.save_text_encoder_lora`: keys under
+each encoder's prefix, such as "text_encoder."), so the stock pipeline's load_lora_weights loads them.
+Validation runs with them. The run's features (`TrainingFeatures`) build it and call it at their named
+points.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def check_text_encoder_training(family, config) -> None:
         return
     if not family.text_encoder_lora_targets():
         raise ConfigError(
-            f"train_text_encoder: {family.name} keeps its text encoders frozen in difftune (SDXL's are "
-            "trained); remove train_text_encoder"
+            f"train_text_encoder: {family.name} ({family.spec.title}) keeps its text encoders frozen in "
+            "difftune, which trains only its denoiser; remove train_text_encoder"
         )
     if config.model_type != "lora":
         raise ConfigError(
