@@ -1,8 +1,9 @@
 """LoRA / DoRA adapters through peft: attach to a denoiser, read out, export to the ComfyUI layout.
 
-Saved weights use peft's key names under the denoiser's prefix ("unet.<module>.lora_A.weight",
-"lora_B", DoRA's "lora_magnitude_vector"), which the diffusers pipelines' `load_lora_weights` read
-as they are; the LoraConfig (rank, alpha, targets) travels in the file's metadata.
+Saved weights use peft's key names under the denoiser's prefix (the family's adapter_prefix:
+"<prefix>.<module>.lora_A.weight", "lora_B", DoRA's "lora_magnitude_vector"), which the diffusers
+pipelines' `load_lora_weights` read as they are; the LoraConfig (rank, alpha, targets) travels in
+the file's metadata.
 
 The ComfyUI / kohya layout names each wrapped module "lora_unet_<module path, dots as underscores>"
 with ".lora_down.weight" (= lora_A), ".lora_up.weight" (= lora_B), ".alpha" (a scalar tensor, the
@@ -84,7 +85,7 @@ def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _read_lora_file(lora_file: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Tensors and each part's LoraConfig metadata: {"unet": {...}, "text_encoder": {...}}, by the
+    """Tensors and each part's LoraConfig metadata: {"<prefix>": {...}, "text_encoder": {...}}, by the
     "<part>." prefix the file's keys and metadata carry."""
     from safetensors import safe_open
 

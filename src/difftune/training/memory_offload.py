@@ -214,8 +214,8 @@ def group_residencies(module: torch.nn.Module) -> list[GroupResidency]:
 def _onload_for_recompute(module: torch.nn.Module) -> None:
     """Keep groups usable while gradient checkpointing re-runs their blocks, and release them after.
 
-    A checkpointed block nested inside a group (such as a UNet-style denoiser's resnet) is re-run directly, so its parts
-    onload the group themselves. Each group leaves the device as soon as its own backward is done
+    A checkpointed block nested inside a group (such as a UNet-style denoiser's resnet) is re-run
+    directly, so its parts onload the group themselves. Each group leaves the device as soon as its own backward is done
     (see GroupResidency); with gradient checkpointing the group that runs next in backward is
     prefetched meanwhile.
     """
