@@ -126,6 +126,15 @@ def test_generate_returns_the_asked_size(family_name, tiny_model, tiny_component
     assert family.save_sample(sample, tmp_path / "sample").is_file()
 
 
+def test_a_family_that_trains_its_text_encoders_names_each_for_the_comfyui_export(
+    family_name, tiny_model, tiny_components
+):
+    family = make_family(family_name, tiny_model)
+    trained = len(tiny_components(family_name).text_encoders) if family.text_encoder_lora_targets() else 0
+    assert len(family.kohya_text_encoders()) == trained
+    assert len({encoder.name for encoder in family.kohya_text_encoders().values()}) == trained
+
+
 def test_check_refuses_a_validation_size_off_the_pixel_grid(family_name, tiny_model):
     family = make_family(family_name, tiny_model)
     off = 2 * family.validation_pixel_multiple + 1
