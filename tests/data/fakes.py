@@ -64,6 +64,14 @@ class FakeFamily(Family):
     def objective(self, components) -> Objective:
         raise RuntimeError("the data tests do not train")
 
+    def batch_extras(self, geometry):
+        """Each sample's sizes and crop as long tensors (B, 2), so the data tests can read them back."""
+        return {
+            "original_sizes": torch.tensor([g.original_size for g in geometry]),
+            "crop_coords": torch.tensor([g.crop_top_left for g in geometry]),
+            "target_sizes": torch.tensor([g.target_size for g in geometry]),
+        }
+
     def model_forward(self, components, denoiser, noisy_latents, timesteps, batch):
         return noisy_latents
 

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from difftune.config.schema import DatasetConfig, TrainConfig
 from difftune.data.errors import DatasetTooSmall
 from difftune.data.pipeline import prepare_training_data
+from difftune.families.base import Family
 from tests.data.fakes import FakeFamily, fake_components, save_image
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
@@ -95,6 +96,19 @@ def test_batches_hold_latents_prompts_and_sizes(tmp_path):
     assert torch.allclose(batch["latents"][0, :3].mean(dim=(1, 2)), colour, atol=0.02)
     expected = family.encode_prompts(None, [batch["captions"][0]])[0]["pooled_prompt_embeds"]
     assert torch.equal(batch["pooled_prompt_embeds"][0], expected)
+
+
+class PlainFakeFamily(FakeFamily):
+    """FakeFamily whose denoiser takes nothing from the samples' sizes and crops."""
+
+    batch_extras = Family.batch_extras  # the neutral default
+
+
+def test_batches_hold_only_the_extras_a_family_asks_for(tmp_path):
+    _make_images(tmp_path / "data")
+    data, _ = Run(tmp_path).prepare(family=PlainFakeFamily(TrainConfig(model_family="fake")))
+    batch = data.load_batch([0, 1])
+    assert batch.keys() == {"prompt_embeds", "pooled_prompt_embeds", "latents", "captions", "paths"}
 
 
 def test_corrupt_image_is_skipped_reported_once_and_data_still_builds(tmp_path):

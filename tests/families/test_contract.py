@@ -9,7 +9,7 @@ import torch
 from difftune.config import ConfigError
 from difftune.config.schema import TrainConfig
 from difftune.families import get_family, registry
-from difftune.families.base import GenerationRequest
+from difftune.families.base import GenerationRequest, SampleGeometry
 from difftune.training.adapters import attach_lora, lora_state_dict
 from difftune.training.losses import per_sample_loss
 from difftune.training.tread import apply_tread
@@ -20,6 +20,11 @@ CPU = torch.device("cpu")
 SIZE = 64
 PROMPTS = ["a red circle", "a blue square on a white background"]
 ROUTE = {"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": -1}
+# two samples: one cropped from a larger, taller source, one trained at its own size
+GEOMETRY = [
+    SampleGeometry((96, 80), (16, 8), (SIZE, SIZE)),
+    SampleGeometry((SIZE, SIZE), (0, 0), (SIZE, SIZE)),
+]
 
 
 @pytest.fixture(params=FAMILIES)
@@ -45,9 +50,43 @@ def batch_for(family, components) -> dict:
     """What the data pipeline gives a step: collated prompts, latents and each sample's sizes."""
     batch = family.collate_prompts(family.encode_prompts(components, PROMPTS))
     batch["latents"] = family.encode_pixels(components, pixels_for(family))
-    sizes = torch.tensor([[SIZE, SIZE]] * len(PROMPTS))
-    batch.update(original_sizes=sizes, crop_coords=torch.zeros_like(sizes), target_sizes=sizes)
+    batch.update(family.batch_extras(GEOMETRY))
     return batch
+
+
+class ReadingBatch(dict):
+    """A batch that notes which of its entries are read."""
+
+    def __init__(self, entries: dict):
+        super().__init__(entries)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def test_model_forward_takes_the_extras_the_family_declares(family_name, tiny_model, tiny_components):
+    family = make_family(family_name, tiny_model)
+    components = tiny_components(family_name)
+    extras = family.batch_extras(GEOMETRY)
+    assert all(len(value) == len(GEOMETRY) for value in extras.values())  # one row per sample
+    batch = ReadingBatch(batch_for(family, components))
+    timesteps = family.objective(components).sample_timesteps(2, torch.Generator().manual_seed(0), CPU)
+    with torch.no_grad():
+        prediction = family.model_forward(components, components.denoiser, batch["latents"], timesteps, batch)
+        assert set(extras) <= batch.read, f"declared but never read: {set(extras) - batch.read}"
+        if extras:  # what a family declares conditions its prediction
+            other = [SampleGeometry((128, 96), (24, 0), (SIZE, SIZE))] * len(GEOMETRY)
+            moved = {**batch, **family.batch_extras(other)}
+            changed = family.model_forward(
+                components, components.denoiser, batch["latents"], timesteps, moved
+            )
+            assert not torch.allclose(prediction, changed)
 
 
 def loss_of(family, components, objective, batch, noise, timesteps) -> torch.Tensor:

@@ -31,6 +31,7 @@ from difftune.data.images import load_pixels
 from difftune.data.sampler import BucketBatchSampler
 from difftune.data.video import UnreadableVideo
 from difftune.data.video_samples import is_video_file, load_clip
+from difftune.families.base import SampleGeometry
 
 if TYPE_CHECKING:
     from difftune.families.base import Components, Family
@@ -87,7 +88,7 @@ class TrainingData:
         return len(self.plans)
 
     def load_batch(self, indices: Sequence[int], position: tuple[int, int] | None = None) -> dict[str, Any]:
-        """Tensors of one batch: latents float32, collated prompt tensors, each sample's sizes, captions.
+        """Tensors of one batch: latents float32, collated prompt tensors, the family's extras, captions.
 
         Latents are (B, C, H, W), or (B, C, T', H', W') for video families; "conditioning_latents"
         ((B, C, h, w), video (B, C, 1, h, w)) is there when the samples have conditioning.
@@ -95,8 +96,8 @@ class TrainingData:
         "loss_mask" ((B, 1, h, w), video (B, 1, 1, h, w); 0/1 on the latent grid) is there when the
         samples have linked masks and this batch draws one under masked_loss_probability.
         position = (epoch, batch_index) picks each sample's caption and the caption dropout; it
-        defaults to the sampler's last batch, so a resumed run sees the same captions. Sizes are long
-        tensors (B, 2): original_sizes (h, w), crop_coords (top, left), target_sizes (h, w).
+        defaults to the sampler's last batch, so a resumed run sees the same captions. The family's
+        `batch_extras` add what its denoiser takes from the samples' sizes and crops.
         """
         if not indices:
             raise ValueError("load_batch needs at least one sample index")
@@ -124,9 +125,7 @@ class TrainingData:
         conditions = [latents[i][1] for i in indices]
         if all(c is not None for c in conditions):
             batch["conditioning_latents"] = torch.stack(conditions)
-        batch["original_sizes"] = torch.tensor([(p.original_size[1], p.original_size[0]) for p in plans])
-        batch["crop_coords"] = torch.tensor([p.crop_top_left for p in plans])
-        batch["target_sizes"] = torch.tensor([(p.bucket[1], p.bucket[0]) for p in plans])
+        batch.update(self.family.batch_extras([geometry_of(p) for p in plans]))
         batch["captions"] = captions
         batch["paths"] = [str(p.path) for p in plans]
         if self.regularisation_datasets:
@@ -416,6 +415,16 @@ def encode_text(
             embeds = family.encode_prompts(components, chunk)
         cache.write(chunk, [{k: v.detach().cpu() for k, v in e.items()} for e in embeds])
         events("cache", {"kind": "text", "done": start + len(chunk), "total": len(prompts)})
+
+
+def geometry_of(plan: SamplePlan) -> SampleGeometry:
+    """A sample's sizes and crop as the Family boundary takes them: (height, width) and (top, left)."""
+    width, height = plan.original_size
+    return SampleGeometry(
+        original_size=(height, width),
+        crop_top_left=plan.crop_top_left,
+        target_size=(plan.bucket[1], plan.bucket[0]),
+    )
 
 
 def _module_dtype(module: torch.nn.Module | None) -> torch.dtype:

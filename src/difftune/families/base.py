@@ -83,6 +83,18 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class SampleGeometry:
+    """Where one training sample's pixels come from, which the data pipeline records for every sample:
+    the source's (height, width), the (top, left) of the window cropped from it once resized, and the
+    (height, width) trained at (its bucket). A family that conditions on these turns a batch's
+    records into its inputs with `Family.batch_extras`."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class BlockArgument:
     """One argument of a block's forward: where it is passed positionally, and its keyword name."""
 
@@ -279,6 +291,11 @@ class Family(ABC):
     ) -> torch.Tensor:
         """Run the denoiser on a batch; returns a prediction shaped like the latents."""
         ...
+
+    def batch_extras(self, geometry: Sequence[SampleGeometry]) -> dict[str, Any]:
+        """Batch entries `model_forward` needs from the samples' geometry (one record per row, in batch
+        order), added to every batch the data pipeline loads; none by default."""
+        return {}
 
     def loss_mask(self, batch: dict[str, Any], latents: torch.Tensor) -> torch.Tensor | None:
         """Mask broadcastable to the latents (1 = counted in the loss); None means all of it."""

@@ -8,7 +8,8 @@ output of encoder 2 (1280 for SDXL), as StableDiffusionXLPipeline.encode_prompt 
 
 Batches for `model_forward` carry, besides the collated prompt tensors, SDXL's micro-conditioning
 as (B, 2) tensors or lists of pairs: "original_sizes" (height, width) of the source image,
-"crop_coords" (top, left) of the crop taken from it, "target_sizes" (height, width) trained at.
+"crop_coords" (top, left) of the crop taken from it, "target_sizes" (height, width) trained at;
+`batch_extras` makes them from the samples' geometry.
 
 The VAE runs in fp32 (SDXL's overflows in fp16) unless a replacement VAE is given with
 pretrained_vae_model_name_or_path (such as an fp16-fixed one), which runs in the weight dtype.
@@ -16,6 +17,7 @@ pretrained_vae_model_name_or_path (such as an fp16-fixed one), which runs in the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,14 @@ import torch
 
 from difftune.errors import ConfigError
 from difftune.families import registry
-from difftune.families.base import Components, Family, GenerationRequest, KohyaTextEncoder, Objective
+from difftune.families.base import (
+    Components,
+    Family,
+    GenerationRequest,
+    KohyaTextEncoder,
+    Objective,
+    SampleGeometry,
+)
 from difftune.families.objectives import Diff2FlowObjective, EpsilonObjective
 from difftune.families.vae_source import load_vae
 
@@ -191,6 +200,14 @@ class SDXLFamily(Family):
             prediction_type=prediction_type,
             soft_min_snr=self.config.use_soft_min_snr,
         )
+
+    def batch_extras(self, geometry: Sequence[SampleGeometry]) -> dict[str, Any]:
+        """The micro-conditioning of the batch's samples (see module doc), as long tensors (B, 2)."""
+        return {
+            "original_sizes": torch.tensor([g.original_size for g in geometry]),
+            "crop_coords": torch.tensor([g.crop_top_left for g in geometry]),
+            "target_sizes": torch.tensor([g.target_size for g in geometry]),
+        }
 
     def add_time_ids(self, batch: dict[str, Any], batch_size: int) -> torch.Tensor:
         """(B, 6): original (h, w), crop (top, left), target (h, w), the pipeline's _get_add_time_ids order."""
