@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from difftune.config.schema import DatasetConfig, TrainConfig
 from difftune.configure import run_wizard, vram_tier
 from difftune.families import registry
+from tests.families import extra_family
 
 
 def scripted(answers):
@@ -288,6 +290,29 @@ def test_lycoris_writes_a_lycoris_config_that_the_loader_accepts(tmp_path, monke
     assert lycoris["apply_preset"]["target_module"] == ["Kandinsky5Attention", "Kandinsky5FeedForward"]
     monkeypatch.chdir(tmp_path)
     assert load_config().train.model_type == "lycoris"
+
+
+def test_the_lycoris_targets_and_quickstart_come_from_the_family_row(tmp_path, monkeypatch):
+    row = replace(
+        extra_family.SPEC,
+        lycoris_targets=("Attention", "GEGLU"),
+        quickstart=registry.Quickstart(resolution=512, memory={24: {"vae_enable_slicing": True}}),
+    )
+    monkeypatch.setitem(registry.FAMILIES, row.name, row)
+    input_fn, prompts = scripted([row.name, "", "lycoris"] + [""] * 8)
+    lines = []
+    run_wizard(input_fn, lines.append, tmp_path)
+    assert f"  4) {row.name}: {row.title}" in lines  # the wizard lists every registered row
+    assert "Training resolution (pixels, short side) [512]: " in prompts
+    config, datasets = read_files(tmp_path)
+    assert config["model_family"] == row.name and config["vae_enable_slicing"] is True
+    assert datasets[0]["resolution"] == 512
+    lycoris = json.loads((tmp_path / "config" / "lycoris_config.json").read_text())
+    assert lycoris["apply_preset"]["target_module"] == ["Attention", "GEGLU"]
+    assert lycoris["apply_preset"]["module_algo_map"] == {
+        "Attention": {"factor": 10},
+        "GEGLU": {"factor": 10},
+    }
 
 
 def test_a_local_model_folder_is_accepted_in_the_model_question(tmp_path):

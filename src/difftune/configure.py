@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,95 +23,6 @@ DATASETS_FILE = Path("config/multidatabackend.json")
 LYCORIS_FILE = Path("config/lycoris_config.json")
 VRAM_TIERS_GB = (12, 16, 24, 48)
 
-_GROUP_OFFLOAD = {
-    "enable_group_offload": True,
-    "group_offload_type": "block_level",
-    "group_offload_blocks_per_group": 1,
-    "group_offload_use_stream": True,  # CUDA only; elsewhere the trainer warns and goes without
-    "offload_during_startup": True,
-}
-
-
-@dataclass(frozen=True)
-class Quickstart:
-    """What the quickstart of one model family recommends, beyond its registry row (title, flavours,
-    defaults). A family without a quickstart gets these neutral recommendations."""
-
-    resolution: int = 1024
-    validation_prompt: str = "a photo of a cat sitting on a windowsill, soft morning light"
-    config: dict[str, Any] = field(default_factory=dict)  # written into config.json over the family defaults
-    memory: dict[int, dict[str, Any]] = field(default_factory=dict)  # VRAM tier (GB) -> memory settings
-    dataset: dict[str, Any] = field(default_factory=dict)
-    minimum_vram_gb: int = 12
-    validation_resolution: str | None = None  # None: square, at the training resolution
-    # diffusers classes a LyCORIS adapter wraps (apply_preset.target_module); the original tool's
-    # LyCORIS guide keeps SDXL to Attention, whose FeedForward layers can send the loss to NaN
-    lycoris_targets: tuple[str, ...] = ("Attention", "FeedForward")
-
-
-QUICKSTARTS: dict[str, Quickstart] = {
-    "sdxl": Quickstart(
-        resolution=1024,
-        validation_prompt="a photo of a cat sitting on a windowsill, soft morning light",
-        config={"validation_guidance": 4.2},
-        memory={
-            48: {},
-            24: {},
-            16: {"vae_enable_slicing": True},
-            12: {
-                "base_model_precision": "int8-quanto",
-                "optimizer": "optimi-lion",
-                "vae_enable_slicing": True,
-            },
-        },
-        dataset={"crop": True, "crop_aspect": "square", "crop_style": "random", "repeats": 0},
-        lycoris_targets=("Attention",),
-    ),
-    "kandinsky5-image": Quickstart(
-        resolution=1024,
-        validation_prompt="A high quality portrait of a woman, cinematic lighting, 8k",
-        memory={
-            48: {},
-            24: dict(_GROUP_OFFLOAD),
-            16: {**_GROUP_OFFLOAD, "base_model_precision": "int8-quanto", "base_model_default_dtype": "bf16"},
-            12: {
-                **_GROUP_OFFLOAD,
-                "base_model_precision": "int8-quanto",
-                "base_model_default_dtype": "bf16",
-                "vae_enable_tiling": True,
-            },
-        },
-        dataset={"crop": True, "crop_aspect": "square", "repeats": 10},
-        minimum_vram_gb=16,
-        lycoris_targets=("Kandinsky5Attention", "Kandinsky5FeedForward"),
-    ),
-    "kandinsky5-video": Quickstart(
-        resolution=512,
-        validation_resolution="512x768",
-        validation_prompt="a cat walking through a sunny garden, camera pans right",
-        memory={
-            48: {},
-            24: dict(_GROUP_OFFLOAD),
-            16: {**_GROUP_OFFLOAD, "vae_enable_patch_conv": True},
-            12: {
-                **_GROUP_OFFLOAD,
-                "vae_enable_patch_conv": True,
-                "vae_enable_tiling": True,
-                "base_model_precision": "int8-quanto",
-            },
-        },
-        dataset={
-            "repeats": 10,
-            "video": {
-                "num_frames": 61,
-                "min_frames": 61,
-                "frame_rate": 24,
-                "bucket_strategy": "aspect_ratio",
-            },
-        },
-        lycoris_targets=("Kandinsky5Attention", "Kandinsky5FeedForward"),
-    ),
-}
 CAPTION_STRATEGIES = {
     "textfile": "a .txt file next to each image/video holds its caption",
     "filename": "the file name is the caption",
@@ -123,9 +33,9 @@ ASKED_OR_BY_TYPE = frozenset({"validation_resolution", "lora_rank"})
 LEARNING_RATES = {"lora": 1e-4, "lycoris": 1e-4, "full": 1e-5}
 
 
-def quickstart(family: str) -> Quickstart:
-    """The quickstart's recommendations for a family; neutral ones for a family without a quickstart."""
-    return QUICKSTARTS.get(family, Quickstart())
+def quickstart(family: str) -> registry.Quickstart:
+    """The quickstart's recommendations for a family (its registry row's; neutral ones when it has none)."""
+    return registry.spec(family).quickstart
 
 
 def vram_tier(gigabytes: float) -> int:
@@ -136,8 +46,8 @@ def vram_tier(gigabytes: float) -> int:
 
 def lycoris_file(family: str) -> dict[str, Any]:
     """config/lycoris_config.json for a LyCORIS run: the original tool's documented LoKr example,
-    aimed at the family's attention (and feed-forward) classes."""
-    targets = list(quickstart(family).lycoris_targets)
+    aimed at the family's attention (and feed-forward) classes, as its registry row names them."""
+    targets = list(registry.spec(family).lycoris_targets)
     return {
         "algo": "lokr",
         "multiplier": 1.0,
@@ -297,7 +207,7 @@ def _positive_int(text: str) -> int:
 def ask_questions(ask: _Asker) -> dict[str, Any]:
     """Every question of the wizard, in order; returns the answers."""
     families = {name: spec.title for name, spec in registry.FAMILIES.items()}
-    answers: dict[str, Any] = {"model_family": ask.choice("Model family:", families, "sdxl")}
+    answers: dict[str, Any] = {"model_family": ask.choice("Model family:", families, next(iter(families)))}
     spec, preset = registry.spec(answers["model_family"]), quickstart(answers["model_family"])
     flavours = {name: flavour.description for name, flavour in spec.flavours.items()}
     model = ask.choice(

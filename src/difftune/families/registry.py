@@ -1,7 +1,7 @@
 """What each model family is, as data: one row per family, read by everything that needs to know.
 
-The config loader, the wizard, the web form, the model card, the demo and the benchmarks read these
-rows; the family module (`module`) holds the behaviour. This module imports nothing heavy, so a
+The config loader, the wizard (its quickstart presets), the web form, the model card, the demo and the
+benchmarks read these rows; the family module (`module`) holds the behaviour. This module imports nothing heavy, so a
 config loads without torch or diffusers.
 """
 
@@ -25,6 +25,20 @@ class Flavour:
 
 
 @dataclass(frozen=True)
+class Quickstart:
+    """What the quickstart of one family recommends, as `difftune configure` writes it. A family without
+    one gets these neutral recommendations."""
+
+    resolution: int = 1024
+    validation_prompt: str = "a photo of a cat sitting on a windowsill, soft morning light"
+    config: dict[str, Any] = field(default_factory=dict)  # written into config.json over the family defaults
+    memory: dict[int, dict[str, Any]] = field(default_factory=dict)  # VRAM tier (GB) -> memory settings
+    dataset: dict[str, Any] = field(default_factory=dict)
+    minimum_vram_gb: int = 12
+    validation_resolution: str | None = None  # None: square, at the training resolution
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """A family's identity. `defaults` win over the schema's global defaults for keys the user did not set."""
 
@@ -39,6 +53,9 @@ class FamilySpec:
     frames_per_latent: int = 1  # >1: a video VAE compressing time that much; clips have k * n + 1 frames
     adapter_prefix: str = "transformer"  # key prefix of saved LoRA weights ("unet" / "transformer")
     flow_matching: bool = True  # False: a DDPM-style (epsilon / v) model, which the flow_* keys do not shape
+    # diffusers classes a LyCORIS adapter wraps (apply_preset.target_module of the wizard's lycoris_config)
+    lycoris_targets: tuple[str, ...] = ("Attention", "FeedForward")
+    quickstart: Quickstart = field(default_factory=Quickstart)
 
     @property
     def is_video(self) -> bool:
@@ -75,6 +92,13 @@ class FamilySpec:
 
 
 _K5_HUB = "kandinskylab/Kandinsky-5.0-{}-Diffusers"
+_GROUP_OFFLOAD = {
+    "enable_group_offload": True,
+    "group_offload_type": "block_level",
+    "group_offload_blocks_per_group": 1,
+    "group_offload_use_stream": True,  # CUDA only; elsewhere the trainer warns and goes without
+    "offload_during_startup": True,
+}
 
 SDXL = FamilySpec(
     name="sdxl",
@@ -87,6 +111,24 @@ SDXL = FamilySpec(
     pixel_multiple=64,
     adapter_prefix="unet",
     flow_matching=False,
+    # the original tool's LyCORIS guide keeps SDXL to Attention: its FeedForward layers can send the loss to NaN
+    lycoris_targets=("Attention",),
+    quickstart=Quickstart(
+        resolution=1024,
+        validation_prompt="a photo of a cat sitting on a windowsill, soft morning light",
+        config={"validation_guidance": 4.2},
+        memory={
+            48: {},
+            24: {},
+            16: {"vae_enable_slicing": True},
+            12: {
+                "base_model_precision": "int8-quanto",
+                "optimizer": "optimi-lion",
+                "vae_enable_slicing": True,
+            },
+        },
+        dataset={"crop": True, "crop_aspect": "square", "crop_style": "random", "repeats": 0},
+    ),
 )
 
 KANDINSKY5_IMAGE = FamilySpec(
@@ -120,6 +162,24 @@ KANDINSKY5_IMAGE = FamilySpec(
         "lora_rank": 16,
     },
     pixel_multiple=16,  # 8x VAE downsampling times 2x2 patches
+    lycoris_targets=("Kandinsky5Attention", "Kandinsky5FeedForward"),
+    quickstart=Quickstart(
+        resolution=1024,
+        validation_prompt="A high quality portrait of a woman, cinematic lighting, 8k",
+        memory={
+            48: {},
+            24: dict(_GROUP_OFFLOAD),
+            16: {**_GROUP_OFFLOAD, "base_model_precision": "int8-quanto", "base_model_default_dtype": "bf16"},
+            12: {
+                **_GROUP_OFFLOAD,
+                "base_model_precision": "int8-quanto",
+                "base_model_default_dtype": "bf16",
+                "vae_enable_tiling": True,
+            },
+        },
+        dataset={"crop": True, "crop_aspect": "square", "repeats": 10},
+        minimum_vram_gb=16,
+    ),
 )
 
 KANDINSKY5_VIDEO = FamilySpec(
@@ -167,6 +227,32 @@ KANDINSKY5_VIDEO = FamilySpec(
     },
     pixel_multiple=16,
     frames_per_latent=4,  # HunyuanVideo VAE: 4x in time, 8x in space
+    lycoris_targets=("Kandinsky5Attention", "Kandinsky5FeedForward"),
+    quickstart=Quickstart(
+        resolution=512,
+        validation_resolution="512x768",
+        validation_prompt="a cat walking through a sunny garden, camera pans right",
+        memory={
+            48: {},
+            24: dict(_GROUP_OFFLOAD),
+            16: {**_GROUP_OFFLOAD, "vae_enable_patch_conv": True},
+            12: {
+                **_GROUP_OFFLOAD,
+                "vae_enable_patch_conv": True,
+                "vae_enable_tiling": True,
+                "base_model_precision": "int8-quanto",
+            },
+        },
+        dataset={
+            "repeats": 10,
+            "video": {
+                "num_frames": 61,
+                "min_frames": 61,
+                "frame_rate": 24,
+                "bucket_strategy": "aspect_ratio",
+            },
+        },
+    ),
 )
 
 # model_family -> its row, in the order the wizard and the web form list them.
