@@ -61,7 +61,7 @@ def build_tiny_kandinsky5_video(path: str | Path, seed: int = 0, i2v: bool = Fal
     from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5I2VPipeline, Kandinsky5T2VPipeline
 
     from difftune.testing.qwen import write_qwen2_tokenizer_files
-    from difftune.testing.tokenizers import clip_tokenizer
+    from difftune.testing.tokenizers import clip_tokenizer, write_clip_tokenizer_files
 
     path = Path(path)
     with tempfile.TemporaryDirectory() as scratch:
@@ -78,5 +78,6 @@ def build_tiny_kandinsky5_video(path: str | Path, seed: int = 0, i2v: bool = Fal
     )
     save_without_tokenizer(pipeline, path)
     write_qwen2_tokenizer_files(path / "tokenizer")
+    write_clip_tokenizer_files(path / "tokenizer_2")  # in place of its tokenizer.json: faster to load
     name_tokenizer_class(path, "Qwen2Tokenizer")
     return path

@@ -116,7 +116,7 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    from difftune.testing.tokenizers import clip_tokenizer
+    from difftune.testing.tokenizers import clip_tokenizer, write_clip_tokenizer_files
 
     path = Path(path)
     with tempfile.TemporaryDirectory() as scratch:
@@ -133,4 +133,6 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
     )
     pipeline.save_pretrained(path)
+    write_clip_tokenizer_files(path / "tokenizer")  # in place of the tokenizer.json files: faster to load
+    write_clip_tokenizer_files(path / "tokenizer_2", pad_token="!")
     return path
