@@ -175,3 +175,27 @@ def test_fsdp2_runs_validate_like_one_process(tmp_path, tiny_sdxl, images):
         )
         # the weights agree to float rounding (see above); the 8-bit pixels may round the other way
         assert np.abs(ours - reference).max() <= 2
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_the_text_encoders_like_one_process_with_the_global_batch(
+    tmp_path, tiny_sdxl, images
+):
+    settings = COMMON | {"max_train_steps": 4, "checkpointing_steps": 0, "train_text_encoder": True}
+    one = train(
+        load_config(write_tiny_run(tmp_path / "one", tiny_sdxl, images, train_batch_size=2, **settings))
+    )
+    torchrun(write_tiny_run(tmp_path / "two", tiny_sdxl, images, train_batch_size=1, **settings))
+    out = tmp_path / "two" / "out"
+    assert [e["processes"] for e in read_events(out / "events.jsonl", "start")] == [2]
+    ours = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    reference = load_file(str(one.lora_path))
+    assert ours.keys() == reference.keys()
+    # each model's own largest update sets its tolerance: the encoders' updates are far smaller than the UNet's
+    for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
+        assert_same_weights(
+            {k: v for k, v in reference.items() if k.startswith(prefix)},
+            {k: v for k, v in ours.items() if k.startswith(prefix)},
+        )
+    losses = [e["loss"] for e in read_events(out / "events.jsonl", "progress")]
+    assert losses == pytest.approx(one.losses, abs=1e-5)  # the loss of the whole global batch
