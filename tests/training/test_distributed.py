@@ -180,3 +180,29 @@ def test_noise_offset_shifts_each_channel_by_a_constant():
     assert shift.abs().sum() > 0
     # one constant per (sample, channel)
     assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift))
+
+
+def test_end_training_lets_the_ddp_wrapper_go_before_the_process_group(tmp_path):
+    """The reducer of a DDP wrapper must not outlive the registered process group: its destructor holds
+    the GIL, and gloo's destructor would then wait for a worker thread that waits for the GIL."""
+    import weakref
+
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    from difftune.training.distributed import end_training
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        accelerator = Accelerator()
+        wrapper = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        wrapper(torch.ones(1, 2)).sum().backward()
+        accelerator._models.append(wrapper)  # as accelerate's prepare keeps it
+        released = weakref.ref(wrapper)
+        del wrapper
+        assert released() is not None and dist.is_initialized()
+        end_training(accelerator)
+        assert released() is None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

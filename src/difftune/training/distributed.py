@@ -15,6 +15,7 @@ other: `checkpoint_parts` gathers what save_checkpoint writes, `apply_checkpoint
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -265,3 +266,18 @@ def save_full_model(model: torch.nn.Module, full_state: dict[str, torch.Tensor],
         str(folder / "diffusion_pytorch_model.safetensors"),
     )
     return folder
+
+
+def end_training(accelerator) -> None:
+    """accelerator.end_training() (trackers finished, the process group destroyed), with the DDP wrapper
+    released first; the caller drops its own references to the prepared model before.
+
+    DDP's reducer holds the process group, and its destructor runs with the GIL held. If the reducer
+    dropped the group's last reference, gloo's destructor would wait for its worker thread while that
+    thread waits for the GIL to free the tensors of the last collectives: a hang at the end of a run.
+    With the wrapper gone while the group is still registered, destroying the group drops the last
+    reference, and that path releases the GIL.
+    """
+    accelerator.free_memory()  # accelerate's own references to the prepared model and optimizer
+    gc.collect()
+    accelerator.end_training()

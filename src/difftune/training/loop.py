@@ -34,6 +34,7 @@ from difftune.training.distributed import (
     apply_checkpoint,
     checkpoint_parts,
     draw_noise_and_timesteps,
+    end_training,
     full_trainable_state,
     shard_if_configured,
 )
@@ -426,4 +427,5 @@ def _finish(run: Run, state: TrainerState, result: TrainResult, loaded: LoadedCo
             bus.emit("finished", {"step": state.global_step} | {k: str(v or "") for k, v in finished.items()})
     run.features.close()
     bus.close()
-    accelerator.end_training()
+    run.denoiser = None  # the DDP wrapper goes before the process group (see end_training)
+    end_training(accelerator)
