@@ -73,6 +73,19 @@ def clip_frames(batch_size=2, frames=9, seed=0):
     return torch.rand(batch_size, 3, frames, 32, 48, generator=gen) * 2 - 1
 
 
+def visual_crepa(dino_folder, transformer, **settings) -> Crepa:
+    """CREPA on the tiny transformer's visual blocks, as a run builds it (a 64-wide projector)."""
+    return Crepa(
+        crepa_config(dino_folder, **settings),
+        transformer,
+        k5.find_visual_blocks(transformer),
+        "cpu",
+        token_grid=GRID,
+        frames_per_latent=4,
+        projector_width=64,
+    )
+
+
 def test_config_keys_and_defaults():
     config = TrainConfig(model_family="kandinsky5-video")
     assert (config.crepa_enabled, config.crepa_block_index, config.crepa_lambda) == (False, 8, 0.5)
@@ -101,15 +114,7 @@ def test_vision_encoder_loads_from_a_folder_and_names_are_checked(dino_folder):
 def test_loss_is_finite_trains_the_projector_and_decreases(dino_folder):
     transformer = tiny_transformer()
     transformer.requires_grad_(False)
-    crepa = Crepa(
-        crepa_config(dino_folder),
-        transformer,
-        k5.find_visual_blocks(transformer),
-        "cpu",
-        token_grid=GRID,
-        frames_per_latent=4,
-        projector_width=64,
-    )
+    crepa = visual_crepa(dino_folder, transformer)
     optimizer = torch.optim.Adam(crepa.trainable_parameters(), lr=3e-3)
     batch, frames = prompt_batch(), clip_frames()
     losses = []
@@ -135,15 +140,7 @@ def test_loss_reaches_the_transformer_adapter_weights(dino_folder):
     transformer.requires_grad_(False)
     block = transformer.visual_transformer_blocks[0].feed_forward.in_layer
     block.weight.requires_grad_(True)
-    crepa = Crepa(
-        crepa_config(dino_folder),
-        transformer,
-        k5.find_visual_blocks(transformer),
-        "cpu",
-        token_grid=GRID,
-        frames_per_latent=4,
-        projector_width=64,
-    )
+    crepa = visual_crepa(dino_folder, transformer)
     forward(transformer, prompt_batch())
     crepa.loss(clip_frames()).backward()
     assert block.weight.grad is not None and block.weight.grad.abs().sum() > 0
@@ -151,15 +148,7 @@ def test_loss_reaches_the_transformer_adapter_weights(dino_folder):
 
 def test_pixel_frames_are_matched_to_latent_frames(dino_folder):
     transformer = tiny_transformer()
-    crepa = Crepa(
-        crepa_config(dino_folder),
-        transformer,
-        k5.find_visual_blocks(transformer),
-        "cpu",
-        token_grid=GRID,
-        frames_per_latent=4,
-        projector_width=64,
-    )
+    crepa = visual_crepa(dino_folder, transformer)
     batch, frames = prompt_batch(), clip_frames(frames=9)
     forward(transformer, batch)
     from_clip = crepa.loss(frames)
@@ -173,15 +162,7 @@ def test_pixel_frames_are_matched_to_latent_frames(dino_folder):
 
 def test_rows_split_by_prompt_length_are_put_back_in_order(dino_folder):
     transformer = tiny_transformer()
-    crepa = Crepa(
-        crepa_config(dino_folder),
-        transformer,
-        k5.find_visual_blocks(transformer),
-        "cpu",
-        token_grid=GRID,
-        frames_per_latent=4,
-        projector_width=64,
-    )
+    crepa = visual_crepa(dino_folder, transformer)
     batch = prompt_batch(lengths=(9, 4))  # row 1 is shorter, so the transformer sees it first
     frames = clip_frames()
     forward(transformer, batch)
@@ -207,15 +188,7 @@ def test_nothing_is_captured_without_gradients_or_after_checkpoint_recompute(din
     transformer = tiny_transformer()
     transformer.enable_gradient_checkpointing()
     transformer.visual_transformer_blocks[1].feed_forward.in_layer.weight.requires_grad_(True)
-    crepa = Crepa(
-        crepa_config(dino_folder),
-        transformer,
-        k5.find_visual_blocks(transformer),
-        "cpu",
-        token_grid=GRID,
-        frames_per_latent=4,
-        projector_width=64,
-    )
+    crepa = visual_crepa(dino_folder, transformer)
     batch, frames = prompt_batch(), clip_frames()
     with torch.no_grad():
         forward(transformer, batch)
@@ -230,25 +203,9 @@ def test_nothing_is_captured_without_gradients_or_after_checkpoint_recompute(din
 def test_configuration_errors_name_the_key(dino_folder):
     transformer = tiny_transformer()
     with pytest.raises(ValueError, match="crepa_block_index 8 is out of range.*2 blocks"):
-        Crepa(
-            crepa_config(dino_folder, crepa_block_index=8),
-            transformer,
-            k5.find_visual_blocks(transformer),
-            "cpu",
-            token_grid=GRID,
-            frames_per_latent=4,
-            projector_width=8,
-        )
+        visual_crepa(dino_folder, transformer, crepa_block_index=8)
     with pytest.raises(ValueError, match="crepa_encoder_image_size 60 is not a multiple.*56 or 70"):
-        Crepa(
-            crepa_config(dino_folder, crepa_encoder_image_size=60),
-            transformer,
-            k5.find_visual_blocks(transformer),
-            "cpu",
-            token_grid=GRID,
-            frames_per_latent=4,
-            projector_width=8,
-        )
+        visual_crepa(dino_folder, transformer, crepa_encoder_image_size=60)
 
 
 def test_drop_vae_encoder_frees_weights_and_keeps_decoding():

@@ -189,6 +189,10 @@ class Family(ABC):
     """Base class of model families; a family module subclasses it and names its registry row in `spec`."""
 
     spec: ClassVar[FamilySpec]
+    # The longest prompt, in tokens, that the family's text encoders and pipelines take (None: no
+    # limit), and who sets it, for the message that refuses a longer tokenizer_max_length.
+    max_prompt_tokens: ClassVar[int | None] = None
+    prompt_limit_owner: ClassVar[str] = "the text encoders"
 
     def __init__(self, config: TrainConfig, emit: Emit | None = None):
         self.config = config
@@ -450,9 +454,16 @@ class Family(ABC):
     def training_settings_refused(self) -> dict[str, str]:
         """Training keys set to a value this family's denoiser cannot honour -> why, and what to use.
 
-        The default: token routing without a `routable_block`, CREPA without a `token_grid`.
+        The default: a tokenizer_max_length over `max_prompt_tokens` (refused, never cut), token
+        routing without a `routable_block`, CREPA without a `token_grid`.
         """
         refused = {}
+        limit, asked = self.max_prompt_tokens, self.config.tokenizer_max_length
+        if limit is not None and asked is not None and asked > limit:
+            refused["tokenizer_max_length"] = (
+                f"{self.prompt_limit_owner} take prompts of at most {limit} tokens; "
+                f"use {limit} or less (or remove it for their own length)"
+            )
         if self.config.tread_config and self.routable_block() is None:
             refused["tread_config"] = (
                 f"{self.name}'s denoiser has no blocks that TREAD can route tokens around; remove tread_config"

@@ -310,6 +310,9 @@ class Kandinsky5Family(Family):
     Subclasses give the pipeline classes, the layout changes of `model_forward` and `generate`.
     """
 
+    max_prompt_tokens = MAX_PROMPT_TOKENS
+    prompt_limit_owner = "the Kandinsky 5 pipelines"
+
     def pipeline_class(self) -> type:
         """The stock pipeline of this flavour (text- or image-conditioned)."""
         raise NotImplementedError
@@ -487,16 +490,5 @@ class Kandinsky5Family(Family):
         if self.config.validation_guidance_rescale:
             refused["validation_guidance_rescale"] = (
                 "the Kandinsky 5 pipelines have no guidance rescale; set it to 0 or remove it"
-            )
-        return refused
-
-    def training_settings_refused(self) -> dict[str, str]:
-        """The pipelines take Qwen prompts of at most MAX_PROMPT_TOKENS tokens."""
-        refused = super().training_settings_refused()
-        asked = self.config.tokenizer_max_length
-        if asked is not None and asked > MAX_PROMPT_TOKENS:
-            refused["tokenizer_max_length"] = (
-                f"the Kandinsky 5 pipelines take prompts of at most {MAX_PROMPT_TOKENS} tokens; "
-                f"use {MAX_PROMPT_TOKENS} or less (or remove it for the pipelines' own length)"
             )
         return refused

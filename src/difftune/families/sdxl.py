@@ -57,6 +57,8 @@ class SDXLFamily(Family):
     """Stable Diffusion XL base 1.0 and models that share its layout."""
 
     spec = registry.SDXL
+    max_prompt_tokens = MAX_PROMPT_TOKENS
+    prompt_limit_owner = "SDXL's CLIP text encoders"
 
     def __init__(self, config, emit=None):
         super().__init__(config, emit)
@@ -394,17 +396,6 @@ class SDXLFamily(Family):
             output_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=self.lora_metadata()
         )
         return output_dir / "pytorch_lora_weights.safetensors"
-
-    def training_settings_refused(self) -> dict[str, str]:
-        """CLIP takes prompts of at most MAX_PROMPT_TOKENS tokens: a longer one is refused, not cut."""
-        refused = super().training_settings_refused()
-        asked = self.config.tokenizer_max_length
-        if asked is not None and asked > MAX_PROMPT_TOKENS:
-            refused["tokenizer_max_length"] = (
-                f"SDXL's CLIP text encoders take prompts of at most {MAX_PROMPT_TOKENS} tokens; "
-                f"use {MAX_PROMPT_TOKENS} or less (or remove it for CLIP's own {MAX_PROMPT_TOKENS})"
-            )
-        return refused
 
     @property
     def validation_pixel_multiple(self) -> int:
