@@ -110,15 +110,7 @@ def make_solid_colour_dataset(
     paths = []
     for index in range(n):
         image = Image.new("RGB", size, colour)
-        if frames is None:
-            path = folder / f"image_{index:03d}.png"
-            image.save(path)
-        else:
-            from difftune.data.video import write_video
-
-            path = write_video(folder / f"clip_{index:03d}.mp4", [image] * frames, fps=8)
-        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
-        paths.append(path)
+        paths.append(_write_sample(folder, index, image, caption, frames))
     return paths
 
 
@@ -143,13 +135,19 @@ def make_theme_dataset(
     paths = []
     for index in range(n):
         image = _draw(shape, COLOURS[colour], COLOURS[background], size, rng)
-        if frames is None:
-            path = folder / f"image_{index:03d}.png"
-            image.save(path)
-        else:
-            from difftune.data.video import write_video
-
-            path = write_video(folder / f"clip_{index:03d}.mp4", [image] * frames, fps=8)
-        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
-        paths.append(path)
+        paths.append(_write_sample(folder, index, image, caption, frames))
     return paths
+
+
+def _write_sample(folder: Path, index: int, image, caption: str, frames: int | None) -> Path:
+    """A PIL image as image_NNN.png (or, with `frames`, clip_NNN.mp4 of that many copies at 8 fps), and
+    its caption .txt beside it."""
+    if frames is None:
+        path = folder / f"image_{index:03d}.png"
+        image.save(path)
+    else:
+        from difftune.data.video import write_video
+
+        path = write_video(folder / f"clip_{index:03d}.mp4", [image] * frames, fps=8)
+    path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    return path
